@@ -138,12 +138,25 @@ class Document:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # "" renders exactly like a missing caption (`alt=""`), so it is stored as None:
+        # otherwise Document("") would be accepted here and refused by from_ids
+        if self.caption == "":
+            self.caption = None
         if self.caption is None and self.image_codes is None:
             raise ValueError("a document needs a caption, an image, or both")
         if self.image_codes is not None:
             self.image_codes = np.asarray(self.image_codes, dtype=np.int64)
             if self.image_codes.ndim != 2:
                 raise ValueError("image_codes must be a 2-D (h, w) grid")
+
+    def __eq__(self, other: object) -> bool:
+        # the generated dataclass __eq__ would raise on numpy arrays ("truth value ambiguous")
+        if not isinstance(other, Document):
+            return NotImplemented
+        same_image = (self.image_codes is None) == (other.image_codes is None) and (
+            self.image_codes is None or np.array_equal(self.image_codes, other.image_codes)
+        )
+        return self.caption == other.caption and same_image and self.meta == other.meta
 
     @property
     def has_text(self) -> bool:
@@ -188,11 +201,18 @@ class Document:
 
 
 _SPECIAL_PATTERN = "|".join(re.escape(t) for t in sorted(SPECIAL_TOKENS, key=len, reverse=True))
-_HTML_TOKEN = re.compile(rf"({_SPECIAL_PATTERN}|<v\d+>)")
+_IMAGE_TOKEN = re.compile(r"<v[0-9]+>")  # ASCII digits only: str.isdigit also takes "٣"
+_HTML_TOKEN = re.compile(rf"({_SPECIAL_PATTERN}|{_IMAGE_TOKEN.pattern})")
 
 
 def render_html(ids: Sequence[int], space: TokenSpace, decode: Decode) -> str:
-    """Render any token sequence to its HTML string (the inverse of `parse_html`)."""
+    """Render any token sequence to its HTML string (the inverse of `parse_html`).
+
+    `parse_html(render_html(ids)) == ids` whenever each run of text ids is the BPE's own
+    encoding of its text, as in `Document.to_ids` and `parse_html` output. A text run cut
+    mid-word (e.g. by a mask) decodes to the same characters but may re-encode to other,
+    equivalent ids; one cut inside a multi-byte character cannot be rendered exactly.
+    """
     out: list[str] = []
     run: list[int] = []
 
@@ -225,7 +245,7 @@ def parse_html(text: str, space: TokenSpace, encode: Encode) -> list[int]:
             continue
         if piece in SPECIAL_IDS:
             ids.append(SPECIAL_IDS[piece])
-        elif piece.startswith("<v") and piece.endswith(">") and piece[2:-1].isdigit():
+        elif _IMAGE_TOKEN.fullmatch(piece):
             ids.extend(space.codes_to_ids([int(piece[2:-1])]))
         else:
             ids.extend(space.text_to_ids(encode(html.unescape(piece))))
