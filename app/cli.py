@@ -6,6 +6,9 @@ Heavy imports (torch, faiss, open_clip) happen inside each command so that
 
 from __future__ import annotations
 
+from enum import Enum
+from pathlib import Path
+
 import typer
 
 app = typer.Typer(
@@ -21,13 +24,194 @@ app.add_typer(bench_app, name="bench")
 # --- bench -----------------------------------------------------------------------------
 
 
+@bench_app.command("decoder")
+def bench_decoder(
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    json_path: Path | None = typer.Option(None, "--json", help="write the results here"),
+    preset: str = typer.Option("demo", help="decoder preset: demo, small, cm3-medium"),
+    prompt_len: int = typer.Option(64, help="prompt tokens per row"),
+    new_tokens: int = typer.Option(256, help="tokens generated per row"),
+    batch: list[int] = typer.Option([1, 8], help="batch sizes (repeat the option)"),
+    repeats: int = typer.Option(3, help="timed runs per measurement; the median is kept"),
+    # 1 by default: on a loaded 2-core machine a second OpenMP thread made each small
+    # decode step several times slower (barrier waits), for ours and HF alike
+    threads: int = typer.Option(1, min=1, help="torch CPU threads"),
+    dtype: str | None = typer.Option(None, help="float32 or bfloat16 (default: bf16 on cuda)"),
+    hf: bool = typer.Option(True, help="compare with HF GPT2LMHeadModel.generate"),
+    recompute: bool = typer.Option(True, help="measure KV cache vs full recomputation"),
+) -> None:
+    """Decoding tokens/s at batch 1 and 8, against HF GPT-2 and against no KV cache."""
+    from benchmarks.decoder import main as run_decoder_bench
+
+    run_decoder_bench(
+        json_path=json_path,
+        preset=preset,
+        device=device,
+        prompt_len=prompt_len,
+        new_tokens=new_tokens,
+        batch_sizes=tuple(batch),
+        repeats=repeats,
+        threads=threads,
+        dtype=dtype,
+        compare_hf=hf,
+        recompute=recompute,
+    )
+
+
+
 # --- build-index -----------------------------------------------------------------------
+
+
+class IndexType(str, Enum):
+    auto = "auto"
+    flat = "flat"
+    hnsw = "hnsw"
+    ivf = "ivf"
+    ivfpq = "ivfpq"
+
+
+class SourceKind(str, Enum):
+    world = "world"
+    folder = "folder"
+    jsonl = "jsonl"
+    csv = "csv"
+    parquet = "parquet"
+    webdataset = "webdataset"
+
+
+@app.command("build-index")
+def build_index(
+    source: SourceKind = typer.Option(..., help="What --input is."),
+    input: str = typer.Option(
+        ..., help="Folder, file, shard glob, or for --source world the split (memory)."
+    ),
+    out: Path = typer.Option(..., help="Memory directory (versions are published inside)."),
+    bundle: Path = typer.Option(None, help="Bundle whose CLIP/VQ/tokenizer to use [demo]."),
+    index_type: IndexType = typer.Option(IndexType.auto, help="FAISS index family."),
+    append: bool = typer.Option(False, help="Add to the current version as a new version."),
+    chunk_size: int = typer.Option(512, help="Documents embedded per chunk."),
+) -> None:
+    """Turn an image-text collection into a memory: CLIP index + document store."""
+    from index_builder.from_bundle import build_from_bundle
+    from model.bundle import DEFAULT_BUNDLE, Bundle
+
+    b = Bundle(bundle or DEFAULT_BUNDLE)
+    result = build_from_bundle(b, source.value, input, out, index_type=index_type.value,
+                               append=append, chunk_size=chunk_size)
+    typer.echo(f"published {out} version {result.version}: {result.documents} documents")
 
 
 # --- train / eval ----------------------------------------------------------------------
 
 
+class TrainStage(str, Enum):
+    tokenizer = "tokenizer"
+    vq = "vq"
+    clip = "clip"
+    judge = "judge"
+    memory = "memory"
+    neighbours = "neighbours"
+    generator = "generator"
+    baseline = "baseline"
+    all = "all"
+
+
+@app.command()
+def train(
+    stage: TrainStage = typer.Argument(..., help="One stage, or all of them in order."),
+    recipe: str = typer.Option("demo", help="demo (about an hour on 2 cores) or smoke (<60 s)."),
+    out: Path = typer.Option(..., help="Bundle directory to write."),
+    work: Path = typer.Option(None, help="Scratch: memory, checkpoints, logs [runs/RECIPE]."),
+    device: str = typer.Option("auto", help="cpu, cuda, or auto."),
+    force: bool = typer.Option(False, help="Rerun stages already recorded as done."),
+) -> None:
+    """Train the demo bundle's components (resumable; stages recorded in manifest.json)."""
+    import logging
+
+    from model.pipeline import RECIPES, STAGES, Pipeline
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if recipe not in RECIPES:
+        raise typer.BadParameter(f"unknown recipe {recipe!r}; choose from {sorted(RECIPES)}")
+    pipe = Pipeline(RECIPES[recipe], out, work, device=_device(device))
+    stages = STAGES if stage is TrainStage.all else (stage.value,)
+    pipe.run(stages, force=force)
+    typer.echo(f"bundle written to {out}")
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@app.command("eval")
+def eval_command(
+    bundle: Path = typer.Option(None, help="Bundle to evaluate [the shipped demo bundle]."),
+    memory: Path = typer.Option(
+        None, help="Memory directory [runs/RECIPE/memory, where `racm3 train` builds it]."),
+    json_path: Path = typer.Option(None, "--json", help="Write the results JSON here."),
+    report_dir: Path = typer.Option(Path("reports"), help="Where eval.md and eval_grid.png go."),
+    n: int = typer.Option(200, min=2, help="Prompts per task."),
+    seed: int = typer.Option(0, help="Seed for item order and sampling (same for every system)."),
+    batch_size: int = typer.Option(16, min=1, help="Jobs per decoder call."),
+    device: str = typer.Option("auto", help="cpu, cuda, or auto."),
+    threads: int = typer.Option(None, min=1, help="torch CPU threads [torch's default]."),
+) -> None:
+    """RA-CM3 vs CM3 vs retrieval only on the held-out eval split: JSON, table, grid."""
+    import logging
+
+    import torch
+
+    from app.retriever.memory import Memory
+    from model.bundle import DEFAULT_BUNDLE, Bundle
+    from model.evaluate import EvalConfig, evaluate, write_reports
+    from model.report import markdown_table
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if threads:
+        torch.set_num_threads(threads)
+    b = Bundle(bundle or DEFAULT_BUNDLE, device=_device(device))
+    if memory is None:
+        memory = Path("runs") / b.manifest.get("recipe", {}).get("name", "demo") / "memory"
+    if not memory.exists():
+        raise typer.BadParameter(
+            f"no memory at {memory}; build it with `racm3 build-index --source world "
+            f"--input memory --out {memory} --bundle {b.path}`", param_hint="--memory")
+    output = evaluate(b, Memory.load(memory), EvalConfig(n=n, seed=seed, batch_size=batch_size))
+    paths = write_reports(output, report_dir, json_path)
+    typer.echo(markdown_table(output.result))
+    typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
 # --- serve / generate ------------------------------------------------------------------
+
+
+class ServeRole(str, Enum):
+    embedded = "embedded"
+    gateway = "gateway"
+    retriever = "retriever"
+    generator = "generator"
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (0.0.0.0 in containers)."),
+    port: int = typer.Option(
+        None, help="Port; default 8000 (embedded, gateway), 8001 (retriever), 8002 (generator)."
+    ),
+    role: ServeRole = typer.Option(
+        ServeRole.embedded,
+        help="embedded: all three in one process. Otherwise one role, configured by "
+        "RACM3_* variables (RACM3_RETRIEVER_URL, RACM3_GENERATOR_URLS, RACM3_REDIS_URL...).",
+    ),
+) -> None:
+    """Serve the HTTP API (gateway :8000, retriever :8001, generator :8002)."""
+    from app.serve import serve as run
+
+    run(role.value, host, port)
 
 
 def main() -> None:

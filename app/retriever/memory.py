@@ -1,0 +1,210 @@
+"""Loading a memory version for serving: verified, memory-mapped, swappable.
+
+`Memory.load` resolves CURRENT, refuses a version whose manifest is missing, unreadable
+or not `complete`, or whose files are missing, resized or fail their checksums, with a
+`MemoryLoadError` naming the file and the problem. Then it memory-maps the FAISS index,
+the Arrow store and the embeddings: replicas share the page cache, and only the pages a
+search touches become resident.
+
+Checksums (`verify`): "full" hashes every byte; "fast" checks sizes and the sha256 of
+each file's first and last MiB (catches truncation, swapped files and torn writes at the
+ends, not a flipped byte in the middle); "auto" (the default) hashes files below
+FULL_CHECK_BELOW in full and checks larger ones fast, so a 1M-document memory (2 GB of
+vectors) still loads in seconds; "none" skips checksums (sizes are still checked).
+
+`Retriever` holds the memory being served and swaps in a new version atomically: the new
+one is loaded and verified completely first, then a single reference assignment switches
+it; a search in flight finishes on the object it started with.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.retriever.search import Neighbour, SearchStrategy, search
+from index_builder import publish as pub
+from index_builder.faiss_index import IndexInfo, VectorIndex
+from index_builder.manifest import (
+    EMBEDDINGS_FILE,
+    INDEX_FILE,
+    STORE_FILE,
+    Manifest,
+    ManifestError,
+    read_manifest,
+    verify_file,
+)
+from index_builder.store import DocumentStore, StoredDoc, open_embeddings
+
+log = logging.getLogger(__name__)
+
+FULL_CHECK_BELOW = 256 * 1024 * 1024
+VERIFY_MODES = ("auto", "full", "fast", "none")
+
+
+class MemoryLoadError(RuntimeError):
+    """This memory version cannot be served; the message names the file and the problem."""
+
+
+class Memory:
+    """One loaded, immutable memory version."""
+
+    def __init__(self, path: Path, manifest: Manifest, index: VectorIndex,
+                 store: DocumentStore, embeddings: np.ndarray) -> None:
+        self.path = path
+        self.spec = manifest
+        self.manifest: dict[str, Any] = manifest.to_dict()  # as JSON, for /v1/info
+        self.index = index
+        self.store = store
+        self.embeddings = embeddings  # (N, D) float32 memmap: diversity rule, re-scoring
+        self.has_image_flags, self.has_text_flags = store.modality_flags()
+
+    @property
+    def version(self) -> str:
+        return self.spec.version
+
+    @property
+    def dim(self) -> int:
+        return int(self.spec.embedding_dim)
+
+    @property
+    def image_grid(self) -> tuple[int, int] | None:
+        return tuple(self.spec.image_grid) if self.spec.image_grid else None
+
+    @property
+    def index_info(self) -> IndexInfo:
+        return IndexInfo.from_dict(self.spec.index)
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __repr__(self) -> str:
+        return (f"Memory({self.path}, {len(self)} documents, {self.spec.index['factory']}, "
+                f"{self.index.mmap_mode})")
+
+    @classmethod
+    def load(cls, memory_dir: str | Path, version: str | None = None,
+             verify: str = "auto") -> Memory:
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {VERIFY_MODES}")
+        root = Path(memory_dir)
+        try:
+            version = version or pub.current_version(root)
+        except pub.PublishError as e:
+            raise MemoryLoadError(str(e)) from e
+        if version is None:
+            raise MemoryLoadError(
+                f"no memory at {root} (no CURRENT pointer); build one with `racm3 build-index "
+                f"--source world --input memory --out {root}`")
+        vdir = pub.version_dir(root, version)
+        if not vdir.is_dir():
+            raise MemoryLoadError(f"memory version {vdir} does not exist")
+        try:
+            manifest = read_manifest(vdir)
+            _verify_files(vdir, manifest, verify)
+        except ManifestError as e:
+            raise MemoryLoadError(f"refusing memory {version}: {e}") from e
+        embeddings = _open(vdir / EMBEDDINGS_FILE, open_embeddings)
+        index = _open(vdir / INDEX_FILE, lambda p: VectorIndex.load(
+            p, manifest.index.get("params", {}), embeddings))
+        store = _open(vdir / STORE_FILE, DocumentStore.open)
+        sizes = {"index": index.ntotal, "store": len(store), "embeddings": len(embeddings),
+                 "manifest": int(manifest.counts.get("documents", -1))}
+        if len(set(sizes.values())) != 1 or embeddings.shape[1] != manifest.embedding_dim:
+            raise MemoryLoadError(f"refusing memory {version}: its parts disagree: {sizes}, "
+                                  f"dim {embeddings.shape[1]} vs {manifest.embedding_dim}")
+        if index.dim != manifest.embedding_dim:
+            raise MemoryLoadError(f"refusing memory {version}: index dim {index.dim}, "
+                                  f"manifest {manifest.embedding_dim}")
+        memory = cls(vdir, manifest, index, store, embeddings)
+        log.info("loaded %r", memory)
+        return memory
+
+    def document(self, i: int, with_image: bool = True) -> StoredDoc:
+        return self.store.get([i], with_image=with_image)[0]
+
+    def documents(self, ids: list[int], with_image: bool = True) -> list[StoredDoc]:
+        return self.store.get(ids, with_image=with_image)
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """Stored document vectors, shape ids.shape + (D,); each distinct row read once,
+        in file order (kind to the memory map)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        uniq, inverse = np.unique(ids.reshape(-1), return_inverse=True)
+        rows = np.asarray(self.embeddings[uniq], dtype=np.float32)
+        return rows[inverse.reshape(-1)].reshape(*ids.shape, -1)
+
+    def has_image(self, ids: np.ndarray) -> np.ndarray:
+        return self.has_image_flags[np.asarray(ids, dtype=np.int64)]
+
+    def has_text(self, ids: np.ndarray) -> np.ndarray:
+        return self.has_text_flags[np.asarray(ids, dtype=np.int64)]
+
+
+def _verify_files(vdir: Path, manifest: Manifest, verify: str) -> None:
+    for name in (INDEX_FILE, STORE_FILE, EMBEDDINGS_FILE):
+        entry = manifest.files.get(name)
+        if entry is None:
+            raise ManifestError(f"the manifest does not list {name}")
+        if verify == "none":
+            full = None
+        else:
+            full = verify == "full" or (verify == "auto" and entry.bytes < FULL_CHECK_BELOW)
+        if full is None:
+            path = vdir / name
+            if not path.is_file() or path.stat().st_size != entry.bytes:
+                raise ManifestError(f"{path} is missing or not {entry.bytes} bytes")
+        else:
+            verify_file(vdir / name, entry, full)
+
+
+def _open(path: Path, opener: Any) -> Any:
+    try:
+        return opener(path)
+    except Exception as e:  # FAISS, Arrow and numpy raise many types for damaged files
+        raise MemoryLoadError(f"memory file {path} cannot be opened: {e}") from e
+
+
+class Retriever:
+    """The memory being served, swapped atomically by `reload`. Thread-safe: readers take
+    `self.memory` once per request and never lock."""
+
+    def __init__(self, memory_dir: str | Path, verify: str = "auto") -> None:
+        self.memory_dir = Path(memory_dir)
+        self.verify = verify
+        self._lock = threading.Lock()
+        self._memory = Memory.load(self.memory_dir, verify=verify)
+
+    @property
+    def memory(self) -> Memory:
+        return self._memory
+
+    @property
+    def version(self) -> str:
+        return self._memory.version
+
+    def reload(self, version: str | None = None) -> Memory:
+        """Load `version` (default: what CURRENT names now) and serve it. If it is the one
+        being served, nothing changes. On MemoryLoadError the old version keeps serving."""
+        with self._lock:  # one reload at a time; searches never take this lock
+            old = self._memory
+            try:
+                target = version or pub.current_version(self.memory_dir)
+            except pub.PublishError as e:
+                raise MemoryLoadError(str(e)) from e
+            if target == old.version:
+                return old
+            new = Memory.load(self.memory_dir, target, verify=self.verify)
+            self._memory = new  # one reference assignment: atomic for readers
+            log.info("now serving memory %s (was %s)", new.version, old.version)
+            return new
+
+    def search(self, queries: np.ndarray, k: int | None = None,
+               strategy: SearchStrategy | None = None,
+               exclude: Sequence[Iterable[int]] | None = None) -> list[list[Neighbour]]:
+        return search(self._memory, queries, k, strategy, exclude=exclude)

@@ -1,0 +1,292 @@
+"""The streaming memory build: documents -> embeddings + tokens -> store + FAISS index.
+
+Documents arrive as a stream and are processed in chunks: each chunk is embedded with
+CLIP, its captions BPE-tokenised and its images VQ-encoded; its rows go to the Arrow
+store and its vectors to an on-disk float32 `.npy`. Images never accumulate in RAM, so a
+million documents build in a few hundred MB (the vectors, 2 GB at 1M x 512, stay on
+disk). The index is built from the on-disk vectors at the end, the manifest written
+last, and the version published atomically (index_builder/publish.py).
+
+`append=True` copies the current version's store batches and vectors as they are
+(nothing old is re-embedded), adds the new documents after them (ids continue), and
+rebuilds the index from the vectors, as a new version whose manifest names its parent.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from index_builder import publish as pub
+from index_builder.faiss_index import build_index, read_index, write_index
+from index_builder.manifest import (
+    DATA_FILES,
+    EMBEDDINGS_FILE,
+    INDEX_FILE,
+    STORE_FILE,
+    Manifest,
+    file_entry,
+    read_manifest,
+    write_manifest,
+)
+from index_builder.sources import SkipReport, SourceItem
+from index_builder.store import DocumentStore, EmbeddingsWriter, StoreWriter, open_embeddings
+
+log = logging.getLogger(__name__)
+
+# embed(captions, images) -> (B, D) normalised document vectors (ClipEncoder.embed_documents)
+Embed = Callable[[list[str | None], list[np.ndarray | None]], np.ndarray]
+TokenizeText = Callable[[str], list[int]]  # TextTokenizer.encode
+EncodeImages = Callable[[np.ndarray], np.ndarray]  # uint8 (B, H, W, 3) -> codes (B, h, w)
+
+
+@dataclass
+class BuildReport:
+    version: str
+    version_dir: Path
+    documents: int  # in the new version
+    added: int  # by this build
+    skipped: dict[str, int]  # by reason, source and build together
+    index: dict[str, Any]  # IndexInfo
+    embed_calls: int
+    wall_s: float
+
+
+@dataclass
+class _Counts:
+    with_image: int = 0
+    with_text: int = 0
+
+
+def build_memory(
+    items: Iterable[SourceItem],
+    out_dir: str | Path,
+    *,
+    embed: Embed,
+    tokenize_text: TokenizeText,
+    encode_images: EncodeImages,
+    index_type: str = "auto",
+    chunk_size: int = 256,
+    append: bool = False,
+    ids: Mapping[str, str] | None = None,
+    progress: bool = True,
+    skip_report: SkipReport | None = None,
+    code_type: str = "int16",
+) -> BuildReport:
+    """Build a new version of the memory at `out_dir` from `items` and publish it.
+
+    `ids` names the models (clip, vq, tokenizer, bundle…) for the manifest; appending
+    with different ids is refused, since old and new vectors would not be comparable.
+    On any error the staging directory is removed and CURRENT is untouched.
+    """
+    t0 = time.perf_counter()
+    memory = Path(out_dir)
+    memory.mkdir(parents=True, exist_ok=True)
+    parent = _parent_version(memory, dict(ids or {})) if append else None
+    staging = pub.new_staging_dir(memory)
+    try:
+        return _build(items, memory, staging, parent, embed=embed, tokenize_text=tokenize_text,
+                      encode_images=encode_images, index_type=index_type,
+                      chunk_size=chunk_size, ids=dict(ids or {}), progress=progress,
+                      skip_report=skip_report, code_type=code_type, t0=t0)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _parent_version(memory: Path, ids: dict[str, str]) -> tuple[str, Manifest]:
+    version = pub.current_version(memory)
+    if version is None:
+        raise ValueError(f"--append needs an existing memory at {memory}; build one first")
+    manifest = read_manifest(pub.version_dir(memory, version))
+    if ids and manifest.components and manifest.components != ids:
+        raise ValueError(
+            f"{memory} {version} was built with {manifest.components}, not {ids}: vectors "
+            "from other models are not comparable; rebuild instead of appending")
+    return version, manifest
+
+
+def _build(items: Iterable[SourceItem], memory: Path, staging: Path,
+           parent: tuple[str, Manifest] | None, *, embed: Embed, tokenize_text: TokenizeText,
+           encode_images: EncodeImages, index_type: str, chunk_size: int, ids: dict[str, str],
+           progress: bool, skip_report: SkipReport | None, code_type: str,
+           t0: float) -> BuildReport:
+    skipped: Counter[str] = Counter(skip_report.skipped if skip_report else {})
+    counts = _Counts()
+    grid: tuple[int, int] | None = None
+    embed_calls = 0
+    store = StoreWriter(staging / STORE_FILE, code_type=code_type)
+    vectors: EmbeddingsWriter | None = None
+    if parent:
+        pdir = pub.version_dir(memory, parent[0])
+        old = parent[1]
+        counts = _Counts(old.counts.get("with_image", 0), old.counts.get("with_text", 0))
+        grid = tuple(old.image_grid) if old.image_grid else None
+        old_store = DocumentStore.open(pdir / STORE_FILE)
+        store.copy_from(old_store)
+        old_store.close()
+        vectors = EmbeddingsWriter(staging / EMBEDDINGS_FILE, old.embedding_dim)
+        vectors.copy_from(open_embeddings(pdir / EMBEDDINGS_FILE))
+    first_new = store.count
+
+    bar = tqdm(desc="build-index", unit="doc", disable=not progress)
+    for chunk in _chunks(items, chunk_size):
+        docs = [d for d in (_prepare(item, skipped) for item in chunk) if d is not None]
+        if not docs:
+            continue
+        vecs = _check_vectors(embed([d.caption for d in docs], [d.image for d in docs]),
+                              len(docs), vectors.dim if vectors else None)
+        embed_calls += 1
+        if vectors is None:
+            vectors = EmbeddingsWriter(staging / EMBEDDINGS_FILE, vecs.shape[1])
+        codes = _encode(encode_images, [d.image for d in docs])
+        for c in codes:
+            if c is not None and grid is not None and tuple(c.shape) != grid:
+                raise ValueError(f"VQ grid {c.shape} differs from the memory's {grid}")
+            grid = grid or (tuple(c.shape) if c is not None else None)
+        store.append({
+            "caption": d.caption,
+            "image": d.png,
+            "text_ids": tokenize_text(d.caption) if d.caption else None,
+            "image_codes": c,
+            "source": d.source,
+        } for d, c in zip(docs, codes, strict=True))
+        vectors.append(vecs)
+        counts.with_image += sum(d.image is not None for d in docs)
+        counts.with_text += sum(d.caption is not None for d in docs)
+        bar.update(len(chunk))
+    bar.close()
+    store.close()
+    added = store.count - first_new
+    if vectors is None or store.count == 0:
+        raise ValueError("no documents to build a memory from: every item was skipped "
+                         f"({dict(skipped) or 'the source was empty'})")
+    vectors.close()
+
+    emb = open_embeddings(staging / EMBEDDINGS_FILE)
+    index, info = build_index(emb, index_type)
+    write_index(index, staging / INDEX_FILE)
+    del index
+    info.mmap_mode = read_index(staging / INDEX_FILE)[1]  # how it really loads, not a guess
+    version = pub.next_version_name(memory)
+    manifest = Manifest(
+        version=version,
+        components=ids or (parent[1].components if parent else {}),
+        counts={"documents": store.count, "added": added, "with_image": counts.with_image,
+                "with_text": counts.with_text, "skipped": dict(skipped),
+                "noted": dict(skip_report.noted) if skip_report else {}},
+        index=info.to_dict(),
+        embedding_dim=int(emb.shape[1]),
+        files={name: file_entry(staging / name) for name in DATA_FILES},
+        image_grid=list(grid) if grid else None,
+        parent=parent[0] if parent else None,
+        complete=True,
+    )
+    del emb
+    write_manifest(staging, manifest)
+    pub.publish(memory, staging)
+    wall = time.perf_counter() - t0
+    log.info("published %s %s: %d documents (%d added), %s recall@10 %.3f, %.1f s", memory,
+             version, store.count, added, info.factory, info.recall_at_10, wall)
+    return BuildReport(version=version, version_dir=pub.version_dir(memory, version),
+                       documents=store.count, added=added, skipped=dict(skipped),
+                       index=info.to_dict(), embed_calls=embed_calls, wall_s=wall)
+
+
+@dataclass
+class _Doc:
+    caption: str | None
+    image: np.ndarray | None
+    png: bytes | None
+    source: str
+
+
+def _prepare(item: SourceItem, skipped: Counter[str]) -> _Doc | None:
+    caption = (item.caption or "").strip() or None
+    image, png = item.image, item.image_bytes
+    try:
+        if image is None and png is not None:
+            image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.uint8)
+        if image is not None and png is None:
+            buffer = io.BytesIO()
+            Image.fromarray(np.asarray(image, dtype=np.uint8), "RGB").save(buffer, "PNG")
+            png = buffer.getvalue()
+    except (OSError, ValueError, TypeError) as e:
+        log.debug("skipped %s: unreadable image (%s)", item.source, e)
+        skipped["unreadable_image"] += 1
+        return None
+    if caption is None and image is None:
+        skipped["empty"] += 1
+        return None
+    return _Doc(caption, image, png, item.source)
+
+
+def _check_vectors(vecs: np.ndarray, n: int, dim: int | None) -> np.ndarray:
+    vecs = np.asarray(vecs, dtype=np.float32)
+    if vecs.ndim != 2 or len(vecs) != n or (dim is not None and vecs.shape[1] != dim):
+        want = f"({n}, {dim})" if dim else f"({n}, D)"
+        raise ValueError(f"embed returned {vecs.shape}, expected {want}")
+    if not np.isfinite(vecs).all():
+        raise ValueError("embed returned non-finite values")
+    # inner product search assumes unit vectors; a stand-in embedder may not normalise
+    return vecs / np.linalg.norm(vecs, axis=1, keepdims=True).clip(min=1e-12)
+
+
+def _encode(encode_images: EncodeImages, images: list[np.ndarray | None]) -> list:
+    """VQ codes per document (None without an image); one call per image size."""
+    codes: list[np.ndarray | None] = [None] * len(images)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, im in enumerate(images):
+        if im is not None:
+            by_shape.setdefault(im.shape, []).append(i)
+    for rows in by_shape.values():
+        out = np.asarray(encode_images(np.stack([images[i] for i in rows])))
+        if out.ndim != 3 or len(out) != len(rows):
+            raise ValueError(f"encode_images returned {out.shape}, expected ({len(rows)}, h, w)")
+        for i, c in zip(rows, out, strict=True):
+            codes[i] = c
+    return codes
+
+
+def _chunks(items: Iterable[SourceItem], size: int) -> Iterator[list[SourceItem]]:
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def build_from_source(
+    items: Iterable[SourceItem],
+    out_dir: str | Path,
+    *,
+    clip: Any,
+    tokenizer: Any,
+    vq: Any,
+    ids: Mapping[str, str] | None = None,
+    **options: Any,
+) -> BuildReport:
+    """`build_memory` with model objects: a ClipEncoder (`embed_documents`), a
+    TextTokenizer (`encode`) and a VQModel (`encode` on float (B, 3, H, W) in [0, 1]).
+    `options` are build_memory's (index_type, chunk_size, append, progress, skip_report)."""
+    import torch
+
+    def encode_images(images: np.ndarray) -> np.ndarray:
+        batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        device = getattr(vq, "device", "cpu")
+        with torch.no_grad():
+            return vq.encode(batch.float().div(255.0).to(device)).cpu().numpy()
+
+    return build_memory(items, out_dir, embed=clip.embed_documents,
+                        tokenize_text=tokenizer.encode, encode_images=encode_images,
+                        ids=ids, **options)

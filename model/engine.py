@@ -1,0 +1,402 @@
+"""The generation engine: RA-CM3 inference for every task, batch-oriented.
+
+Every task is one prompt form (DESIGN §1), decoded with the KV cache and a modality
+constraint, with the retrieved documents in context:
+
+- caption→image: `[nb, <break>]* <img alt="caption" src="` → exactly grid-size codes.
+  Classifier-free guidance runs an unconditional stream beside it, CM3Leon style: the
+  caption is replaced by `<mask:0>` (and the retrieved documents are left out, since they
+  were chosen by the caption). Candidates are reranked by CLIP score against the prompt.
+- image→caption: `[nb, <break>]* <img alt="<mask:0>" src="[image]"><mask:0>` → text
+  until `<eos>`; candidates are reranked by likelihood.
+- infilling / editing: the code runs under the mask become `<mask:i>`, the spans are
+  generated in order with their exact lengths; codes outside the mask are kept exactly.
+  Editing is infilling whose document carries the new caption.
+- classification: the label whose caption is most likely as the image's caption, with
+  the examples (and neighbours) in context.
+
+Per-request seeds are per-row torch generators, so a job's output does not depend on
+which other jobs were batched with it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.generator.protocol import (
+    CaptionJob,
+    ClassifyJob,
+    ClassifyResult,
+    GeneratedCaption,
+    GeneratedImage,
+    InfillJob,
+    NeighbourDoc,
+    T2IJob,
+)
+from app.generator.protocol import SamplingParams as RequestSampling
+from model.decoder import CM3Decoder, left_pad
+from model.masking import infill_prompt_from_runs
+from model.sampling import (
+    DocState,
+    InfillSpan,
+    ModalityConstraint,
+    SamplingParams,
+    SpanConstraint,
+    make_generator,
+)
+from model.tokens import (
+    BREAK_ID,
+    EOS_ID,
+    IMG_CLOSE_ID,
+    IMG_OPEN_ID,
+    PAD_ID,
+    SRC_ID,
+    TokenSpace,
+    mask_id,
+)
+
+MAX_CAPTION_TOKENS = 32
+
+
+class Engine:
+    def __init__(
+        self,
+        decoder: CM3Decoder,
+        space: TokenSpace,
+        tokenizer: Any,
+        vq: Any,
+        clip: Any,
+        manifest: dict | None = None,
+        image_size: int = 32,
+        device: str = "cpu",
+        name: str = "ra_cm3",
+    ) -> None:
+        self.decoder = decoder.eval()
+        self.space = space
+        self.tokenizer = tokenizer
+        self.vq = vq
+        self.clip = clip
+        self.manifest = manifest or {}
+        self.image_size = image_size
+        self.device = device
+        self.name = name
+        self._tokens = 0
+        # bf16 on CUDA: the decoder's matmuls are the cost; sampling stays in fp32
+        self._autocast = device.startswith("cuda")
+
+    @classmethod
+    def from_bundle(cls, bundle: Any, decoder: str = "ra_cm3") -> Engine:
+        return cls(
+            bundle.decoder(decoder),
+            bundle.space,
+            bundle.tokenizer,
+            bundle.vq,
+            bundle.clip,
+            manifest=bundle.manifest,
+            image_size=bundle.image_size,
+            device=bundle.device,
+            name=decoder,
+        )
+
+    # --- protocol --------------------------------------------------------------------
+
+    @property
+    def tokens_generated(self) -> int:
+        return self._tokens
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "image_size": [self.image_size, self.image_size],
+            "grid": list(self.space.image_grid),
+            "decoder": self.name,
+            "decoder_params": self.decoder.num_params(),
+            "device": self.device,
+            "manifest": self.manifest,
+        }
+
+    def warmup(self) -> None:
+        job = T2IJob("a red square", [], n=1, num_candidates=1,
+                     sampling=RequestSampling(seed=0, temperature=1.0))
+        self.text_to_image([job])
+
+    # --- building blocks ---------------------------------------------------------------
+
+    def doc_ids(self, caption_ids: Sequence[int] | None, codes: np.ndarray | None) -> list[int]:
+        text = self.space.text_to_ids(caption_ids) if caption_ids else []
+        image = self.space.codes_to_ids(codes) if codes is not None else []
+        return [IMG_OPEN_ID, *text, SRC_ID, *image, IMG_CLOSE_ID]
+
+    def context_ids(self, neighbours: Sequence[NeighbourDoc]) -> list[int]:
+        """`[retrieved doc, <break>]*`, best neighbour first (as in training)."""
+        ids: list[int] = []
+        for nb in neighbours:
+            codes = None if nb.image_codes is None else np.asarray(nb.image_codes).reshape(
+                self.space.image_grid)
+            text = nb.text_ids
+            if text is None and nb.caption:
+                text = self.tokenizer.encode(nb.caption)
+            ids += [*self.doc_ids(text, codes), BREAK_ID]
+        return ids
+
+    def encode_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255.0)
+        return self.vq.encode(batch.to(self.vq.device)).cpu().numpy()
+
+    def decode_codes(self, codes: np.ndarray) -> np.ndarray:
+        t = torch.as_tensor(np.asarray(codes), dtype=torch.long, device=self.vq.device)
+        images = self.vq.decode(t).clamp(0, 1)
+        return (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+    def _params(self, s: RequestSampling, max_new: int) -> SamplingParams:
+        return SamplingParams(
+            temperature=s.temperature,
+            top_k=s.top_k or 0,
+            top_p=s.top_p if s.top_p is not None else 1.0,
+            seed=s.seed,
+            max_new_tokens=max_new,
+            guidance_scale=s.guidance_scale,
+        )
+
+    def _generate(self, prompts, params: SamplingParams, generators, constraints,
+                  uncond=None, num_samples: int = 1) -> torch.Tensor:
+        idx, mask = left_pad(prompts, device=self.device)
+        u_idx = u_mask = None
+        if uncond is not None:
+            u_idx, u_mask = left_pad(uncond, device=self.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self._autocast):
+            out = self.decoder.generate(
+                idx, params, attention_mask=mask, uncond_idx=u_idx, uncond_mask=u_mask,
+                num_samples=num_samples, constraints=constraints, generator=generators,
+            )
+        self._tokens += int((out != PAD_ID).sum())
+        return out.cpu()
+
+    @staticmethod
+    def _group(jobs: Sequence[Any]) -> dict[tuple, list[int]]:
+        # one decode call per distinct sampling setting: a batch shares one logits transform
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, job in enumerate(jobs):
+            s = job.sampling
+            key = (s.temperature, s.top_k, s.top_p, s.guidance_scale, job.num_candidates)
+            groups[key].append(i)
+        return groups
+
+    def _row_generators(self, seeds: Sequence[int], per_job: int) -> list[torch.Generator]:
+        # sample j of a job uses seed + j: reproducible whatever else shares the batch
+        return [make_generator(seed + j, self.device) for seed in seeds for j in range(per_job)]
+
+    def log_likelihood(self, prompts: Sequence[list[int]], continuations: Sequence[list[int]],
+                       ) -> list[float]:
+        """Sum of log p(continuation | prompt) per pair, in one right-padded forward."""
+        seqs = [list(p) + list(c) for p, c in zip(prompts, continuations, strict=True)]
+        T = max(len(s) for s in seqs)
+        idx = torch.full((len(seqs), T), PAD_ID, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+        for b, s in enumerate(seqs):
+            idx[b, : len(s)] = torch.as_tensor(s)
+            mask[b, : len(s)] = True
+        with torch.inference_mode(), torch.autocast(
+                "cuda", dtype=torch.bfloat16, enabled=self._autocast):
+            logits, _ = self.decoder(idx.to(self.device), attention_mask=mask.to(self.device))
+        logp = logits.float().log_softmax(-1).cpu()
+        out = []
+        for b, (p, c) in enumerate(zip(prompts, continuations, strict=True)):
+            pos = torch.arange(len(p) - 1, len(p) + len(c) - 1)
+            out.append(float(logp[b, pos, torch.as_tensor(c)].sum()))
+        return out
+
+    # --- tasks -------------------------------------------------------------------------
+
+    def text_to_image(self, jobs: list[T2IJob]) -> list[list[GeneratedImage]]:
+        results: list[list[GeneratedImage]] = [[] for _ in jobs]
+        for key, members in self._group(jobs).items():
+            n_cand = key[-1]
+            group = [jobs[i] for i in members]
+            caps = [self.tokenizer.encode(j.prompt) for j in group]
+            prompts = [
+                [*self.context_ids(j.neighbours), IMG_OPEN_ID, *self.space.text_to_ids(c), SRC_ID]
+                for j, c in zip(group, caps, strict=True)
+            ]
+            uncond = [[IMG_OPEN_ID, mask_id(0), SRC_ID]] * len(group)
+            params = self._params(group[0].sampling, self.space.image_len)
+            constraints = [ModalityConstraint(self.space, DocState.SRC,
+                                              vocab_size=self.decoder.config.vocab_size)
+                           for _ in range(len(group) * n_cand)]
+            out = self._generate(
+                prompts, params, self._row_generators([j.sampling.seed for j in group], n_cand),
+                constraints, uncond=uncond if params.guidance_scale != 1.0 else None,
+                num_samples=n_cand,
+            )
+            codes = self.space.ids_to_codes(out[:, : self.space.image_len].reshape(-1)).reshape(
+                len(group) * n_cand, *self.space.image_grid)
+            images = self.decode_codes(codes)
+            scores = self.clip_scores([j.prompt for j in group for _ in range(n_cand)], images)
+            for g, (i, job) in enumerate(zip(members, group, strict=True)):
+                rows = range(g * n_cand, (g + 1) * n_cand)
+                best = sorted(rows, key=lambda r: -scores[r])[: job.n]
+                results[i] = [GeneratedImage(images[r], float(scores[r]), codes[r]) for r in best]
+        return results
+
+    def clip_scores(self, prompts: Sequence[str], images: np.ndarray) -> np.ndarray:
+        text = self.clip.encode_text(list(prompts))
+        image = self.clip.encode_image(images)
+        return (text * image).sum(-1)
+
+    def _caption_prompt(self, context: list[int], codes: np.ndarray) -> list[int]:
+        return [*context, IMG_OPEN_ID, mask_id(0), SRC_ID, *self.space.codes_to_ids(codes),
+                IMG_CLOSE_ID, mask_id(0)]
+
+    def caption(self, jobs: list[CaptionJob]) -> list[list[GeneratedCaption]]:
+        results: list[list[GeneratedCaption]] = [[] for _ in jobs]
+        all_codes = self.encode_images([j.image for j in jobs])
+        for key, members in self._group(jobs).items():
+            n_cand = key[-1]
+            group = [jobs[i] for i in members]
+            prompts = [self._caption_prompt(self.context_ids(j.neighbours), all_codes[i])
+                       for i, j in zip(members, group, strict=True)]
+            params = self._params(group[0].sampling, MAX_CAPTION_TOKENS + 1)
+            constraints = [SpanConstraint(self.space, [InfillSpan("text")],
+                                          vocab_size=self.decoder.config.vocab_size)
+                           for _ in range(len(group) * n_cand)]
+            out = self._generate(
+                prompts, params, self._row_generators([j.sampling.seed for j in group], n_cand),
+                constraints, num_samples=n_cand,
+            )
+            texts_ids = [[int(t) for t in row if self.space.is_text(int(t))] for row in out]
+            row_prompts = [p for p in prompts for _ in range(n_cand)]
+            # likelihood of caption + <eos>, so an unfinished caption is not favoured
+            scores = self.log_likelihood(row_prompts, [[*t, EOS_ID] for t in texts_ids])
+            for g, (i, job) in enumerate(zip(members, group, strict=True)):
+                rows = sorted(range(g * n_cand, (g + 1) * n_cand), key=lambda r: -scores[r])
+                seen, picked = set(), []
+                for r in rows:  # distinct captions first: n copies of one caption help no one
+                    text = self.tokenizer.decode(self.space.ids_to_text(texts_ids[r]))
+                    if text not in seen:
+                        seen.add(text)
+                        picked.append(GeneratedCaption(text, float(scores[r])))
+                results[i] = picked[: job.n] or [GeneratedCaption("", float("-inf"))]
+        return results
+
+    def code_mask(self, mask: np.ndarray) -> np.ndarray:
+        """(H, W) pixel mask → (h, w) code mask: a code is regenerated if any pixel is."""
+        h, w = self.space.image_grid
+        H, W = mask.shape
+        return mask.reshape(h, H // h, w, W // w).any(axis=(1, 3))
+
+    def infill(self, jobs: list[InfillJob]) -> list[list[GeneratedImage]]:
+        results: list[list[GeneratedImage]] = [[] for _ in jobs]
+        all_codes = self.encode_images([j.image for j in jobs])
+        for key, members in self._group(jobs).items():
+            n_cand = key[-1]
+            group = [jobs[i] for i in members]
+            prompts, infills, constraints, texts = [], [], [], []
+            for i, job in zip(members, group, strict=True):
+                codes = all_codes[i]
+                text = job.prompt or self._self_caption(job, codes)
+                texts.append(text)
+                doc = self.doc_ids(self.tokenizer.encode(text), codes)
+                src = doc.index(SRC_ID) + 1
+                cells = np.flatnonzero(self.code_mask(job.mask).reshape(-1))
+                runs = _runs_capped(src + cells)
+                ip = infill_prompt_from_runs(doc, runs)
+                infills.append(ip)
+                prompts.append([*self.context_ids(job.neighbours), *ip.ids])
+                constraints += [SpanConstraint.image_runs(
+                    self.space, ip.run_lengths, vocab_size=self.decoder.config.vocab_size)
+                    for _ in range(n_cand)]
+            max_new = max(sum(ip.run_lengths) + len(ip.runs) for ip in infills)
+            params = self._params(group[0].sampling, max_new)
+            out = self._generate(
+                prompts, params, self._row_generators([j.sampling.seed for j in group], n_cand),
+                constraints, num_samples=n_cand,
+            )
+            all_codes_out = []
+            for g, ip in enumerate(infills):
+                for r in range(g * n_cand, (g + 1) * n_cand):
+                    spans = _split_spans(out[r].tolist(), len(ip.runs))
+                    doc = ip.splice(spans)
+                    src = doc.index(SRC_ID) + 1
+                    codes = self.space.ids_to_codes(doc[src : src + self.space.image_len])
+                    all_codes_out.append(codes.reshape(self.space.image_grid))
+            codes_arr = np.stack(all_codes_out)
+            images = self.decode_codes(codes_arr)
+            # outside the mask the request's pixels are kept exactly, not their VQ round trip
+            for g, job in enumerate(group):
+                for r in range(g * n_cand, (g + 1) * n_cand):
+                    images[r][~job.mask] = job.image[~job.mask]
+            scores = self.clip_scores([t for t in texts for _ in range(n_cand)], images)
+            for g, (i, job) in enumerate(zip(members, group, strict=True)):
+                rows = sorted(range(g * n_cand, (g + 1) * n_cand), key=lambda r: -scores[r])
+                results[i] = [GeneratedImage(images[r], float(scores[r]), codes_arr[r])
+                              for r in rows[: job.n]]
+        return results
+
+    def _self_caption(self, job: InfillJob, codes: np.ndarray) -> str:
+        """Infilling without a prompt: caption the image first, greedily, and keep it."""
+        prompt = self._caption_prompt(self.context_ids(job.neighbours), codes)
+        params = SamplingParams(temperature=0.0, max_new_tokens=MAX_CAPTION_TOKENS + 1)
+        c = [SpanConstraint(self.space, [InfillSpan("text")],
+                            vocab_size=self.decoder.config.vocab_size)]
+        out = self._generate([prompt], params, None, c)
+        ids = [int(t) for t in out[0] if self.space.is_text(int(t))]
+        return self.tokenizer.decode(self.space.ids_to_text(ids))
+
+    def classify(self, jobs: list[ClassifyJob]) -> list[ClassifyResult]:
+        results = []
+        for job in jobs:
+            codes = self.encode_images([job.image, *[e.image for e in job.examples]])
+            context = self.context_ids(job.neighbours)
+            for e, c in zip(job.examples, codes[1:], strict=True):
+                context += [*self.doc_ids(self.tokenizer.encode(e.caption), c), BREAK_ID]
+            prompt = self._caption_prompt(context, codes[0])
+            conts = [[*self.space.text_to_ids(self.tokenizer.encode(lbl)), EOS_ID]
+                     for lbl in job.labels]
+            ll = np.asarray(self.log_likelihood([prompt] * len(conts), conts))
+            probs = np.exp(ll - ll.max())
+            probs /= probs.sum()
+            best = int(np.argmax(probs))
+            results.append(ClassifyResult(job.labels[best],
+                                          {lbl: float(p) for lbl, p in zip(job.labels, probs,
+                                                                           strict=True)}))
+        return results
+
+
+def _runs_capped(positions: np.ndarray) -> list[tuple[int, int]]:
+    """Contiguous runs of masked positions, merged so there are at most 16 sentinels.
+
+    Merging two runs regenerates the codes between them too; that only happens for masks
+    with more than 16 separate pieces, where a few extra regenerated codes are the price.
+    """
+    runs: list[list[int]] = []
+    for p in sorted(int(x) for x in positions):
+        if runs and runs[-1][1] == p:
+            runs[-1][1] = p + 1
+        else:
+            runs.append([p, p + 1])
+    while len(runs) > 16:
+        gaps = [runs[i + 1][0] - runs[i][1] for i in range(len(runs) - 1)]
+        i = int(np.argmin(gaps))
+        runs[i][1] = runs[i + 1][1]
+        del runs[i + 1]
+    if not runs:
+        raise ValueError("the mask covers no image code: nothing to infill")
+    return [(s, e) for s, e in runs]
+
+
+def _split_spans(tokens: Sequence[int], n_spans: int) -> list[list[int]]:
+    """Generated `span0 <mask:1> span1 … <eos>` → the n spans."""
+    spans: list[list[int]] = [[]]
+    for t in tokens:
+        if t in (EOS_ID, PAD_ID):
+            break
+        if len(spans) < n_spans and t == mask_id(len(spans)):
+            spans.append([])
+        else:
+            spans[-1].append(t)
+    return spans
+

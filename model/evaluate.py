@@ -1,0 +1,579 @@
+"""`racm3 eval`: RA-CM3 against CM3 and against retrieval alone, on the held-out eval split.
+
+Three systems answer the same prompts with the same seeds:
+
+- `ra_cm3`: the retrieval-augmented decoder with K neighbours in context, retrieved from
+  the memory exactly as the service retrieves them (CLIP text embedding of the prompt,
+  or CLIP image embedding for captioning; the paper's rules: relevance, modality,
+  diversity 0.9);
+- `cm3`: the same decoder architecture trained without retrieval, with no neighbours;
+- `retrieval_only`: no decoder at all: the top neighbour's image (VQ-decoded from its
+  codes, so it passes through the same image tokenizer as the generated images) or
+  caption; for infilling, the masked region pasted from that image.
+
+Tasks and metrics (DESIGN §3; the shape of the paper's tables on the demo world):
+
+- `t2i_attr_acc` / `t2i_fid`: caption→image on the eval object and pair prompts
+  (held-out combinations included). The judge reads the generated image's attributes;
+  the score is the fraction of attributes right (`t2i_exact`: every attribute right).
+  FID compares judge features of the generated images with real renders of the same
+  prompts' attributes.
+- `i2t_attr_acc` / `i2t_bleu4`: image→caption on eval-split items; the caption is parsed
+  back to attributes; BLEU-4 references are the item's captions under every template.
+- `entity_acc`: "the flag of X" for the memory-only entities; right when the judge's
+  entity head names X. Without retrieval the model cannot know these.
+- `infill_acc`: eval object items with the object's box masked (snapped to the VQ grid),
+  infilled with the caption as prompt; the judge's attributes of the result.
+
+    result, rows = evaluate(Bundle("bundles/demo"), Memory.load("runs/demo/memory"))
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.generator.protocol import (
+    CaptionJob,
+    InfillJob,
+    NeighbourDoc,
+    SamplingParams,
+    T2IJob,
+)
+from model.engine import Engine
+from model.metrics import attribute_match, bleu4, caption_attribute_accuracy, frechet_distance
+from model.report import GridRow, save_example_grid, write_markdown
+from model.world import ENTITY_HEAD, Attributes, World, WorldConfig, WorldItem, n_templates
+from model.world.captions import caption as render_caption
+
+log = logging.getLogger(__name__)
+
+SYSTEMS = ("ra_cm3", "cm3", "retrieval_only")
+METRICS = ("t2i_attr_acc", "t2i_fid", "i2t_attr_acc", "i2t_bleu4", "entity_acc", "infill_acc")
+DECODERS = ("ra_cm3", "cm3")
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """One task's decoding settings, shared by RA-CM3 and CM3 so only retrieval differs."""
+
+    temperature: float
+    top_k: int | None = None
+    top_p: float | None = None
+    guidance_scale: float = 1.0
+    num_candidates: int = 1  # >1: sample this many and keep the engine's best (CLIP rerank)
+
+    def sampling(self, seed: int) -> SamplingParams:
+        return SamplingParams(seed=seed, temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p, guidance_scale=self.guidance_scale)
+
+
+# Image tokens are sampled (temperature 1 as in the paper) but from the top 16 codes only:
+# a 64-code image is ruined by one rare code, and top-k removes that tail without turning
+# generation into the mode-seeking of greedy decoding. Captions are greedy: a caption is
+# judged on its facts, and the likeliest caption is the model's best statement of them.
+T2I_DECODING = Decoding(temperature=1.0, top_k=16)
+CAPTION_DECODING = Decoding(temperature=0.0)
+INFILL_DECODING = Decoding(temperature=1.0, top_k=16)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    n: int = 200  # prompts per task
+    seed: int = 0
+    k: int = 2  # neighbours in context (K=2 in the paper)
+    diversity_threshold: float = 0.9
+    batch_size: int = 16  # jobs per engine call
+    grid_rows: int = 8  # examples in the PNG grid: half t2i prompts, half entities
+    t2i: Decoding = T2I_DECODING
+    caption: Decoding = CAPTION_DECODING
+    infill: Decoding = INFILL_DECODING
+
+    def __post_init__(self) -> None:
+        if self.n < 2:
+            raise ValueError("n must be at least 2 (FID needs two samples per side)")
+
+
+TASKS = {
+    "t2i": "eval object + pair prompts (held-out combos first), judged",
+    "i2t": "eval-split items, captions parsed; BLEU-4 against every template",
+    "entity": "'flag of X' prompts for memory-only entities, judge's entity head",
+    "infill": "eval object items, object box masked, caption as prompt, judged",
+}
+
+
+@dataclass
+class EvalOutput:
+    result: dict[str, Any]  # the JSON document
+    grid_rows: list[GridRow] = field(default_factory=list)
+
+
+class Evaluator:
+    """Runs every task for every system; one instance per (bundle, memory)."""
+
+    def __init__(self, bundle: Any, memory: Any, config: EvalConfig | None = None) -> None:
+        from app.retriever.search import SearchStrategy
+
+        self.bundle = bundle
+        self.memory = memory
+        self.config = config or EvalConfig()
+        self.world = World(WorldConfig.from_dict(bundle.manifest["world"]))
+        self.engines = {name: Engine.from_bundle(bundle, name) for name in DECODERS}
+        self.judge = bundle.judge
+        self.clip = bundle.clip
+        self.strategy = SearchStrategy(k=self.config.k,
+                                       diversity_threshold=self.config.diversity_threshold)
+        self.grid_rows: list[GridRow] = []
+        self.counts: dict[str, int] = {}  # prompts actually evaluated per task
+
+    @property
+    def engine(self) -> Engine:
+        return self.engines["ra_cm3"]
+
+    # --- retrieval ---------------------------------------------------------------------
+
+    def retrieve_for_texts(self, texts: Sequence[str]) -> list[list[NeighbourDoc]]:
+        return self._search(self.clip.encode_text(list(texts)))
+
+    def retrieve_for_images(self, images: np.ndarray) -> list[list[NeighbourDoc]]:
+        return self._search(self.clip.encode_image(images))
+
+    def _search(self, vectors: np.ndarray) -> list[list[NeighbourDoc]]:
+        from app.retriever.search import search
+
+        grid = self.bundle.space.image_grid
+        out = []
+        for hits in search(self.memory, vectors, self.config.k, self.strategy):
+            out.append([_as_doc(h, grid) for h in hits[: self.config.k]])
+        return out
+
+    def neighbour_image(self, doc: NeighbourDoc) -> np.ndarray | None:
+        if doc.image_codes is None:
+            return None
+        return self.engine.decode_codes(np.asarray(doc.image_codes)[None])[0]
+
+    def neighbour_caption(self, doc: NeighbourDoc) -> str:
+        if doc.caption:
+            return doc.caption
+        if doc.text_ids:
+            return self.bundle.tokenizer.decode(list(doc.text_ids))
+        return ""
+
+    def _blank(self) -> np.ndarray:
+        size = self.bundle.image_size
+        return np.full((size, size, 3), 128, dtype=np.uint8)
+
+    # --- systems -------------------------------------------------------------------------
+
+    def text_to_image(self, system: str, prompts: Sequence[str],
+                      neighbours: Sequence[list[NeighbourDoc]], seed: int) -> np.ndarray:
+        """(N, H, W, 3) uint8: one image per prompt; prompt i is sampled with seed + i."""
+        if system == "retrieval_only":
+            return np.stack([self._top_image(nbs) for nbs in neighbours])
+        d = self.config.t2i
+        jobs = [T2IJob(p, self._context(system, nbs), n=1, num_candidates=d.num_candidates,
+                       sampling=d.sampling(seed + i))
+                for i, (p, nbs) in enumerate(zip(prompts, neighbours, strict=True))]
+        results = self._batched(self.engines[system].text_to_image, jobs)
+        return np.stack([r[0].image for r in results])
+
+    def caption(self, system: str, images: np.ndarray,
+                neighbours: Sequence[list[NeighbourDoc]], seed: int) -> list[str]:
+        if system == "retrieval_only":
+            return [self.neighbour_caption(nbs[0]) if nbs else "" for nbs in neighbours]
+        d = self.config.caption
+        jobs = [CaptionJob(img, self._context(system, nbs), n=1,
+                           num_candidates=d.num_candidates, sampling=d.sampling(seed + i))
+                for i, (img, nbs) in enumerate(zip(images, neighbours, strict=True))]
+        results = self._batched(self.engines[system].caption, jobs)
+        return [r[0].text for r in results]
+
+    def infill(self, system: str, images: np.ndarray, masks: np.ndarray, prompts: Sequence[str],
+               neighbours: Sequence[list[NeighbourDoc]], seed: int) -> np.ndarray:
+        if system == "retrieval_only":
+            out = images.copy()
+            for i, nbs in enumerate(neighbours):
+                out[i][masks[i]] = self._top_image(nbs)[masks[i]]
+            return out
+        d = self.config.infill
+        jobs = [InfillJob(img, m, p, self._context(system, nbs), n=1,
+                          num_candidates=d.num_candidates, sampling=d.sampling(seed + i))
+                for i, (img, m, p, nbs) in enumerate(zip(images, masks, prompts, neighbours,
+                                                         strict=True))]
+        results = self._batched(self.engines[system].infill, jobs)
+        return np.stack([r[0].image for r in results])
+
+    @staticmethod
+    def _context(system: str, neighbours: list[NeighbourDoc]) -> list[NeighbourDoc]:
+        return neighbours if system == "ra_cm3" else []
+
+    def _top_image(self, neighbours: list[NeighbourDoc]) -> np.ndarray:
+        for doc in neighbours:
+            image = self.neighbour_image(doc)
+            if image is not None:
+                return image
+        return self._blank()  # nothing retrieved: retrieval alone has no answer
+
+    def _batched(self, fn: Callable[[list], list], jobs: list) -> list:
+        out: list = []
+        for start in range(0, len(jobs), self.config.batch_size):
+            out += fn(jobs[start : start + self.config.batch_size])
+        return out
+
+    # --- prompts and items ---------------------------------------------------------------
+
+    def t2i_prompts(self) -> list[tuple[str, Attributes]]:
+        """Object and pair eval prompts, interleaved, held-out combos first; beyond the
+        pool, the same scenes again under the next caption template."""
+        objects = self.world.eval_prompts("object")
+        pairs = self.world.eval_prompts("pair")
+        pool = [p.attributes for p in _interleave(objects, pairs)]
+        return _cycle_templates(pool, self.config.n)
+
+    def entity_prompts(self) -> list[tuple[str, Attributes]]:
+        pool = [{"kind": "entity", "entity": name} for name in self.world.memory_only_entities]
+        return _cycle_templates(pool, self.config.n)
+
+    def eval_items(self, kind: str | None = None) -> list[WorldItem]:
+        """Up to n eval-split items (of one kind), in a seeded order."""
+        rng = np.random.default_rng([self.config.seed, 11])
+        items = []
+        for index in rng.permutation(self.world.split_size("eval")):
+            item = self.world.sample("eval", int(index))
+            if kind is None or item.attributes["kind"] == kind:
+                items.append(item)
+                if len(items) == self.config.n:
+                    break
+        return items
+
+    def real_renders(self, attributes: Sequence[Attributes]) -> np.ndarray:
+        """A real image per scene, at a seeded jitter variant (real data is jittered)."""
+        rng = np.random.default_rng([self.config.seed, 13])
+        return np.stack([self.world.render(a, int(rng.integers(_n_variants(self.world, a))))
+                         for a in attributes])
+
+    # --- tasks ---------------------------------------------------------------------------
+
+    def eval_t2i(self) -> dict[str, dict[str, float]]:
+        prompts = self.t2i_prompts()
+        self.counts["t2i"] = len(prompts)
+        captions = [c for c, _ in prompts]
+        targets = [a for _, a in prompts]
+        heldout = np.array([self.world.group_of(a) == "heldout" for a in targets])
+        neighbours = self.retrieve_for_texts(captions)
+        real_feats = self.judge.features(self.real_renders(targets))
+        # FID via the symmetric eigen-decomposition, not scipy's sqrtm: with fewer prompts
+        # than feature dimensions (256) both covariances are singular, where eigh stays
+        # exact and sqrtm warns, takes seconds and may need a nudge.
+        seed = self.config.seed * 1_000_003
+        out: dict[str, dict[str, float]] = {}
+        images_by_system = {}
+        for system in SYSTEMS:
+            images = self.text_to_image(system, captions, neighbours, seed)
+            images_by_system[system] = images
+            predicted = self.judge.predict_attributes(images, self.world)
+            match = attribute_match(predicted, targets)
+            out[system] = {
+                "t2i_attr_acc": match["attribute"],
+                "t2i_exact": match["exact"],
+                "t2i_fid": frechet_distance(self.judge.features(images), real_feats,
+                                            use_scipy=False),
+            }
+            if heldout.any():
+                held = attribute_match([p for p, h in zip(predicted, heldout, strict=True) if h],
+                                       [t for t, h in zip(targets, heldout, strict=True) if h])
+                out[system]["t2i_attr_acc_heldout"] = held["attribute"]
+        self._add_rows(captions, neighbours, images_by_system, self.config.grid_rows // 2)
+        return out
+
+    def eval_i2t(self) -> dict[str, dict[str, float]]:
+        items = self.eval_items()
+        self.counts["i2t"] = len(items)
+        images = np.stack([it.image for it in items])
+        targets = [it.attributes for it in items]
+        references = [[render_caption(a, t) for t in range(n_templates(a["kind"]))]
+                      for a in targets]
+        neighbours = self.retrieve_for_images(images)
+        seed = self.config.seed * 1_000_003 + 1
+        out = {}
+        for system in SYSTEMS:
+            captions = self.caption(system, images, neighbours, seed)
+            match = caption_attribute_accuracy(captions, targets)
+            out[system] = {"i2t_attr_acc": match["attribute"], "i2t_exact": match["exact"],
+                           "i2t_bleu4": bleu4(captions, references)}
+        return out
+
+    def eval_entity(self) -> dict[str, dict[str, float]]:
+        prompts = self.entity_prompts()
+        self.counts["entity"] = len(prompts)
+        captions = [c for c, _ in prompts]
+        heads = self.world.label_heads[ENTITY_HEAD]
+        target = np.array([heads.index(a["entity"]) for _, a in prompts])
+        neighbours = self.retrieve_for_texts(captions)
+        seed = self.config.seed * 1_000_003 + 2
+        out = {}
+        images_by_system = {}
+        for system in SYSTEMS:
+            images = self.text_to_image(system, captions, neighbours, seed)
+            images_by_system[system] = images
+            predicted = self.judge.predict(images)[ENTITY_HEAD]
+            out[system] = {"entity_acc": float((predicted == target).mean())}
+        rows = self.config.grid_rows - self.config.grid_rows // 2
+        self._add_rows(captions, neighbours, images_by_system, rows)
+        return out
+
+    def eval_infill(self) -> dict[str, dict[str, float]]:
+        items = self.eval_items("object")
+        self.counts["infill"] = len(items)
+        images = np.stack([it.image for it in items])
+        patch = self.bundle.image_size // self.bundle.space.image_grid[0]
+        masks = np.stack([object_box_mask(it.image, patch) for it in items])
+        captions = [it.caption for it in items]
+        targets = [it.attributes for it in items]
+        neighbours = self.retrieve_for_texts(captions)
+        seed = self.config.seed * 1_000_003 + 3
+        out = {}
+        for system in SYSTEMS:
+            filled = self.infill(system, images, masks, captions, neighbours, seed)
+            match = attribute_match(self.judge.predict_attributes(filled, self.world), targets)
+            out[system] = {"infill_acc": match["attribute"], "infill_exact": match["exact"]}
+        return out
+
+    def _add_rows(self, prompts: Sequence[str], neighbours: Sequence[list[NeighbourDoc]],
+                  images: dict[str, np.ndarray], n: int) -> None:
+        for i in range(min(n, len(prompts))):
+            self.grid_rows.append(GridRow(
+                prompt=prompts[i],
+                neighbours=[im for im in map(self.neighbour_image, neighbours[i])
+                            if im is not None],
+                neighbour_captions=[self.neighbour_caption(d) for d in neighbours[i]],
+                ra_cm3=images["ra_cm3"][i],
+                cm3=images["cm3"][i],
+            ))
+
+    # --- all -----------------------------------------------------------------------------
+
+    def run(self) -> EvalOutput:
+        start = time.perf_counter()
+        systems: dict[str, dict[str, float]] = {s: {} for s in SYSTEMS}
+        task_wall: dict[str, float] = {}
+        tasks = (("t2i", self.eval_t2i), ("i2t", self.eval_i2t),
+                 ("entity", self.eval_entity), ("infill", self.eval_infill))
+        for name, run_task in tasks:
+            t0 = time.perf_counter()
+            for system, values in run_task().items():
+                systems[system].update(values)
+            task_wall[name] = round(time.perf_counter() - t0, 2)
+            log.info("eval %s: %s (%.1fs)", name,
+                     {s: {k: round(v, 3) for k, v in m.items()} for s, m in systems.items()},
+                     task_wall[name])
+        result = {
+            "systems": systems,
+            "meta": {
+                "bundle": self.bundle.manifest.get("name", Path(self.bundle.path).name),
+                "bundle_path": str(self.bundle.path),
+                "recipe": self.bundle.manifest.get("recipe", {}).get("name"),
+                "memory_version": str(getattr(self.memory, "version", "unknown")),
+                "memory_documents": _size(self.memory),
+                "seed": self.config.seed,
+                "n": dict(self.counts),
+                "tasks": TASKS,
+                "decoding": {"t2i": asdict(self.config.t2i),
+                             "caption": asdict(self.config.caption),
+                             "infill": asdict(self.config.infill)},
+                "retrieval": {"k": self.config.k,
+                              "diversity_threshold": self.config.diversity_threshold,
+                              "retrieval_only_image": "top neighbour's codes, VQ-decoded"},
+                "device": self.engine.device,
+                "torch_threads": torch.get_num_threads(),
+                "task_wall_s": task_wall,
+                "wall_s": round(time.perf_counter() - start, 2),
+            },
+        }
+        return EvalOutput(result, self.grid_rows)
+
+
+def evaluate(bundle: Any, memory: Any, config: EvalConfig | None = None) -> EvalOutput:
+    """Every task for every system; `result["systems"][system][metric]`."""
+    return Evaluator(bundle, memory, config).run()
+
+
+def write_reports(output: EvalOutput, report_dir: str | Path,
+                  json_path: str | Path | None = None) -> dict[str, Path]:
+    """`eval.md` and `eval_grid.png` under report_dir, and the JSON where asked."""
+    import json
+
+    report_dir = Path(report_dir)
+    paths: dict[str, Path] = {}
+    if output.grid_rows:
+        paths["grid"] = save_example_grid(output.grid_rows, report_dir / "eval_grid.png")
+    paths["markdown"] = write_markdown(output.result, report_dir / "eval.md", output.grid_rows,
+                                       "eval_grid.png" if output.grid_rows else None)
+    if json_path is not None:
+        json_path = Path(json_path)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(_jsonable(output.result), indent=2) + "\n")
+        paths["json"] = json_path
+    return paths
+
+
+@dataclass
+class NewEntityCheck:
+    """Did a flag added to the memory (no retraining) reach RA-CM3's output?"""
+
+    name: str
+    retrieved: bool  # the top neighbour of "the flag of NAME" is one of the new documents
+    top_caption: str  # that neighbour's caption
+    ra_cm3_match: float  # fraction of samples whose nearest known flag is the new one
+    cm3_match: float
+    ra_cm3_distance: float  # mean |pixel - new flag| over samples, in 0..255
+    cm3_distance: float
+    samples: int
+
+    @property
+    def passed(self) -> bool:
+        return self.retrieved and self.ra_cm3_match > max(0.5, self.cm3_match)
+
+
+def new_entity_check(bundle: Any, memory_dir: str | Path, name: str, flag_image: np.ndarray,
+                     samples: int = 4, seed: int = 0) -> NewEntityCheck:
+    """Add "the flag of NAME" to the memory the way a user would (`racm3 build-index
+    --source folder --append`), then ask RA-CM3 and CM3 for it.
+
+    The flag is stored under every entity caption template, like the world's own
+    entities. A sample "generates the entity" when, of every flag the world knows plus
+    the new one, the new flag is the nearest to it in pixels.
+
+    This publishes a new version of `memory_dir`: run it on a copy.
+    """
+    import tempfile
+
+    from PIL import Image
+
+    from app.retriever.memory import Memory
+    from index_builder.from_bundle import build_from_bundle
+
+    flag = np.asarray(flag_image, dtype=np.uint8)
+    attrs = {"kind": "entity", "entity": name}
+    captions = [render_caption(attrs, t) for t in range(n_templates("entity"))]
+    with tempfile.TemporaryDirectory() as folder:
+        for t, text in enumerate(captions):
+            Image.fromarray(flag).save(Path(folder) / f"{name}-{t}.png")
+            (Path(folder) / f"{name}-{t}.txt").write_text(text)
+        build_from_bundle(bundle, "folder", folder, memory_dir, append=True, progress=False)
+
+    evaluator = Evaluator(bundle, Memory.load(memory_dir), EvalConfig(n=max(2, samples)))
+    prompts = [captions[0]] * samples
+    neighbours = evaluator.retrieve_for_texts(prompts)
+    top_caption = evaluator.neighbour_caption(neighbours[0][0]) if neighbours[0] else ""
+    retrieved = name.lower() in top_caption.lower()
+    world = evaluator.world
+    known = np.stack([world.render({"kind": "entity", "entity": e}) for e in world.entities]
+                     + [flag]).astype(np.float32)
+    out: dict[str, tuple[float, float]] = {}
+    for system in DECODERS:
+        images = evaluator.text_to_image(system, prompts, neighbours, seed).astype(np.float32)
+        distance = np.abs(images[:, None] - known[None]).mean(axis=(2, 3, 4))  # (S, flags)
+        out[system] = (float((distance.argmin(1) == len(known) - 1).mean()),
+                       float(distance[:, -1].mean()))
+    return NewEntityCheck(name, retrieved, top_caption,
+                          ra_cm3_match=out["ra_cm3"][0], cm3_match=out["cm3"][0],
+                          ra_cm3_distance=out["ra_cm3"][1], cm3_distance=out["cm3"][1],
+                          samples=samples)
+
+
+def novel_flag(world: World, seed: int = 0) -> np.ndarray:
+    """A flag unlike every flag of the world (>= 25% of pixels differ from each)."""
+    from model.world.entities import MIN_FLAG_DIFFERENCE, flag_patterns
+    from model.world.rng import Rng
+
+    rng = Rng.from_key("racm3-novel-flag", world.config.seed, seed)
+    size = world.config.image_size
+    known = np.stack([world.render({"kind": "entity", "entity": e}) for e in world.entities])
+    for _ in range(1000):
+        flag = flag_patterns(1, rng, size)[0].render(size)
+        differs = (known != flag[None]).any(-1).mean(axis=(1, 2))
+        if differs.min() >= MIN_FLAG_DIFFERENCE:
+            return flag
+    raise ValueError("could not draw a flag distinct from the world's")
+
+
+def object_box_mask(image: np.ndarray, patch: int) -> np.ndarray:
+    """(H, W) bool: the bounding box of the non-background pixels, grown to whole VQ
+    patches so that exactly the covered codes are regenerated and nothing half-kept.
+
+    The background is the image's most common colour (objects cover < a third of it).
+    """
+    flat = image.reshape(-1, 3)
+    colours, counts = np.unique(flat, axis=0, return_counts=True)
+    foreground = (image != colours[counts.argmax()]).any(axis=-1)
+    mask = np.zeros(image.shape[:2], dtype=bool)
+    if not foreground.any():
+        raise ValueError("the image has no object to mask")
+    ys, xs = np.nonzero(foreground)
+    y0, x0 = (ys.min() // patch) * patch, (xs.min() // patch) * patch
+    y1, x1 = -(-(ys.max() + 1) // patch) * patch, -(-(xs.max() + 1) // patch) * patch
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def _as_doc(hit: Any, grid: Sequence[int]) -> NeighbourDoc:
+    codes = None if hit.image_codes is None else np.asarray(hit.image_codes).reshape(tuple(grid))
+    text_ids = None if hit.text_ids is None else [int(t) for t in hit.text_ids]
+    return NeighbourDoc(id=int(hit.id), score=float(hit.score), caption=hit.caption,
+                        text_ids=text_ids, image_codes=codes)
+
+
+def _interleave(a: Sequence, b: Sequence) -> list:
+    """a0 b0 a1 b1 …, then the rest of the longer one: a prefix of any length mixes both."""
+    out = []
+    for i in range(max(len(a), len(b))):
+        out += [x[i] for x in (a, b) if i < len(x)]
+    return out
+
+
+def _cycle_templates(pool: Sequence[Attributes], n: int) -> list[tuple[str, Attributes]]:
+    """n (caption, attributes): the pool under template 0, then template 1, … and round
+    again (seeds differ by position, so a repeated prompt is a new sample)."""
+    if not pool:
+        return []
+    out = []
+    for i in range(n):
+        attrs = pool[i % len(pool)]
+        template = (i // len(pool)) % n_templates(attrs["kind"])
+        out.append((render_caption(attrs, template), attrs))
+    return out
+
+
+def _n_variants(world: World, attrs: Attributes) -> int:
+    # World has no public variant count yet; its renderer owns the jitter radices.
+    public = getattr(world, "n_variants", None)
+    return int(public(attrs)) if public is not None else world._renderer.n_variants(attrs)
+
+
+def _size(memory: Any) -> int | None:
+    try:
+        return len(memory)
+    except TypeError:
+        return None
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN/inf become null: JSON has no spelling for them."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    return value

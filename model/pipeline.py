@@ -1,0 +1,293 @@
+"""`racm3 train`: every stage that turns the demo world into a bundle, and their recipes.
+
+Stages, in order (each writes its part of the bundle and records itself in the manifest,
+so `train all` resumes where it stopped):
+
+    tokenizer → vq → clip → judge → memory → neighbours → generator (RA-CM3) → baseline (CM3)
+
+The bundle directory gets only what ships (weights, configs, tokenizer, manifest); the
+memory, the neighbour table, checkpoints and logs go to a work directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.bundle import Bundle, write_manifest
+from model.world import World, WorldConfig
+
+log = logging.getLogger(__name__)
+
+STAGES = ("tokenizer", "vq", "clip", "judge", "memory", "neighbours", "generator", "baseline")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    world: dict = field(default_factory=dict)  # WorldConfig overrides
+    text_vocab: int = 1024
+    vq_preset: str = "demo"
+    vq_steps: int = 1500
+    vq_batch: int = 64
+    clip_model: str = "racm3-clip-demo"
+    clip_steps: int = 1500
+    clip_batch: int = 128
+    judge_steps: int = 600
+    judge_batch: int = 128
+    decoder: dict = field(default_factory=lambda: {"preset": "demo"})
+    gen_docs: int = 30_000  # training documents the generator sees (a prefix of train)
+    gen_steps: int = 1500
+    gen_batch: int = 16
+    gen_lr: float = 1e-3
+    retrieval_k: int = 2
+    diversity_threshold: float = 0.9
+    query_dropout: float = 0.2
+    seed: int = 0
+
+
+RECIPES: dict[str, Recipe] = {
+    "demo": Recipe(name="demo"),
+    # Every stage end to end in well under a minute: for tests, not for quality.
+    "smoke": Recipe(
+        name="smoke",
+        world={"n_memory": 800, "n_eval": 200, "n_entities": 8},
+        text_vocab=300,
+        vq_steps=40,
+        vq_batch=32,
+        clip_steps=30,
+        clip_batch=32,
+        judge_steps=30,
+        judge_batch=32,
+        decoder={"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 512},
+        gen_docs=400,
+        gen_steps=30,
+        gen_batch=8,
+        gen_lr=3e-3,
+    ),
+}
+
+
+def source_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Pipeline:
+    """Runs stages of a recipe into `out` (the bundle) with scratch files in `work`."""
+
+    def __init__(self, recipe: Recipe, out: str | Path, work: str | Path | None = None,
+                 device: str = "cpu", progress: bool = True) -> None:
+        self.recipe = recipe
+        self.out = Path(out)
+        self.work = Path(work) if work else Path("runs") / recipe.name
+        self.device = device
+        self.progress = progress
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.world = World(WorldConfig(seed=recipe.seed, **recipe.world))
+        manifest_path = self.out / "manifest.json"
+        if manifest_path.is_file():
+            import json
+
+            self.manifest = json.loads(manifest_path.read_text())
+        else:
+            self.manifest = {
+                "name": f"racm3-{recipe.name}",
+                "recipe": asdict(recipe),
+                "world": self.world.config.to_dict(),
+                "image_size": self.world.config.image_size,
+                "stages": {},
+                "component_ids": {},
+            }
+        self.manifest["source_commit"] = source_commit()
+
+    # --- bookkeeping -----------------------------------------------------------------
+
+    def done(self, stage: str) -> bool:
+        return self.manifest["stages"].get(stage, {}).get("done", False)
+
+    def _record(self, stage: str, wall_s: float, **info: Any) -> None:
+        self.manifest["stages"][stage] = {"done": True, "wall_s": round(wall_s, 2), **info}
+        write_manifest(self.out, self.manifest)
+        log.info("stage %s done in %.1fs", stage, wall_s)
+
+    def run(self, stages: tuple[str, ...] = STAGES, force: bool = False) -> dict:
+        for stage in stages:
+            if self.done(stage) and not force:
+                log.info("stage %s already done; skipping", stage)
+                continue
+            t0 = time.perf_counter()
+            info = getattr(self, f"stage_{stage}")() or {}
+            self._record(stage, time.perf_counter() - t0, **info)
+        return self.manifest
+
+    def bundle(self) -> Bundle:
+        return Bundle(self.out, device=self.device)
+
+    def memory_dir(self) -> Path:
+        return self.work / "memory"
+
+    # --- stages ----------------------------------------------------------------------
+
+    def _captions(self, n: int) -> list[str]:
+        caps = [it.caption for it in self.world.iter_split("train", 0, n)]
+        caps += [it.caption for it in self.world.iter_split("memory", 0, n)]
+        return caps
+
+    def stage_tokenizer(self) -> dict:
+        from model.text_tokenizer import TextTokenizer
+
+        tok = TextTokenizer.train(self._captions(20_000), self.recipe.text_vocab)
+        tok.save(self.out)
+        self.manifest["component_ids"]["tokenizer"] = tok.fingerprint
+        return {"vocab_size": tok.vocab_size}
+
+    def _train_images(self, batch: int, seed: int) -> Callable[[], torch.Tensor]:
+        rng = np.random.default_rng(seed)
+        n = self.world.split_size("train")
+
+        def draw() -> torch.Tensor:
+            idx = rng.integers(0, n, size=batch)
+            imgs = np.stack([self.world.sample("train", int(i)).image for i in idx])
+            return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(255.0)
+
+        return draw
+
+    def stage_vq(self) -> dict:
+        from model.vq import VQConfig, VQModel
+        from model.vq_train import train_vq
+
+        torch.manual_seed(self.recipe.seed)
+        vq = VQModel(VQConfig.preset(self.recipe.vq_preset)).to(self.device)
+        history = train_vq(vq, self._train_images(self.recipe.vq_batch, self.recipe.seed),
+                           self.recipe.vq_steps, progress=self.progress,
+                           log_every=max(1, self.recipe.vq_steps // 10))
+        vq.eval()
+        vq.save(self.out, "vq", dtype=torch.float16)
+        self.manifest["component_ids"]["vq"] = f"vq-{self.recipe.vq_preset}-{self.recipe.name}"
+        grid = list(vq.grid)
+        self.manifest["image_grid"] = grid
+        return {"steps": self.recipe.vq_steps, "final": _last(history)}
+
+    def stage_clip(self) -> dict:
+        from model.clip import ClipEncoder
+        from model.train_clip import train_clip
+
+        torch.manual_seed(self.recipe.seed)
+        enc = ClipEncoder.create(self.recipe.clip_model, device=self.device)
+        history = train_clip(enc, self.world, steps=self.recipe.clip_steps,
+                             batch_size=self.recipe.clip_batch, progress=self.progress)
+        enc.model.eval()
+        enc.save(self.out / "clip.safetensors")
+        self.manifest["component_ids"]["clip"] = f"{self.recipe.clip_model}-{self.recipe.name}"
+        return {"steps": self.recipe.clip_steps, "final": _summary(history)}
+
+    def stage_judge(self) -> dict:
+        from model.judge import train_judge
+
+        judge, history = train_judge(self.world, self.recipe.judge_steps, self.recipe.judge_batch,
+                                     self.recipe.seed, device=self.device, progress=self.progress)
+        judge.save(self.out, "judge")
+        return {"steps": self.recipe.judge_steps, "final": _summary(history)}
+
+    def _token_space(self) -> dict:
+        b = self.bundle()
+        from model.tokens import TokenSpace
+
+        space = TokenSpace(b.tokenizer.vocab_size, b.vq.config.codebook_size,
+                           tuple(b.vq.grid))
+        self.manifest["token_space"] = space.to_dict()
+        write_manifest(self.out, self.manifest)
+        return space.to_dict()
+
+    def stage_memory(self) -> dict:
+        from index_builder.from_bundle import build_from_bundle
+
+        self._token_space()
+        report = build_from_bundle(
+            self.bundle(), "world", "memory", self.memory_dir(),
+            world_config=self.world.config.to_dict(), progress=self.progress,
+        )
+        return {"documents": report.documents, "memory_version": report.version}
+
+    def stage_neighbours(self) -> dict:
+        from model.neighbours import build_neighbour_table
+
+        table = build_neighbour_table(
+            self.world, self.bundle(), self.memory_dir(), n_docs=self.recipe.gen_docs,
+            k=self.recipe.retrieval_k, diversity=self.recipe.diversity_threshold,
+            dropout=self.recipe.query_dropout, seed=self.recipe.seed, progress=self.progress,
+        )
+        np.save(self.work / "neighbours.npy", table)
+        found = float((table >= 0).mean())
+        return {"shape": list(table.shape), "filled": round(found, 4)}
+
+    def _corpus(self):
+        from model.neighbours import load_corpus
+
+        return load_corpus(self.world, self.bundle(), self.memory_dir(),
+                           np.load(self.work / "neighbours.npy"))
+
+    def _decoder_config(self):
+        from model.decoder import DecoderConfig
+
+        vocab = self.bundle().space.padded_vocab_size
+        d = dict(self.recipe.decoder)
+        preset = d.pop("preset", None)
+        if preset:
+            return replace(DecoderConfig.preset(preset, vocab_size=vocab), **d)
+        return DecoderConfig(vocab_size=vocab, **d)
+
+    def _train_decoder(self, name: str, max_k: int) -> dict:
+        from model.checkpoint import save_checkpoint
+        from model.train_generator import GeneratorTrainConfig, train_generator
+
+        cfg = GeneratorTrainConfig(steps=self.recipe.gen_steps, batch_size=self.recipe.gen_batch,
+                                   lr=self.recipe.gen_lr, max_k=max_k, seed=self.recipe.seed,
+                                   ckpt_every=max(50, self.recipe.gen_steps // 10))
+        model_cfg = self._decoder_config()
+        result = train_generator(self._corpus(), model_cfg, cfg, self.work, name=name,
+                                 device=self.device, progress=self.progress)
+        save_checkpoint(result.model, model_cfg, self.out, name, dtype=torch.float16,
+                        metadata={"max_k": max_k, "steps": cfg.steps})
+        losses = [h["loss"] for h in result.history]
+        return {
+            "steps": cfg.steps, "params": result.model.num_params(),
+            "loss_first": round(losses[0], 4) if losses else None,
+            "loss_last": round(float(np.mean(losses[-20:])), 4) if losses else None,
+            "train_config": asdict(cfg),
+        }
+
+    def stage_generator(self) -> dict:
+        return self._train_decoder("ra_cm3", max_k=self.recipe.retrieval_k)
+
+    def stage_baseline(self) -> dict:
+        return self._train_decoder("cm3", max_k=0)
+
+
+def _last(history: Any) -> Any:
+    if isinstance(history, dict):
+        return {k: (round(v[-1], 5) if isinstance(v, list) and v and isinstance(v[-1], float)
+                    else None) for k, v in history.items()}
+    return None
+
+
+def _summary(history: Any) -> Any:
+    if hasattr(history, "to_dict"):
+        history = history.to_dict()
+    if isinstance(history, dict):
+        return {k: v for k, v in history.items() if isinstance(v, (int, float, str, dict))}
+    return None

@@ -1,0 +1,177 @@
+"""The evaluation report: a Markdown table and a labelled PNG grid of examples.
+
+`racm3 eval` hands this module finished numbers and images; nothing here runs a model.
+
+The grid has one row per example prompt: the prompt as text, the two retrieved
+neighbours, then the RA-CM3 and the CM3 outputs for that prompt, so a reader sees what
+retrieval put in context and what each decoder made of it.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+# (key, column title, higher is better); the order of the paper-style table.
+METRIC_COLUMNS: tuple[tuple[str, str, bool], ...] = (
+    ("t2i_attr_acc", "t2i attr acc", True),
+    ("t2i_fid", "t2i FID", False),
+    ("i2t_attr_acc", "i2t attr acc", True),
+    ("i2t_bleu4", "i2t BLEU-4", True),
+    ("entity_acc", "entity acc", True),
+    ("infill_acc", "infill acc", True),
+)
+SYSTEM_TITLES = {"ra_cm3": "RA-CM3", "cm3": "CM3 (no retrieval)",
+                 "retrieval_only": "retrieval only"}
+
+SCALE = 3  # 32 px images are unreadable at 1:1
+LABEL_WIDTH = 240
+PAD = 4
+GREY = (128, 128, 128)
+
+
+@dataclass
+class GridRow:
+    prompt: str
+    neighbours: list[np.ndarray] = field(default_factory=list)  # uint8 (H, W, 3), best first
+    neighbour_captions: list[str] = field(default_factory=list)
+    ra_cm3: np.ndarray | None = None
+    cm3: np.ndarray | None = None
+
+
+def markdown_table(result: Mapping[str, Any]) -> str:
+    """The systems × metrics table, then the extra keys, then how it was measured."""
+    systems: Mapping[str, Mapping[str, float]] = result["systems"]
+    header = "| system | " + " | ".join(
+        f"{title} {'↑' if up else '↓'}" for _, title, up in METRIC_COLUMNS) + " |"
+    lines = [header, "|---" * (len(METRIC_COLUMNS) + 1) + "|"]
+    best = _best_per_metric(systems)
+    for name, values in systems.items():
+        cells = [_cell(values.get(key), best.get(key)) for key, _, _ in METRIC_COLUMNS]
+        lines.append(f"| {SYSTEM_TITLES.get(name, name)} | " + " | ".join(cells) + " |")
+
+    main_keys = {key for key, _, _ in METRIC_COLUMNS}
+    extra = sorted({k for v in systems.values() for k in v} - main_keys)
+    if extra:
+        lines += ["", "| system | " + " | ".join(extra) + " |", "|---" * (len(extra) + 1) + "|"]
+        for name, values in systems.items():
+            lines.append(f"| {SYSTEM_TITLES.get(name, name)} | "
+                         + " | ".join(_fmt(values.get(k)) for k in extra) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(result: Mapping[str, Any], path: str | Path,
+                   grid_rows: Sequence[GridRow] = (), grid_name: str | None = None) -> Path:
+    meta = result.get("meta", {})
+    parts = [
+        "# racm3 eval",
+        "",
+        f"Bundle `{meta.get('bundle', '?')}`, memory `{meta.get('memory_version', '?')}` "
+        f"({meta.get('memory_documents', '?')} documents), seed {meta.get('seed', '?')}, "
+        f"device {meta.get('device', '?')}, {meta.get('wall_s', 0):.0f} s.",
+        "",
+        markdown_table(result),
+        "Bold: the best system per metric. FID is on the judge's features (lower is "
+        "better); accuracies are judged by the bundle's attribute classifier (images) or "
+        "by parsing the caption (text).",
+        "",
+        "## How it was measured",
+        "",
+    ]
+    for task, n in meta.get("n", {}).items():
+        parts.append(f"- `{task}`: {n} prompts ({meta.get('tasks', {}).get(task, '')})")
+    decoding = meta.get("decoding", {})
+    if decoding:
+        parts += ["", "Decoding (the same seeds for RA-CM3 and CM3):", ""]
+        parts += [f"- {task}: {_kv(d)}" for task, d in decoding.items()]
+    retrieval = meta.get("retrieval", {})
+    if retrieval:
+        parts += ["", f"Retrieval: {_kv(retrieval)}"]
+    if grid_name and grid_rows:
+        parts += ["", "## Examples", "", f"![examples]({grid_name})", "",
+                  "Columns: prompt, neighbour 1, neighbour 2, RA-CM3, CM3. Rows:", ""]
+        for i, row in enumerate(grid_rows, 1):
+            nbs = "; ".join(f"“{c}”" for c in row.neighbour_captions) or "none"
+            parts.append(f"{i}. “{row.prompt}” (neighbours: {nbs})")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(parts) + "\n")
+    return path
+
+
+def save_example_grid(rows: Sequence[GridRow], path: str | Path, k: int = 2) -> Path:
+    """One row per example: label | neighbour 1..k | RA-CM3 | CM3, images enlarged ×SCALE."""
+    if not rows:
+        raise ValueError("save_example_grid needs at least one row")
+    side = _image_side(rows) * SCALE
+    columns = [f"neighbour {i + 1}" for i in range(k)] + ["RA-CM3", "CM3"]
+    font = ImageFont.load_default()
+    header_h = 18
+    width = LABEL_WIDTH + len(columns) * (side + PAD) + PAD
+    height = header_h + len(rows) * (side + PAD) + PAD
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for c, title in enumerate(columns):
+        draw.text((LABEL_WIDTH + c * (side + PAD) + PAD, 3), title, fill=(0, 0, 0), font=font)
+    chars = max(8, LABEL_WIDTH // 7)
+    for r, row in enumerate(rows):
+        y = header_h + r * (side + PAD) + PAD
+        label = "\n".join(textwrap.wrap(f"{r + 1}. {row.prompt}", chars)[: max(1, side // 14)])
+        draw.multiline_text((PAD, y), label, fill=(0, 0, 0), font=font, spacing=2)
+        cells = [*row.neighbours[:k], *[None] * (k - len(row.neighbours[:k])), row.ra_cm3,
+                 row.cm3]
+        for c, image in enumerate(cells):
+            x = LABEL_WIDTH + c * (side + PAD) + PAD
+            if image is None:  # no neighbour found: a grey placeholder, not a gap
+                draw.rectangle((x, y, x + side - 1, y + side - 1), fill=GREY)
+                continue
+            tile = Image.fromarray(np.asarray(image, dtype=np.uint8)).resize(
+                (side, side), Image.NEAREST)
+            canvas.paste(tile, (x, y))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def _image_side(rows: Sequence[GridRow]) -> int:
+    for row in rows:
+        for image in (*row.neighbours, row.ra_cm3, row.cm3):
+            if image is not None:
+                return int(np.asarray(image).shape[0])
+    return 32
+
+
+def _best_per_metric(systems: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    best: dict[str, float] = {}
+    for key, _, higher in METRIC_COLUMNS:
+        values = [v[key] for v in systems.values() if _finite(v.get(key))]
+        if values:
+            best[key] = max(values) if higher else min(values)
+    return best
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _cell(value: Any, best: float | None) -> str:
+    text = _fmt(value)
+    return f"**{text}**" if best is not None and _finite(value) and value == best else text
+
+
+def _fmt(value: Any) -> str:
+    if not _finite(value):
+        return "–"
+    return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+
+
+def _kv(d: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in d.items())
