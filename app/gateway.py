@@ -1,0 +1,677 @@
+"""The public API (DESIGN §4): validate, authenticate, bound the load, orchestrate.
+
+Every request is validated completely before any model sees it (TGI's rule): pydantic
+for shapes, then the configured limits here. Then: retrieve neighbours (retriever
+client) -> generate (generator client) -> encode. Both clients are interfaces, so the
+same routes serve embedded mode (in-process) and multi-service mode (HTTP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import math
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any, TypeVar
+
+import numpy as np
+from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
+from fastapi.responses import PlainTextResponse
+
+from app.clients import GeneratorClient, RetrieverClient
+from app.errors import InvalidRequest, QueueFull, RequestTimeout, Unauthorized
+from app.generator.protocol import (
+    CaptionJob,
+    ClassifyJob,
+    FewShotExample,
+    GeneratedImage,
+    InfillJob,
+    NeighbourDoc,
+    SamplingParams,
+    T2IJob,
+)
+from app.generator.service import run_until_disconnect
+from app.images import (
+    ImageLimits,
+    b64,
+    box_mask,
+    decode_base64,
+    has_alpha,
+    open_image,
+    png_b64,
+    to_mask,
+    to_rgb,
+)
+from app.metrics import Metrics
+from app.retriever.service import RetrievalQuery
+from app.schemas import (
+    CaptionObject,
+    CaptionRequest,
+    CaptionResponse,
+    ClassifyRequest,
+    ClassifyResponse,
+    HealthResponse,
+    ImageGenerationRequest,
+    ImageObject,
+    ImagesResponse,
+    InfillRequest,
+    InfoResponse,
+    KnnResult,
+    KnnServiceRequest,
+    Neighbour,
+    ReadyResponse,
+    ReloadResponse,
+    RetrievalOptions,
+    RetrieveRequest,
+    RetrieveResponse,
+)
+from app.settings import GatewaySettings
+
+T = TypeVar("T")
+
+
+# --- authentication ----------------------------------------------------------------------
+
+
+def api_key_checker(keys: list[str]) -> Callable[[Request], None]:
+    """A dependency enforcing `Authorization: Bearer <key>` when keys are configured."""
+    digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+
+    def require_api_key(request: Request) -> None:
+        if not digests:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized("missing API key: send Authorization: Bearer <key>")
+        given = hashlib.sha256(token.strip().encode()).digest()
+        if not any(hmac.compare_digest(given, d) for d in digests):
+            raise Unauthorized("invalid API key")
+
+    return require_api_key
+
+
+# --- the gateway's resources -------------------------------------------------------------
+
+
+@dataclass
+class Gateway:
+    settings: GatewaySettings
+    retriever: RetrieverClient
+    generator: GeneratorClient
+    metrics: Metrics
+    role: str = "gateway"
+    inflight: int = 0
+    _generator_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        s = self.settings
+        return ImageLimits(s.max_image_bytes, s.max_image_pixels, s.max_image_side)
+
+    async def generator_info(self) -> dict[str, Any]:
+        if "image_size" not in self._generator_info:
+            info = await self.generator.info()
+            if "image_size" in info:
+                self._generator_info = info
+            return info
+        return self._generator_info
+
+    async def image_size(self) -> tuple[int, int]:
+        h, w = (await self.generator_info()).get("image_size", (32, 32))
+        return int(h), int(w)
+
+    async def run(self, request: Request, work: Awaitable[T]) -> T:
+        """Bound concurrency, enforce the timeout, cancel when the client goes away."""
+        if self.inflight >= self.settings.max_inflight:
+            if hasattr(work, "close"):
+                work.close()  # never started: avoid "coroutine was never awaited"
+            raise QueueFull(
+                f"gateway busy ({self.inflight} requests in flight); retry later",
+                retry_after_s=self.settings.retry_after_s,
+            )
+        self.inflight += 1
+        try:
+            with self.metrics.stage("request"):
+                return await _with_timeout(
+                    run_until_disconnect(request, work), self.settings.request_timeout_s
+                )
+        finally:
+            self.inflight -= 1
+
+    async def neighbours(
+        self,
+        query: RetrievalQuery,
+        options: RetrievalOptions,
+        *,
+        thumbnails: bool,
+    ) -> tuple[list[NeighbourDoc], str | None]:
+        if not options.enabled:
+            return [], None
+        k = self.retrieval_k(options)
+        with self.metrics.stage("retrieve"):
+            out = await self.retriever.search([query], k, "rag", tokens=True, thumbnails=thumbnails)
+        return out.neighbours[0], out.memory_version
+
+    def retrieval_k(self, options: RetrievalOptions) -> int:
+        k = self.settings.default_k if options.k is None else options.k
+        if k > self.settings.max_k:
+            raise InvalidRequest(
+                f"retrieval.k must be <= {self.settings.max_k}", param="retrieval.k"
+            )
+        return k
+
+
+async def _with_timeout(work: Awaitable[T], timeout_s: float) -> T:
+    try:
+        return await asyncio.wait_for(work, timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestTimeout(f"request took longer than {timeout_s:g} s") from None
+
+
+def _gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(_gateway)]
+
+
+# --- validation helpers ------------------------------------------------------------------
+
+
+def _check_prompt(
+    gw: Gateway, prompt: str | None, param: str = "prompt", required: bool = True
+) -> str | None:
+    if prompt is None or not prompt.strip():
+        if required:
+            raise InvalidRequest(f"{param} must not be empty", param=param)
+        return None
+    if len(prompt) > gw.settings.max_prompt_chars:
+        raise InvalidRequest(
+            f"{param} is {len(prompt)} characters; the limit is {gw.settings.max_prompt_chars}",
+            param=param,
+            code="prompt_too_long",
+        )
+    if "\x00" in prompt:
+        raise InvalidRequest(f"{param} contains a NUL character", param=param)
+    return prompt
+
+
+def _check_counts(gw: Gateway, n: int, num_candidates: int | None) -> int:
+    if n > gw.settings.max_n:
+        raise InvalidRequest(f"n must be between 1 and {gw.settings.max_n}", param="n")
+    candidates = n if num_candidates is None else num_candidates
+    if candidates < n:
+        raise InvalidRequest("num_candidates must be >= n", param="num_candidates")
+    if candidates > gw.settings.max_candidates:
+        raise InvalidRequest(
+            f"num_candidates must be <= {gw.settings.max_candidates}", param="num_candidates"
+        )
+    return candidates
+
+
+def _check_response_format(value: str | None) -> None:
+    if value == "url":
+        raise InvalidRequest(
+            "response_format 'url' is not supported: this server never hosts files; "
+            "use 'b64_json'",
+            param="response_format",
+            code="unsupported_response_format",
+        )
+
+
+async def _check_size(gw: Gateway, size: str | None) -> None:
+    if size is None or size == "auto":
+        return
+    h, w = await gw.image_size()
+    if size != f"{w}x{h}":
+        raise InvalidRequest(
+            f"this model generates {w}x{h} images; size must be '{w}x{h}' or 'auto'",
+            param="size",
+            code="unsupported_size",
+        )
+
+
+def _seed(seed: int | None) -> int:
+    return secrets.randbelow(2**31) if seed is None else seed
+
+
+def _sampling(body: Any, seed: int, guidance_scale: float = 1.0) -> SamplingParams:
+    return SamplingParams(
+        seed=seed,
+        temperature=body.temperature,
+        top_k=body.top_k,
+        top_p=body.top_p,
+        guidance_scale=guidance_scale,
+    )
+
+
+def _finite(x: float) -> float:
+    return float(x) if math.isfinite(x) else 0.0
+
+
+def _public_neighbours(docs: list[NeighbourDoc], include: bool) -> list[Neighbour] | None:
+    if not include:
+        return None
+    return [
+        Neighbour(
+            id=d.id,
+            score=_finite(d.score),
+            caption=d.caption,
+            thumbnail=None if d.thumbnail_png is None else b64(d.thumbnail_png),
+        )
+        for d in docs
+    ]
+
+
+def _images_response(
+    images: list[GeneratedImage],
+    seed: int,
+    docs: list[NeighbourDoc],
+    include_neighbours: bool,
+    version: str | None,
+) -> ImagesResponse:
+    return ImagesResponse(
+        created=int(time.time()),
+        data=[ImageObject(b64_json=png_b64(g.image), score=_finite(g.score)) for g in images],
+        seed=seed,
+        neighbours=_public_neighbours(docs, include_neighbours),
+        memory_version=version if include_neighbours else None,
+    )
+
+
+async def _decode_image(gw: Gateway, data: str, param: str) -> np.ndarray:
+    # Decoding a large image takes a while: keep the event loop free meanwhile.
+    return await asyncio.to_thread(_decode_rgb, gw, data, param)
+
+
+def _decode_rgb(gw: Gateway, data: str, param: str) -> np.ndarray:
+    raw = decode_base64(data, param, gw.settings.max_image_bytes)
+    return to_rgb(open_image(raw, param, gw.image_limits))
+
+
+async def _open_upload(gw: Gateway, upload: UploadFile, param: str) -> Any:
+    data = await _read_upload(gw, upload, param)
+    return await asyncio.to_thread(open_image, data, param, gw.image_limits)
+
+
+async def _read_upload(gw: Gateway, upload: UploadFile, param: str) -> bytes:
+    data = await upload.read(gw.settings.max_image_bytes + 1)
+    if not data:
+        raise InvalidRequest(f"{param} is empty", param=param, code="invalid_image")
+    return data
+
+
+def _mask_for(image_shape: tuple[int, ...], mask: np.ndarray, param: str) -> np.ndarray:
+    if mask.shape != tuple(image_shape[:2]):
+        h, w = image_shape[:2]
+        mh, mw = mask.shape
+        raise InvalidRequest(
+            f"mask is {mw}x{mh} but the image is {w}x{h}; they must be the same size",
+            param=param,
+            code="mask_size_mismatch",
+        )
+    if not mask.any():
+        raise InvalidRequest(
+            "mask marks nothing to regenerate (use alpha 0, or white without alpha)",
+            param=param,
+            code="empty_mask",
+        )
+    return mask
+
+
+# --- routes --------------------------------------------------------------------------------
+
+
+def build_router(require_key: Callable[..., Any]) -> APIRouter:
+    """The inference routes (API-key protected when keys are configured)."""
+    router = APIRouter(dependencies=[Depends(require_key)])
+
+    @router.post(
+        "/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True
+    )
+    async def generations(
+        body: ImageGenerationRequest, request: Request, gw: GatewayDep
+    ) -> ImagesResponse:
+        prompt = _check_prompt(gw, body.prompt)
+        candidates = _check_counts(gw, body.n, body.num_candidates)
+        _check_response_format(body.response_format)
+        await _check_size(gw, body.size)
+        gw.retrieval_k(body.retrieval)
+        seed = _seed(body.seed)
+
+        async def work() -> ImagesResponse:
+            docs, version = await gw.neighbours(
+                RetrievalQuery(text=prompt), body.retrieval, thumbnails=body.return_neighbours
+            )
+            sampling = _sampling(body, seed, body.guidance_scale)
+            job = T2IJob(prompt, docs, body.n, candidates, sampling)
+            with gw.metrics.stage("generate"):
+                images = await gw.generator.text_to_image(job)
+            return _images_response(images, seed, docs, body.return_neighbours, version)
+
+        return await gw.run(request, work())
+
+    @router.post(
+        "/v1/images/edits", response_model=ImagesResponse, response_model_exclude_none=True
+    )
+    async def edits(
+        request: Request,
+        gw: GatewayDep,
+        prompt: Annotated[str, Form()],
+        image: Annotated[UploadFile | None, File(description="the image to edit")] = None,
+        image_list: Annotated[list[UploadFile] | None, File(alias="image[]")] = None,
+        mask: Annotated[UploadFile | None, File(description="alpha 0 = area to change")] = None,
+        n: Annotated[int, Form(ge=1)] = 1,
+        size: Annotated[str | None, Form()] = None,
+        response_format: Annotated[str | None, Form()] = "b64_json",
+        seed: Annotated[int | None, Form(ge=0, le=2**63 - 1)] = None,
+        temperature: Annotated[float, Form(ge=0, le=10, allow_inf_nan=False)] = 1.0,
+        top_k: Annotated[int | None, Form(ge=1)] = None,
+        top_p: Annotated[float | None, Form(gt=0, le=1, allow_inf_nan=False)] = None,
+        guidance_scale: Annotated[float, Form(ge=0, le=30, allow_inf_nan=False)] = 3.0,
+        num_candidates: Annotated[int | None, Form(ge=1)] = None,
+        retrieval_k: Annotated[int | None, Form(ge=0)] = None,
+        return_neighbours: Annotated[bool, Form()] = False,
+    ) -> ImagesResponse:
+        uploads = [u for u in ([image] if image is not None else []) + (image_list or [])]
+        if not uploads:
+            raise InvalidRequest("image is required (multipart file field 'image')", param="image")
+        if len(uploads) > 1:
+            raise InvalidRequest("exactly one image can be edited", param="image")
+        _check_prompt(gw, prompt)
+        candidates = _check_counts(gw, n, num_candidates)
+        if response_format not in (None, "b64_json", "url"):
+            raise InvalidRequest(
+                "response_format must be 'b64_json'", param="response_format"
+            )
+        _check_response_format(response_format)
+        await _check_size(gw, size)
+        source = await _open_upload(gw, uploads[0], "image")
+        rgb = to_rgb(source)
+        if mask is not None:
+            mask_img = await _open_upload(gw, mask, "mask")
+            region = _mask_for(rgb.shape, to_mask(mask_img), "mask")
+        elif _has_transparency(source):
+            region = _mask_for(rgb.shape, to_mask(source), "image")
+        else:
+            raise InvalidRequest(
+                "provide a mask, or an image whose transparent area (alpha 0) marks the edit",
+                param="mask",
+            )
+        params = _FormSampling(temperature, top_k, top_p)
+        the_seed = _seed(seed)
+        options = RetrievalOptions(k=retrieval_k)
+        gw.retrieval_k(options)
+
+        async def work() -> ImagesResponse:
+            docs, version = await gw.neighbours(
+                RetrievalQuery(text=prompt), options, thumbnails=return_neighbours
+            )
+            job = InfillJob(
+                rgb, region, prompt, docs, n, candidates,
+                _sampling(params, the_seed, guidance_scale),
+            )
+            with gw.metrics.stage("generate"):
+                images = await gw.generator.infill(job)
+            return _images_response(images, the_seed, docs, return_neighbours, version)
+
+        return await gw.run(request, work())
+
+    @router.post(
+        "/v1/images/infill", response_model=ImagesResponse, response_model_exclude_none=True
+    )
+    async def infill(body: InfillRequest, request: Request, gw: GatewayDep) -> ImagesResponse:
+        prompt = _check_prompt(gw, body.prompt, required=False)
+        candidates = _check_counts(gw, body.n, body.num_candidates)
+        _check_response_format(body.response_format)
+        if (body.mask is None) == (body.box is None):
+            raise InvalidRequest("give exactly one of mask or box", param="mask")
+        rgb = await _decode_image(gw, body.image, "image")
+        if body.mask is not None:
+            raw_mask = decode_base64(body.mask, "mask", gw.settings.max_image_bytes)
+            mask_img = await asyncio.to_thread(open_image, raw_mask, "mask", gw.image_limits)
+            region = _mask_for(rgb.shape, to_mask(mask_img), "mask")
+        else:
+            assert body.box is not None
+            region = box_mask(body.box, rgb.shape[0], rgb.shape[1], "box")
+        gw.retrieval_k(body.retrieval)
+        seed = _seed(body.seed)
+        query = RetrievalQuery(text=prompt) if prompt else RetrievalQuery(image=rgb)
+
+        async def work() -> ImagesResponse:
+            docs, version = await gw.neighbours(
+                query, body.retrieval, thumbnails=body.return_neighbours
+            )
+            job = InfillJob(
+                rgb, region, prompt, docs, body.n, candidates,
+                _sampling(body, seed, body.guidance_scale),
+            )
+            with gw.metrics.stage("generate"):
+                images = await gw.generator.infill(job)
+            return _images_response(images, seed, docs, body.return_neighbours, version)
+
+        return await gw.run(request, work())
+
+    @router.post(
+        "/v1/images/captions", response_model=CaptionResponse, response_model_exclude_none=True
+    )
+    async def captions(body: CaptionRequest, request: Request, gw: GatewayDep) -> CaptionResponse:
+        candidates = _check_counts(gw, body.n, body.num_candidates)
+        rgb = await _decode_image(gw, body.image, "image")
+        gw.retrieval_k(body.retrieval)
+        seed = _seed(body.seed)
+
+        async def work() -> CaptionResponse:
+            docs, version = await gw.neighbours(
+                RetrievalQuery(image=rgb), body.retrieval, thumbnails=body.return_neighbours
+            )
+            job = CaptionJob(rgb, docs, body.n, candidates, _sampling(body, seed))
+            with gw.metrics.stage("generate"):
+                caps = await gw.generator.caption(job)
+            return CaptionResponse(
+                created=int(time.time()),
+                data=[CaptionObject(text=c.text, score=_finite(c.logprob)) for c in caps],
+                seed=seed,
+                neighbours=_public_neighbours(docs, body.return_neighbours),
+                memory_version=version if body.return_neighbours else None,
+            )
+
+        return await gw.run(request, work())
+
+    @router.post(
+        "/v1/images/classify", response_model=ClassifyResponse, response_model_exclude_none=True
+    )
+    async def classify(
+        body: ClassifyRequest, request: Request, gw: GatewayDep
+    ) -> ClassifyResponse:
+        s = gw.settings
+        if len(body.labels) > s.max_labels:
+            raise InvalidRequest(f"at most {s.max_labels} labels", param="labels")
+        for i, label in enumerate(body.labels):
+            _check_prompt(gw, label, param=f"labels.{i}")
+        if len(set(body.labels)) != len(body.labels):
+            raise InvalidRequest("labels must be distinct", param="labels")
+        if len(body.examples) > s.max_examples:
+            raise InvalidRequest(f"at most {s.max_examples} examples", param="examples")
+        rgb = await _decode_image(gw, body.image, "image")
+        examples = [
+            FewShotExample(
+                image=await _decode_image(gw, e.image, f"examples.{i}.image"),
+                caption=_check_prompt(gw, e.caption, param=f"examples.{i}.caption"),
+            )
+            for i, e in enumerate(body.examples)
+        ]
+        gw.retrieval_k(body.retrieval)
+
+        async def work() -> ClassifyResponse:
+            docs, version = await gw.neighbours(
+                RetrievalQuery(image=rgb), body.retrieval, thumbnails=body.return_neighbours
+            )
+            job = ClassifyJob(rgb, list(body.labels), docs, examples)
+            with gw.metrics.stage("generate"):
+                result = await gw.generator.classify(job)
+            return ClassifyResponse(
+                label=result.label,
+                scores={k: _finite(v) for k, v in result.scores.items()},
+                neighbours=_public_neighbours(docs, body.return_neighbours),
+                memory_version=version if body.return_neighbours else None,
+            )
+
+        return await gw.run(request, work())
+
+    @router.post("/v1/retrieve", response_model=RetrieveResponse, response_model_exclude_none=True)
+    async def retrieve(body: RetrieveRequest, request: Request, gw: GatewayDep) -> RetrieveResponse:
+        if body.text is None and body.image is None:
+            raise InvalidRequest("give text, image or both", param="text")
+        text = _check_prompt(gw, body.text, param="text") if body.text is not None else None
+        if body.k > gw.settings.max_knn_results:
+            raise InvalidRequest(f"k must be <= {gw.settings.max_knn_results}", param="k")
+        image = None if body.image is None else await _decode_image(gw, body.image, "image")
+        query = RetrievalQuery(text=text, image=image)
+
+        async def work() -> RetrieveResponse:
+            with gw.metrics.stage("retrieve"):
+                out = await gw.retriever.search(
+                    [query], body.k, body.strategy, tokens=False,
+                    thumbnails=body.return_thumbnails,
+                )
+            neighbours = _public_neighbours(out.neighbours[0], True) or []
+            return RetrieveResponse(memory_version=out.memory_version, data=neighbours)
+
+        return await gw.run(request, work())
+
+    # clip-retrieval's ClipClient posts JSON without a Content-Type header.
+    knn_router = APIRouter(strict_content_type=False)
+
+    @knn_router.post(
+        "/knn-service", response_model=list[KnnResult], response_model_exclude_none=True
+    )
+    async def knn_service(
+        body: KnnServiceRequest, request: Request, gw: GatewayDep
+    ) -> list[KnnResult]:
+        if body.image_url:
+            raise InvalidRequest(
+                "image_url is not supported: this server never fetches URLs; send the image "
+                "as base64 in 'image'",
+                param="image_url",
+            )
+        given = [x for x in (body.text, body.image, body.embedding_input) if x]
+        if len(given) != 1:
+            raise InvalidRequest(
+                "give exactly one of text, image or embedding_input", param="text"
+            )
+        limit = gw.settings.max_knn_results
+        if body.num_images > limit or (body.num_result_ids or 0) > limit:
+            raise InvalidRequest(f"num_images must be <= {limit}", param="num_images")
+        text = _check_prompt(gw, body.text, param="text") if body.text else None
+        image = await _decode_image(gw, body.image, "image") if body.image else None
+        embedding = None
+        if body.embedding_input:
+            embedding = np.asarray(body.embedding_input, dtype=np.float32)
+            if not np.any(embedding):
+                raise InvalidRequest(
+                    "embedding_input must not be all zeros", param="embedding_input"
+                )
+        query = RetrievalQuery(text=text, image=image, embedding=embedding)
+
+        async def work() -> list[KnnResult]:
+            with gw.metrics.stage("retrieve"):
+                out = await gw.retriever.search(
+                    [query], body.num_images, "knn", tokens=False, thumbnails=True
+                )
+            results: list[KnnResult] = []
+            seen: set[bytes] = set()
+            for d in out.neighbours[0]:
+                if body.deduplicate and d.thumbnail_png is not None:
+                    digest = hashlib.sha256(d.thumbnail_png).digest()
+                    if digest in seen:
+                        continue
+                    seen.add(digest)
+                results.append(
+                    KnnResult(
+                        id=d.id,
+                        similarity=_finite(d.score),
+                        caption=d.caption,
+                        image=None if d.thumbnail_png is None else b64(d.thumbnail_png),
+                    )
+                )
+            return results
+
+        return await gw.run(request, work())
+
+    router.include_router(knn_router)
+    return router
+
+
+def build_admin_router(require_key: Callable[..., Any]) -> APIRouter:
+    router = APIRouter(dependencies=[Depends(require_key)])
+
+    @router.post("/admin/reload", response_model=ReloadResponse)
+    async def reload(gw: GatewayDep) -> ReloadResponse:
+        return await gw.retriever.reload()
+
+    return router
+
+
+def build_ops_router() -> APIRouter:
+    """Health, readiness, metrics and info: no API key (probes and scrapers)."""
+    router = APIRouter()
+
+    @router.get("/v1/info", response_model=InfoResponse, response_model_exclude_none=True)
+    async def info(request: Request, gw: GatewayDep) -> InfoResponse:
+        retriever = await gw.retriever.info()
+        limits = gw.settings.model_dump(
+            include={
+                "max_body_bytes", "max_image_bytes", "max_image_pixels", "max_image_side",
+                "max_prompt_chars", "max_n", "max_candidates", "max_labels", "max_examples",
+                "max_k", "max_knn_results", "request_timeout_s",
+            }
+        )
+        return InfoResponse(
+            version=request.app.version,
+            role=gw.role,
+            generator=await gw.generator_info(),
+            memory=retriever.get("memory"),
+            cache=retriever.get("cache"),
+            limits=limits,
+        )
+
+    return router
+
+
+def build_health_router(readiness: Callable[[], Awaitable[ReadyResponse]]) -> APIRouter:
+    """/healthz, /readyz and /metrics, shared by every role."""
+    router = APIRouter()
+
+    @router.get("/healthz", response_model=HealthResponse)
+    async def healthz() -> HealthResponse:
+        return HealthResponse()
+
+    @router.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
+    async def readyz(response: Response) -> ReadyResponse:
+        ready = await readiness()
+        if ready.status == "not_ready":
+            response.status_code = 503
+        return ready
+
+    @router.get("/metrics", response_class=PlainTextResponse, response_model=None)
+    async def metrics(request: Request) -> Response:
+        body, content_type = request.app.state.metrics.render()
+        return Response(body, media_type=content_type)
+
+    return router
+
+
+@dataclass
+class _FormSampling:
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+
+
+def _has_transparency(img: Any) -> bool:
+    return has_alpha(img) and bool(to_mask(img).any())

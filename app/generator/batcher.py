@@ -1,0 +1,208 @@
+"""Dynamic batching in front of a single-threaded engine.
+
+Callers `submit(task, job)` and await the result. One loop takes the oldest waiting job,
+then gathers more jobs of the same task until the batch is full or the oldest job has
+waited `max_wait_ms`, and runs `run_batch(task, jobs)` on one dedicated thread (the
+engine is not thread-safe, and the event loop must stay free to accept requests).
+
+- The queue is bounded: a submit beyond `max_queue` raises `QueueFull` at once (429),
+  so overload never turns into unbounded latency.
+- A job whose caller went away (task cancelled: the client disconnected) or timed out
+  is dropped before its batch runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from app.errors import QueueFull, RequestTimeout
+from app.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+J = TypeVar("J")
+R = TypeVar("R")
+RunBatch = Callable[[Hashable, Sequence[Any]], Sequence[Any]]
+
+
+@dataclass
+class _Pending:
+    task: Hashable
+    job: Any
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class DynamicBatcher(Generic[J, R]):
+    def __init__(
+        self,
+        name: str,
+        run_batch: RunBatch,
+        *,
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_queue: int,
+        metrics: Metrics | None = None,
+        retry_after_s: int = 1,
+    ) -> None:
+        self.name = name
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.retry_after_s = retry_after_s
+        self._pending: deque[_Pending] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self.running = 0  # jobs in the batch now executing
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._loop_task is not None:
+            return
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-batch")
+        self._loop_task = asyncio.create_task(self._loop(), name=f"{self.name}-batcher")
+
+    async def stop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except asyncio.CancelledError:
+                pass
+            self._loop_task = None
+        for item in self._pending:
+            if not item.future.done():
+                item.future.cancel()
+        self._pending.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    # --- submit ----------------------------------------------------------------------
+
+    async def submit(self, task: Hashable, job: J, timeout_s: float | None = None) -> R:
+        if self._loop_task is None or self._wakeup is None:
+            raise RuntimeError(f"batcher {self.name} is not started")
+        self._prune()
+        if len(self._pending) >= self.max_queue:
+            raise QueueFull(
+                f"{self.name} queue is full ({self.max_queue} waiting); retry later",
+                retry_after_s=self.retry_after_s,
+            )
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(task, job, future))
+        self._set_depth()
+        self._wakeup.set()
+        try:
+            # wait_for cancels `future` on timeout or when this caller is cancelled, which
+            # is exactly what marks the job as abandoned for the loop.
+            return await asyncio.wait_for(future, timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(
+                f"{self.name}: no result within {timeout_s:g} s", code="timeout"
+            ) from None
+        finally:
+            if future.cancelled() and self.metrics is not None:
+                self.metrics.cancelled.labels(self.name).inc()
+
+    # --- loop ------------------------------------------------------------------------
+
+    def _prune(self) -> None:
+        if any(p.future.done() for p in self._pending):
+            self._pending = deque(p for p in self._pending if not p.future.done())
+            self._set_depth()
+
+    def _set_depth(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.labels(self.name).set(len(self._pending))
+
+    def _count(self, task: Hashable) -> int:
+        return sum(1 for p in self._pending if p.task == task and not p.future.done())
+
+    async def _loop(self) -> None:
+        assert self._wakeup is not None
+        while True:
+            self._prune()
+            if not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            first = self._pending[0]
+            deadline = first.enqueued + self.max_wait_s
+            while self._count(first.task) < self.max_batch_size and not first.future.done():
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            batch = self._take(first.task)
+            if batch:
+                await self._run(first.task, batch)
+
+    def _take(self, task: Hashable) -> list[_Pending]:
+        batch: list[_Pending] = []
+        rest: deque[_Pending] = deque()
+        for p in self._pending:
+            if p.future.done():
+                continue
+            if p.task == task and len(batch) < self.max_batch_size:
+                batch.append(p)
+            else:
+                rest.append(p)
+        self._pending = rest
+        self._set_depth()
+        return batch
+
+    async def _run(self, task: Hashable, batch: list[_Pending]) -> None:
+        now = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.batch_size.labels(self.name).observe(len(batch))
+            for p in batch:
+                self.metrics.stage_latency.labels(f"{self.name}_queue_wait").observe(
+                    now - p.enqueued
+                )
+        self.running = len(batch)
+        jobs = [p.job for p in batch]
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self._executor, self.run_batch, task, jobs)
+            if len(results) != len(batch):
+                raise RuntimeError(
+                    f"{self.name}: run_batch returned {len(results)} results for {len(batch)} jobs"
+                )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the engine failed: every caller in the batch gets the error
+            log.exception("%s batch of %d failed", self.name, len(batch))
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            return
+        finally:
+            self.running = 0
+            if self.metrics is not None:
+                self.metrics.stage_latency.labels(f"{self.name}_batch").observe(
+                    time.perf_counter() - now
+                )
+        for p, result in zip(batch, results, strict=True):
+            if not p.future.done():
+                p.future.set_result(result)

@@ -1,0 +1,132 @@
+"""What the generator worker asks of the generation engine (`model/engine.py`).
+
+Every task method takes a *list* of jobs and returns one result per job, in order: the
+worker's dynamic batcher hands the engine whatever arrived together, so the engine can
+prefill and decode them as one batch.
+
+Conventions (DESIGN: numpy uint8 (H, W, 3) at I/O edges):
+- every image handed to the engine is already resized to `info()["image_size"]`;
+- an infill mask is (H, W) bool at that size, True = regenerate;
+- neighbours are the retrieved documents exactly as the memory stores them (the retriever
+  passes `text_ids` / `image_codes` through verbatim), best first;
+- `SamplingParams.seed` is always set (the gateway draws one when the client did not),
+  and the same seed with the same inputs gives the same output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    seed: int
+    temperature: float = 1.0
+    top_k: int | None = None  # None: no top-k filter
+    top_p: float | None = None  # None: no nucleus filter
+    guidance_scale: float = 1.0  # classifier-free guidance; 1.0 turns it off
+
+
+@dataclass
+class NeighbourDoc:
+    """One retrieved document, as the retriever returns it."""
+
+    id: int
+    score: float
+    caption: str | None = None
+    text_ids: list[int] | None = None
+    image_codes: np.ndarray | None = None  # (h, w) int VQ codes, raster order
+    thumbnail_png: bytes | None = None  # the stored image, only when asked for
+
+
+@dataclass
+class T2IJob:
+    prompt: str
+    neighbours: list[NeighbourDoc]
+    n: int
+    num_candidates: int  # sample this many, keep the best `n` by CLIP score
+    sampling: SamplingParams
+
+
+@dataclass
+class CaptionJob:
+    image: np.ndarray  # (H, W, 3) uint8
+    neighbours: list[NeighbourDoc]
+    n: int
+    num_candidates: int  # sample this many, keep the best `n` by likelihood
+    sampling: SamplingParams
+
+
+@dataclass
+class InfillJob:
+    """Infilling and editing: tokens outside the mask are kept exactly."""
+
+    image: np.ndarray  # (H, W, 3) uint8
+    mask: np.ndarray  # (H, W) bool, True = regenerate
+    prompt: str | None
+    neighbours: list[NeighbourDoc]
+    n: int
+    num_candidates: int
+    sampling: SamplingParams
+
+
+@dataclass
+class FewShotExample:
+    image: np.ndarray  # (H, W, 3) uint8
+    caption: str
+
+
+@dataclass
+class ClassifyJob:
+    image: np.ndarray  # (H, W, 3) uint8
+    labels: list[str]
+    neighbours: list[NeighbourDoc]
+    examples: list[FewShotExample] = field(default_factory=list)
+
+
+@dataclass
+class GeneratedImage:
+    image: np.ndarray  # (H, W, 3) uint8
+    score: float  # CLIP score against the prompt (for infill without a prompt: the engine's choice)
+    codes: np.ndarray  # (h, w) int VQ codes
+
+
+@dataclass
+class GeneratedCaption:
+    text: str
+    logprob: float  # total log-likelihood of the caption tokens
+
+
+@dataclass
+class ClassifyResult:
+    label: str
+    scores: dict[str, float]  # label -> probability, summing to 1
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """The generation engine. Methods are synchronous: the worker runs them on one thread."""
+
+    def text_to_image(self, jobs: list[T2IJob]) -> list[list[GeneratedImage]]: ...
+
+    def caption(self, jobs: list[CaptionJob]) -> list[list[GeneratedCaption]]: ...
+
+    def infill(self, jobs: list[InfillJob]) -> list[list[GeneratedImage]]: ...
+
+    def classify(self, jobs: list[ClassifyJob]) -> list[ClassifyResult]: ...
+
+    def warmup(self) -> None:
+        """Run one small generation so the first request pays no start-up cost."""
+        ...
+
+    def info(self) -> dict[str, Any]:
+        """At least `image_size` [H, W] and `grid` [h, w]; plus the bundle manifest."""
+        ...
+
+    @property
+    def tokens_generated(self) -> int:
+        """Tokens sampled since start, a monotonically increasing counter (for metrics)."""
+        ...

@@ -1,0 +1,78 @@
+"""Builds the FastAPI app for a role from its components (see `app.serve`), nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from app.errors import BodyLimitMiddleware, install_error_handlers
+from app.gateway import (
+    api_key_checker,
+    build_admin_router,
+    build_health_router,
+    build_ops_router,
+)
+from app.gateway import build_router as build_gateway_router
+from app.generator.service import build_info_router as build_generator_info_router
+from app.generator.service import build_router as build_generator_router
+from app.metrics import RequestMetricsMiddleware
+from app.retriever.service import build_router as build_retriever_router
+from app.serve import Components
+
+VERSION = "0.1.0"
+
+
+def create_app(components: Components) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Load in the background: /healthz answers at once, /readyz once loaded and warm.
+        loading = asyncio.create_task(components.start())
+        try:
+            yield
+        finally:
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
+            await components.stop()
+
+    app = FastAPI(
+        title=f"racm3 {components.role}",
+        version=VERSION,
+        description="Retrieval-augmented CM3 (RA-CM3) inference service.",
+        lifespan=lifespan,
+    )
+    metrics = components.metrics
+    app.state.metrics = metrics
+    app.state.components = components
+
+    def count_error(error_type: str, status: int) -> None:
+        metrics.errors.labels(error_type).inc()
+
+    install_error_handlers(app, on_error=count_error)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=components.max_body_bytes, on_error=count_error
+    )
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+
+    require_key = api_key_checker(components.api_keys)
+    app.include_router(build_health_router(components.readiness))
+    if components.gateway is not None:
+        app.state.gateway = components.gateway
+        app.include_router(build_gateway_router(require_key))
+        app.include_router(build_ops_router())
+    if components.retriever is not None:
+        app.state.retriever_service = components.retriever
+        if components.gateway is None:
+            app.include_router(build_retriever_router(require_key))
+    if components.gateway is not None:
+        # In embedded mode the gateway's reload reaches the in-process retriever.
+        app.include_router(build_admin_router(require_key))
+    if components.generator is not None:
+        app.state.generator_service = components.generator
+        if components.gateway is None:
+            app.include_router(build_generator_router(require_key))
+            app.include_router(build_generator_info_router())
+    return app

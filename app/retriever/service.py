@@ -1,0 +1,484 @@
+"""The retriever role: query -> neighbours, batched, cached, reloadable.
+
+The pipeline reads as three named steps (after clip-retrieval's clip_back):
+`compute_query` (CLIP) -> `knn_search` (FAISS + the retrieval rules) -> `map_to_documents`
+(the memory-mapped document store). The first two run only on a cache miss, batched
+across concurrent requests; the cache holds ids and scores, never documents.
+
+Every request takes one memory snapshot at its start and uses it throughout, and a
+reload builds the new snapshot off the event loop before swapping one reference: that is
+what makes `POST /admin/reload` lose no request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+import unicodedata
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+
+from app.cache import NeighbourCache, build_cache, cache_key
+from app.errors import ApiError, InvalidRequest
+from app.generator.batcher import DynamicBatcher
+from app.generator.protocol import NeighbourDoc
+from app.images import decode_rgb_b64
+from app.metrics import Metrics
+from app.schemas import (
+    INTERNAL_IMAGE_LIMITS,
+    InfoResponse,
+    NeighbourWire,
+    ReloadResponse,
+    SearchRequest,
+    SearchResponse,
+)
+from app.settings import RetrieverSettings
+
+log = logging.getLogger(__name__)
+
+StrategyName = Literal["rag", "knn"]
+
+
+# --- what the retriever core provides ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetrievalStrategy:
+    """The paper's retrieval rules (DESIGN §1); `knn` is plain top-k by score."""
+
+    name: StrategyName
+    prefer_multimodal: bool
+    diversity_threshold: float | None
+    candidates: int
+
+    def cache_hash(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+@dataclass
+class StoredDocument:
+    id: int
+    caption: str | None
+    text_ids: list[int] | None
+    image_codes: np.ndarray | None
+    image_bytes: bytes | None  # the encoded stored image (PNG in the demo memory)
+
+
+class MemorySnapshot(Protocol):
+    """One loaded, immutable memory version."""
+
+    version: str
+    size: int
+    dim: int  # query vector length
+
+    def search(
+        self, vectors: np.ndarray, k: int, strategy: RetrievalStrategy
+    ) -> list[list[tuple[int, float]]]:
+        """(B, D) L2-normalised queries -> per query up to k (doc id, score), best first."""
+        ...
+
+    def documents(self, ids: Sequence[int]) -> list[StoredDocument]: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class RetrieverBackend(Protocol):
+    """Query encoders plus the current memory. Synchronous; called off the event loop."""
+
+    def current(self) -> MemorySnapshot: ...
+
+    def reload(self) -> MemorySnapshot:
+        """Load the published version and swap it in; raise (old one kept) if refused."""
+        ...
+
+    def encode_text(self, texts: list[str]) -> np.ndarray: ...
+
+    def encode_image(self, images: list[np.ndarray]) -> np.ndarray: ...
+
+
+BackendFactory = Callable[[RetrieverSettings], RetrieverBackend]
+
+
+# --- queries -------------------------------------------------------------------------------
+
+
+@dataclass
+class RetrievalQuery:
+    text: str | None = None
+    image: np.ndarray | None = None  # (H, W, 3) uint8
+    embedding: np.ndarray | None = None  # (D,) float
+
+    def __post_init__(self) -> None:
+        if self.text is None and self.image is None and self.embedding is None:
+            raise InvalidRequest("a query needs text, an image or an embedding")
+
+    def canonical(self) -> bytes:
+        """Bytes that are equal exactly when two queries must retrieve the same neighbours."""
+        h = hashlib.sha256()
+        if self.text is not None:
+            text = " ".join(unicodedata.normalize("NFC", self.text).split())
+            h.update(b"text\0" + text.encode("utf-8") + b"\0")
+        if self.image is not None:
+            img = np.ascontiguousarray(self.image, dtype=np.uint8)
+            h.update(f"image\0{img.shape}\0".encode() + img.tobytes())
+        if self.embedding is not None:
+            emb = np.round(np.asarray(self.embedding, dtype=np.float64), 6).astype(np.float32)
+            h.update(b"embedding\0" + emb.tobytes())
+        return h.digest()
+
+
+@dataclass
+class _SearchJob:
+    snapshot: MemorySnapshot
+    query: RetrievalQuery
+    k: int
+    strategy: RetrievalStrategy
+
+
+def _normalise(v: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(v, axis=-1, keepdims=True)
+    return (v / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+# --- the service ---------------------------------------------------------------------------
+
+
+@dataclass
+class SearchOutcome:
+    memory_version: str
+    neighbours: list[list[NeighbourDoc]]
+    cache_hits: list[bool] = field(default_factory=list)
+
+
+class RetrieverService:
+    def __init__(
+        self,
+        settings: RetrieverSettings,
+        backend_factory: BackendFactory,
+        metrics: Metrics,
+        cache: NeighbourCache | None = None,
+    ) -> None:
+        self.settings = settings
+        self.backend_factory = backend_factory
+        self.metrics = metrics
+        self.cache = cache or build_cache(
+            settings.redis_url,
+            ttl_s=settings.cache_ttl_s,
+            lru_size=settings.lru_size,
+            timeout_s=settings.redis_timeout_s,
+            retry_s=settings.redis_retry_s,
+            lock_ttl_ms=settings.lock_ttl_ms,
+            lock_wait_ms=settings.lock_wait_ms,
+            metrics=metrics,
+        )
+        self.strategies: dict[str, RetrievalStrategy] = {
+            "rag": RetrievalStrategy(
+                "rag", settings.prefer_multimodal, settings.diversity_threshold,
+                settings.candidates,
+            ),
+            "knn": RetrievalStrategy("knn", False, None, settings.candidates),
+        }
+        self.backend: RetrieverBackend | None = None
+        self.batcher = DynamicBatcher(
+            "search",
+            self._run_batch,
+            max_batch_size=settings.search_max_batch_size,
+            max_wait_ms=settings.search_max_wait_ms,
+            max_queue=settings.search_queue_size,
+            metrics=metrics,
+        )
+        self.state = "loading"
+        self._reload_lock = asyncio.Lock()
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            self.backend = await asyncio.to_thread(self.backend_factory, self.settings)
+            await self.batcher.start()
+            await self.search([RetrievalQuery(text="warm-up")], k=1, use_cache=False)
+        except Exception as exc:
+            log.exception("retriever failed to start")
+            self.state = f"failed: {type(exc).__name__}: {exc}"[:300]
+            return
+        self.state = "ready"
+        log.info("retriever ready: memory %s", self.snapshot().version)
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        await self.cache.close()
+
+    def snapshot(self) -> MemorySnapshot:
+        if self.backend is None:
+            raise ApiError("retriever is not loaded")
+        return self.backend.current()
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    async def checks(self) -> dict[str, str]:
+        return {"memory": self.state, "cache": await self.cache.check()}
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"state": self.state}
+        if self.backend is not None:
+            snap = self.snapshot()
+            out.update({"version": snap.version, "documents": snap.size, **snap.describe()})
+        out["strategies"] = {k: asdict(v) for k, v in self.strategies.items()}
+        return out
+
+    # --- search --------------------------------------------------------------------------
+
+    async def search(
+        self,
+        queries: Sequence[RetrievalQuery],
+        k: int,
+        strategy: str = "rag",
+        *,
+        tokens: bool = True,
+        thumbnails: bool = False,
+        use_cache: bool = True,
+    ) -> SearchOutcome:
+        snap = self.snapshot()
+        for q in queries:
+            if q.embedding is not None and q.embedding.shape != (snap.dim,):
+                raise InvalidRequest(
+                    f"the embedding must have {snap.dim} values, got {q.embedding.size}",
+                    param="embedding_input",
+                )
+        if k <= 0:
+            return SearchOutcome(snap.version, [[] for _ in queries], [False] * len(queries))
+        chosen = self.strategies[strategy]
+        results = await asyncio.gather(
+            *(self._one(snap, q, k, chosen, use_cache) for q in queries)
+        )
+        with self.metrics.stage("map_to_documents"):
+            neighbours = [
+                self._map_to_documents(snap, hits, tokens, thumbnails) for hits, _ in results
+            ]
+        return SearchOutcome(snap.version, neighbours, [hit for _, hit in results])
+
+    async def _one(
+        self,
+        snap: MemorySnapshot,
+        query: RetrievalQuery,
+        k: int,
+        strategy: RetrievalStrategy,
+        use_cache: bool,
+    ) -> tuple[list[tuple[int, float]], bool]:
+        async def compute() -> list[tuple[int, float]]:
+            job = _SearchJob(snap, query, k, strategy)
+            return await self.batcher.submit((snap.version, k, strategy.name), job)
+
+        if not use_cache:
+            return await compute(), False
+        key = cache_key(snap.version, query.canonical(), k, strategy.cache_hash())
+        with self.metrics.stage("cache_lookup_or_search"):
+            return await self.cache.get_or_compute(key, compute)
+
+    def _run_batch(self, task: Any, jobs: Sequence[_SearchJob]) -> list[list[tuple[int, float]]]:
+        """Runs on the batcher's thread: one encoder pass and one FAISS search per batch."""
+        snap, k, strategy = jobs[0].snapshot, jobs[0].k, jobs[0].strategy
+        with self.metrics.stage("compute_query"):
+            vectors = self._compute_query([j.query for j in jobs])
+        with self.metrics.stage("knn_search"):
+            return snap.search(vectors, k, strategy)
+
+    def _compute_query(self, queries: list[RetrievalQuery]) -> np.ndarray:
+        assert self.backend is not None
+        texts = [(i, q.text) for i, q in enumerate(queries) if q.text is not None]
+        images = [(i, q.image) for i, q in enumerate(queries) if q.image is not None]
+        parts: list[list[np.ndarray]] = [[] for _ in queries]
+        if texts:
+            vecs = self.backend.encode_text([t for _, t in texts])
+            for (i, _), v in zip(texts, vecs, strict=True):
+                parts[i].append(v)
+        if images:
+            vecs = self.backend.encode_image([im for _, im in images])
+            for (i, _), v in zip(images, vecs, strict=True):
+                parts[i].append(v)
+        for i, q in enumerate(queries):
+            if q.embedding is not None:
+                parts[i].append(_normalise(np.asarray(q.embedding, dtype=np.float32)))
+        # Text and image together: the normalised mean, as for a two-part document.
+        return _normalise(np.stack([np.mean(_normalise(np.stack(p)), axis=0) for p in parts]))
+
+    def _map_to_documents(
+        self,
+        snap: MemorySnapshot,
+        hits: list[tuple[int, float]],
+        tokens: bool,
+        thumbnails: bool,
+    ) -> list[NeighbourDoc]:
+        docs = snap.documents([i for i, _ in hits]) if hits else []
+        return [
+            NeighbourDoc(
+                id=int(doc.id),
+                score=float(score),
+                caption=doc.caption,
+                text_ids=list(doc.text_ids) if tokens and doc.text_ids is not None else None,
+                image_codes=doc.image_codes if tokens else None,
+                thumbnail_png=doc.image_bytes if thumbnails else None,
+            )
+            for doc, (_, score) in zip(docs, hits, strict=True)
+        ]
+
+    # --- reload --------------------------------------------------------------------------
+
+    async def reload(self) -> ReloadResponse:
+        if self.backend is None:
+            raise ApiError("retriever is not loaded")
+        async with self._reload_lock:
+            previous = self.snapshot().version
+            start = time.perf_counter()
+            try:
+                snap = await asyncio.to_thread(self.backend.reload)
+            except Exception as exc:
+                log.warning("memory reload refused: %s", exc)
+                err = ApiError(f"memory reload refused, still serving {previous}: {exc}")
+                err.status_code, err.error_type, err.code = 409, "conflict_error", "reload_refused"
+                raise err from None
+            self.metrics.stage_latency.labels("memory_reload").observe(time.perf_counter() - start)
+        log.info("memory reloaded: %s -> %s", previous, snap.version)
+        return ReloadResponse(
+            memory_version=snap.version,
+            previous_version=previous,
+            changed=snap.version != previous,
+            documents=snap.size,
+        )
+
+
+# --- HTTP (the retriever role) --------------------------------------------------------------
+
+
+def _service(request: Request) -> RetrieverService:
+    return request.app.state.retriever_service
+
+
+def build_router(require_key: Callable[..., Any]) -> APIRouter:
+    """Internal routes of the retriever role (the gateway's HttpRetrieverClient calls them)."""
+    router = APIRouter()
+    limits = INTERNAL_IMAGE_LIMITS
+
+    @router.post(
+        "/internal/search", response_model=SearchResponse, dependencies=[Depends(require_key)]
+    )
+    async def internal_search(
+        body: SearchRequest, svc: RetrieverService = Depends(_service)
+    ) -> SearchResponse:
+        queries = [
+            RetrievalQuery(
+                text=q.text,
+                image=None if q.image is None else decode_rgb_b64(q.image, "image", limits),
+                embedding=None if q.embedding is None else np.asarray(q.embedding, np.float32),
+            )
+            for q in body.queries
+        ]
+        out = await svc.search(
+            queries, body.k, body.strategy, tokens=body.tokens, thumbnails=body.thumbnails
+        )
+        return SearchResponse(
+            memory_version=out.memory_version,
+            results=[[NeighbourWire.from_doc(d) for d in docs] for docs in out.neighbours],
+        )
+
+    @router.post(
+        "/admin/reload", response_model=ReloadResponse, dependencies=[Depends(require_key)]
+    )
+    async def admin_reload(svc: RetrieverService = Depends(_service)) -> ReloadResponse:
+        return await svc.reload()
+
+    @router.get("/v1/info", response_model=InfoResponse, response_model_exclude_none=True)
+    async def info(request: Request, svc: RetrieverService = Depends(_service)) -> InfoResponse:
+        return InfoResponse(
+            version=request.app.version,
+            role="retriever",
+            memory=svc.describe(),
+            cache=svc.cache.describe(),
+        )
+
+    return router
+
+
+# --- the real backend: CLIP from the bundle + the retriever core's memory ----------------
+
+
+class CoreRetrieverBackend:
+    """Adapts the retriever core (`app/retriever/memory.py`, `app/retriever/search.py`) to
+    `RetrieverBackend`. INTEGRATION POINT: written against the agreed interface
+    (`Memory.load(dir)`, `search(memory, vectors, k, strategy) -> list[list[Neighbour]]`)
+    before the core landed; adjust the attribute names here if the core differs."""
+
+    def __init__(self, settings: RetrieverSettings, clip: Any) -> None:
+        self.settings = settings
+        self.clip = clip
+        self._current = self._load()
+
+    @classmethod
+    def load(cls, settings: RetrieverSettings) -> CoreRetrieverBackend:
+        from model.bundle import Bundle
+
+        return cls(settings, Bundle(settings.bundle_dir, device=settings.device).clip)
+
+    def _load(self) -> _CoreSnapshot:
+        from app.retriever.memory import Memory
+
+        return _CoreSnapshot(Memory.load(self.settings.memory_dir))
+
+    def current(self) -> MemorySnapshot:
+        return self._current
+
+    def reload(self) -> MemorySnapshot:
+        snapshot = self._load()  # raises for a corrupt version; the old one keeps serving
+        self._current = snapshot
+        return snapshot
+
+    def encode_text(self, texts: list[str]) -> np.ndarray:
+        return self.clip.encode_text(texts)
+
+    def encode_image(self, images: list[np.ndarray]) -> np.ndarray:
+        return self.clip.encode_image(images)
+
+
+class _CoreSnapshot:
+    def __init__(self, memory: Any) -> None:
+        self.memory = memory
+        self.version = str(memory.version)
+        self.size = len(memory)
+        self.dim = int(memory.dim)
+
+    def search(
+        self, vectors: np.ndarray, k: int, strategy: RetrievalStrategy
+    ) -> list[list[tuple[int, float]]]:
+        from app.retriever.search import search
+
+        rows = search(self.memory, vectors, k, strategy)
+        return [[(int(n.id), float(n.score)) for n in row] for row in rows]
+
+    def documents(self, ids: Sequence[int]) -> list[StoredDocument]:
+        out = []
+        for i in ids:
+            doc = self.memory.document(i)
+            out.append(
+                StoredDocument(
+                    id=int(i),
+                    caption=doc.caption,
+                    text_ids=None if doc.text_ids is None else list(doc.text_ids),
+                    image_codes=doc.image_codes,
+                    image_bytes=doc.image_bytes,
+                )
+            )
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        manifest = getattr(self.memory, "manifest", None)
+        return {"manifest": manifest} if isinstance(manifest, dict) else {}

@@ -1,0 +1,197 @@
+"""Roles and how they are served.
+
+- `embedded` (the default): gateway + retriever + generator in one process, wired with
+  in-process clients; an in-process LRU cache unless RACM3_REDIS_URL is set.
+- `gateway`, `retriever`, `generator`: one role per process, the gateway reaching the
+  others over HTTP (RACM3_RETRIEVER_URL, RACM3_GENERATOR_URLS).
+
+`build_components` wires a role; `create_role_app` turns it into a FastAPI app;
+`serve` runs it under uvicorn. Tests pass their own engine/backend factories.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from app.clients import (
+    HttpGeneratorClient,
+    HttpRetrieverClient,
+    InProcessGeneratorClient,
+    InProcessRetrieverClient,
+)
+from app.gateway import Gateway
+from app.generator.service import EngineFactory, GeneratorService
+from app.metrics import Metrics
+from app.retriever.service import BackendFactory, RetrieverService
+from app.schemas import ReadyResponse
+from app.settings import (
+    ROLES,
+    GatewaySettings,
+    GeneratorSettings,
+    RetrieverSettings,
+    get_gateway_settings,
+    get_generator_settings,
+    get_retriever_settings,
+)
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORTS = {"embedded": 8000, "gateway": 8000, "retriever": 8001, "generator": 8002}
+INTERNAL_MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class Components:
+    role: str
+    metrics: Metrics
+    api_keys: list[str]
+    max_body_bytes: int
+    retriever: RetrieverService | None = None
+    generator: GeneratorService | None = None
+    gateway: Gateway | None = None
+    _closers: list[Any] = field(default_factory=list)
+
+    async def start(self) -> None:
+        # Retriever and generator load concurrently (each on its own thread).
+        await asyncio.gather(
+            *(s.start() for s in (self.retriever, self.generator) if s is not None)
+        )
+
+    async def stop(self) -> None:
+        for service in (self.retriever, self.generator):
+            if service is not None:
+                await service.stop()
+        for close in self._closers:
+            await close()
+
+    async def readiness(self) -> ReadyResponse:
+        if self.gateway is not None:
+            parts = await asyncio.gather(
+                self.gateway.retriever.readiness(), self.gateway.generator.readiness()
+            )
+            names = ("retriever", "generator")
+        else:
+            services = [s for s in (self.retriever, self.generator) if s is not None]
+            parts = [
+                ReadyResponse(
+                    status="ready" if s.ready else "not_ready", checks=await s.checks()
+                )
+                for s in services
+            ]
+            names = tuple(type(s).__name__ for s in services)
+        checks: dict[str, str] = {}
+        for name, part in zip(names, parts, strict=True):
+            for key, value in part.checks.items():
+                checks[key if self.gateway is None else f"{name}.{key}"] = value
+        if any(p.status == "not_ready" for p in parts):
+            status = "not_ready"
+        elif any(p.status == "degraded" for p in parts) or any(
+            v.startswith("degraded") for v in checks.values()
+        ):
+            status = "degraded"
+        else:
+            status = "ready"
+        return ReadyResponse(status=status, checks=checks)
+
+
+def default_engine_factory(settings: GeneratorSettings) -> Any:
+    """The real engine from a bundle; CUDA (bf16 inside the engine) when present."""
+    import torch  # heavy imports stay out of `racm3 --help`
+
+    from model.bundle import Bundle
+    from model.engine import Engine
+
+    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return Engine.from_bundle(Bundle(settings.bundle_dir, device=device))
+
+
+def default_backend_factory(settings: RetrieverSettings) -> Any:
+    """The real retriever: CLIP from the bundle plus the published memory."""
+    from app.retriever.service import CoreRetrieverBackend
+
+    return CoreRetrieverBackend.load(settings)
+
+
+def build_components(
+    role: str = "embedded",
+    *,
+    gateway_settings: GatewaySettings | None = None,
+    retriever_settings: RetrieverSettings | None = None,
+    generator_settings: GeneratorSettings | None = None,
+    engine_factory: EngineFactory | None = None,
+    backend_factory: BackendFactory | None = None,
+) -> Components:
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
+    metrics = Metrics()
+    retriever = generator = gateway = None
+    closers: list[Any] = []
+    if role in ("embedded", "retriever"):
+        rs = retriever_settings or get_retriever_settings()
+        retriever = RetrieverService(rs, backend_factory or default_backend_factory, metrics)
+    if role in ("embedded", "generator"):
+        gs = generator_settings or get_generator_settings()
+        generator = GeneratorService(gs, engine_factory or default_engine_factory, metrics)
+    if role in ("embedded", "gateway"):
+        ws = gateway_settings or get_gateway_settings()
+        if role == "embedded":
+            assert retriever is not None and generator is not None
+            rc: Any = InProcessRetrieverClient(retriever)
+            gc: Any = InProcessGeneratorClient(generator)
+        else:
+            key = ws.api_keys[0] if ws.api_keys else None
+            rc = HttpRetrieverClient(ws.retriever_url, ws.request_timeout_s, key)
+            gc = HttpGeneratorClient(ws.generator_urls, ws.request_timeout_s + 5, key)
+            closers += [rc.close, gc.close]
+        gateway = Gateway(ws, rc, gc, metrics, role=role)
+    api_keys = (gateway_settings or retriever_settings or generator_settings or _any(role)).api_keys
+    max_body = gateway.settings.max_body_bytes if gateway is not None else INTERNAL_MAX_BODY_BYTES
+    return Components(
+        role=role,
+        metrics=metrics,
+        api_keys=list(api_keys),
+        max_body_bytes=max_body,
+        retriever=retriever,
+        generator=generator,
+        gateway=gateway,
+        _closers=closers,
+    )
+
+
+def _any(role: str) -> Any:
+    if role == "retriever":
+        return get_retriever_settings()
+    if role == "generator":
+        return get_generator_settings()
+    return get_gateway_settings()
+
+
+def create_role_app(role: str = "embedded", **kwargs: Any) -> FastAPI:
+    from app.main import create_app
+
+    return create_app(build_components(role, **kwargs))
+
+
+def serve(role: str = "embedded", host: str = "127.0.0.1", port: int | None = None,
+          **kwargs: Any) -> None:
+    import uvicorn
+
+    logging.basicConfig(
+        level=_any(role).log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    app = create_role_app(role, **kwargs)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port or DEFAULT_PORTS[role],
+        log_level=_any(role).log_level.lower(),
+        # Our own JSON errors and limits; uvicorn's access log stays on for operators.
+        timeout_graceful_shutdown=10,
+    )

@@ -1,0 +1,132 @@
+"""Service settings: one pydantic-settings class per role, read from `RACM3_*` variables.
+
+Each class is built lazily by its `get_*_settings()` (cached), never at import time, so
+tests and the CLI can set the environment first. List settings accept either JSON
+(`["a","b"]`) or a comma-separated string (`a,b`).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Role = Literal["embedded", "gateway", "retriever", "generator"]
+ROLES: tuple[str, ...] = ("embedded", "gateway", "retriever", "generator")
+
+
+def _split_list(value: Any) -> Any:
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return []
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+StrList = Annotated[list[str], NoDecode]
+
+
+class _Base(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RACM3_", extra="ignore", frozen=True)
+
+    # Bearer keys for inference and admin routes; empty means no authentication. The
+    # HTTP clients send the first key to the internal services, which check the same list.
+    api_keys: StrList = Field(default_factory=list)
+    log_level: str = "info"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: Any) -> Any:
+        return _split_list(v)
+
+
+class RetrieverSettings(_Base):
+    """The retriever role: CLIP query encoders, the memory-mapped memory and the cache."""
+
+    memory_dir: Path = Path("memory")
+    bundle_dir: Path = Path("bundles/demo")  # the CLIP query encoders come from the bundle
+    # None: an in-process LRU cache. Set, e.g. redis://127.0.0.1:6379/0: a shared cache.
+    redis_url: str | None = None
+    cache_ttl_s: int = Field(3600, ge=1)
+    lru_size: int = Field(10_000, ge=0)
+    # Short timeouts plus a circuit breaker, so a dead Redis costs at most one timeout
+    # per `redis_retry_s` instead of one per request.
+    redis_timeout_s: float = Field(0.1, gt=0)
+    redis_retry_s: float = Field(2.0, gt=0)
+    lock_ttl_ms: int = Field(2000, ge=1)
+    lock_wait_ms: int = Field(200, ge=0)
+    # The paper's retrieval rules (DESIGN §1): K kept of `candidates`, diversity threshold.
+    candidates: int = Field(32, ge=1)
+    diversity_threshold: float = Field(0.9, gt=0, le=1)
+    prefer_multimodal: bool = True
+    search_max_batch_size: int = Field(32, ge=1)
+    search_max_wait_ms: float = Field(2.0, ge=0)
+    search_queue_size: int = Field(1024, ge=1)
+    device: str = "cpu"
+
+
+class GeneratorSettings(_Base):
+    """The generator worker: bundle (tokenizers, VQ, decoder, CLIP reranker) and batching."""
+
+    bundle_dir: Path = Path("bundles/demo")
+    device: str | None = None  # None: CUDA when present, else CPU
+    max_batch_size: int = Field(8, ge=1)
+    max_wait_ms: float = Field(10.0, ge=0)
+    queue_size: int = Field(64, ge=1)
+    request_timeout_s: float = Field(60.0, gt=0)
+
+
+class GatewaySettings(_Base):
+    """The public API: limits, and where the retriever and the generator workers are."""
+
+    retriever_url: str = "http://127.0.0.1:8001"
+    generator_urls: StrList = Field(default_factory=lambda: ["http://127.0.0.1:8002"])
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_image_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    max_image_side: int = Field(4096, ge=1)
+    max_prompt_chars: int = Field(1000, ge=1)
+    max_n: int = Field(8, ge=1)
+    max_candidates: int = Field(32, ge=1)
+    max_labels: int = Field(64, ge=1)
+    max_examples: int = Field(16, ge=0)
+    default_k: int = Field(2, ge=0)  # documents in context, K=2 as in the paper
+    max_k: int = Field(16, ge=0)
+    max_knn_results: int = Field(100, ge=1)
+    request_timeout_s: float = Field(60.0, gt=0)
+    # Gateway-side cap on requests in flight; beyond it the gateway answers 429 itself.
+    max_inflight: int = Field(256, ge=1)
+    retry_after_s: int = Field(1, ge=0)
+
+    @field_validator("generator_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, v: Any) -> Any:
+        return _split_list(v)
+
+
+@lru_cache
+def get_retriever_settings() -> RetrieverSettings:
+    return RetrieverSettings()
+
+
+@lru_cache
+def get_generator_settings() -> GeneratorSettings:
+    return GeneratorSettings()
+
+
+@lru_cache
+def get_gateway_settings() -> GatewaySettings:
+    return GatewaySettings()
+
+
+def clear_settings_cache() -> None:
+    """Forget cached settings (tests that change the environment call this)."""
+    for getter in (get_retriever_settings, get_generator_settings, get_gateway_settings):
+        getter.cache_clear()
