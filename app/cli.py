@@ -149,16 +149,16 @@ def _device(name: str) -> str:
 
 @app.command("eval")
 def eval_command(
-    bundle: Path = typer.Option(None, help="Bundle to evaluate [the shipped demo bundle]."),
+    bundle: Path = typer.Option(None, help="Bundle (default: the shipped demo bundle)."),
     memory: Path = typer.Option(
-        None, help="Memory directory [runs/RECIPE/memory, where `racm3 train` builds it]."),
+        None, help="Memory (default: runs/RECIPE/memory, where `racm3 train` builds it)."),
     json_path: Path = typer.Option(None, "--json", help="Write the results JSON here."),
     report_dir: Path = typer.Option(Path("reports"), help="Where eval.md and eval_grid.png go."),
     n: int = typer.Option(200, min=2, help="Prompts per task."),
     seed: int = typer.Option(0, help="Seed for item order and sampling (same for every system)."),
     batch_size: int = typer.Option(16, min=1, help="Jobs per decoder call."),
     device: str = typer.Option("auto", help="cpu, cuda, or auto."),
-    threads: int = typer.Option(None, min=1, help="torch CPU threads [torch's default]."),
+    threads: int = typer.Option(None, min=1, help="torch CPU threads (default: torch's choice)."),
 ) -> None:
     """RA-CM3 vs CM3 vs retrieval only on the held-out eval split: JSON, table, grid."""
     import logging

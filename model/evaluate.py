@@ -177,7 +177,7 @@ class Evaluator:
                       neighbours: Sequence[list[NeighbourDoc]], seed: int) -> np.ndarray:
         """(N, H, W, 3) uint8: one image per prompt; prompt i is sampled with seed + i."""
         if system == "retrieval_only":
-            return np.stack([self._top_image(nbs) for nbs in neighbours])
+            return np.stack([self.top_image(nbs) for nbs in neighbours])
         d = self.config.t2i
         jobs = [T2IJob(p, self._context(system, nbs), n=1, num_candidates=d.num_candidates,
                        sampling=d.sampling(seed + i))
@@ -201,7 +201,7 @@ class Evaluator:
         if system == "retrieval_only":
             out = images.copy()
             for i, nbs in enumerate(neighbours):
-                out[i][masks[i]] = self._top_image(nbs)[masks[i]]
+                out[i][masks[i]] = self.top_image(nbs)[masks[i]]
             return out
         d = self.config.infill
         jobs = [InfillJob(img, m, p, self._context(system, nbs), n=1,
@@ -215,7 +215,7 @@ class Evaluator:
     def _context(system: str, neighbours: list[NeighbourDoc]) -> list[NeighbourDoc]:
         return neighbours if system == "ra_cm3" else []
 
-    def _top_image(self, neighbours: list[NeighbourDoc]) -> np.ndarray:
+    def top_image(self, neighbours: list[NeighbourDoc]) -> np.ndarray:
         for doc in neighbours:
             image = self.neighbour_image(doc)
             if image is not None:
@@ -262,6 +262,10 @@ class Evaluator:
 
     # --- tasks ---------------------------------------------------------------------------
 
+    def _seed(self, task: str) -> int:
+        """First sampling seed of a task; prompt i uses this + i, for every system."""
+        return self.config.seed * 1_000_003 + list(TASKS).index(task) * 100_000
+
     def eval_t2i(self) -> dict[str, dict[str, float]]:
         prompts = self.t2i_prompts()
         self.counts["t2i"] = len(prompts)
@@ -270,10 +274,7 @@ class Evaluator:
         heldout = np.array([self.world.group_of(a) == "heldout" for a in targets])
         neighbours = self.retrieve_for_texts(captions)
         real_feats = self.judge.features(self.real_renders(targets))
-        # FID via the symmetric eigen-decomposition, not scipy's sqrtm: with fewer prompts
-        # than feature dimensions (256) both covariances are singular, where eigh stays
-        # exact and sqrtm warns, takes seconds and may need a nudge.
-        seed = self.config.seed * 1_000_003
+        seed = self._seed("t2i")
         out: dict[str, dict[str, float]] = {}
         images_by_system = {}
         for system in SYSTEMS:
@@ -281,6 +282,9 @@ class Evaluator:
             images_by_system[system] = images
             predicted = self.judge.predict_attributes(images, self.world)
             match = attribute_match(predicted, targets)
+            # FID by the symmetric eigen-decomposition, not scipy's sqrtm: with fewer
+            # prompts than feature dimensions (256) both covariances are singular, where
+            # eigh stays exact and sqrtm warns, is slow and may need a nudge.
             out[system] = {
                 "t2i_attr_acc": match["attribute"],
                 "t2i_exact": match["exact"],
@@ -302,7 +306,7 @@ class Evaluator:
         references = [[render_caption(a, t) for t in range(n_templates(a["kind"]))]
                       for a in targets]
         neighbours = self.retrieve_for_images(images)
-        seed = self.config.seed * 1_000_003 + 1
+        seed = self._seed("i2t")
         out = {}
         for system in SYSTEMS:
             captions = self.caption(system, images, neighbours, seed)
@@ -318,7 +322,7 @@ class Evaluator:
         heads = self.world.label_heads[ENTITY_HEAD]
         target = np.array([heads.index(a["entity"]) for _, a in prompts])
         neighbours = self.retrieve_for_texts(captions)
-        seed = self.config.seed * 1_000_003 + 2
+        seed = self._seed("entity")
         out = {}
         images_by_system = {}
         for system in SYSTEMS:
@@ -339,7 +343,7 @@ class Evaluator:
         captions = [it.caption for it in items]
         targets = [it.attributes for it in items]
         neighbours = self.retrieve_for_texts(captions)
-        seed = self.config.seed * 1_000_003 + 3
+        seed = self._seed("infill")
         out = {}
         for system in SYSTEMS:
             filled = self.infill(system, images, masks, captions, neighbours, seed)

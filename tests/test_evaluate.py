@@ -1,0 +1,176 @@
+"""`racm3 eval` on the smoke bundle: every key for every system, and the pieces behind it.
+
+The smoke bundle is trained for seconds, so its numbers mean nothing; these tests check
+the evaluation's contract (keys, ranges, reports, seeds, masks), not the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from app.cli import app
+from model.evaluate import (
+    METRICS,
+    SYSTEMS,
+    EvalConfig,
+    Evaluator,
+    new_entity_check,
+    novel_flag,
+    object_box_mask,
+)
+from model.world import World, WorldConfig, n_templates
+from tests.conftest import torch_threads
+
+N = 3
+
+
+@pytest.fixture(scope="module")
+def evaluator(smoke_bundle) -> Evaluator:
+    from app.retriever.memory import Memory
+    from model.bundle import Bundle
+
+    bundle_dir, memory_dir = smoke_bundle
+    return Evaluator(Bundle(bundle_dir), Memory.load(memory_dir), EvalConfig(n=2))
+
+
+def test_eval_cli_writes_every_metric_for_every_system(smoke_bundle, tmp_path: Path) -> None:
+    bundle_dir, memory_dir = smoke_bundle
+    json_path, reports = tmp_path / "eval.json", tmp_path / "reports"
+    with torch_threads(1):
+        result = CliRunner().invoke(app, [
+            "eval", "--bundle", str(bundle_dir), "--memory", str(memory_dir),
+            "--json", str(json_path), "--report-dir", str(reports), "--n", str(N),
+            "--seed", "1", "--threads", "1",
+        ])
+    assert result.exit_code == 0, result.output
+
+    data = json.loads(json_path.read_text())
+    assert set(data["systems"]) == set(SYSTEMS)
+    for system in SYSTEMS:
+        values = data["systems"][system]
+        for metric in METRICS:
+            value = values[metric]
+            assert isinstance(value, float) and math.isfinite(value), (system, metric, value)
+            if metric == "t2i_fid":
+                assert value >= 0.0
+            else:
+                assert 0.0 <= value <= 1.0, (system, metric, value)
+        assert 0.0 <= values["t2i_exact"] <= values["t2i_attr_acc"]
+    meta = data["meta"]
+    assert meta["n"] == {"t2i": N, "i2t": N, "entity": N, "infill": N}
+    assert meta["seed"] == 1
+    assert meta["decoding"]["t2i"]["temperature"] == pytest.approx(1.0)
+    assert meta["wall_s"] > 0 and meta["bundle"] == "racm3-smoke"
+
+    table = (reports / "eval.md").read_text()
+    for title in ("RA-CM3", "CM3 (no retrieval)", "retrieval only", "t2i FID", "eval_grid.png"):
+        assert title in table
+    # 8 grid rows asked for, half t2i and half entity prompts, N of each available
+    grid = Image.open(reports / "eval_grid.png")
+    assert grid.height > 2 * N * 32 and grid.width > 4 * 32
+
+
+def test_same_seed_same_images_other_seed_other_images(evaluator: Evaluator) -> None:
+    prompts = ["a big red square on the left", "a small blue circle in the center"]
+    neighbours = evaluator.retrieve_for_texts(prompts)
+    with torch_threads(1):
+        first = evaluator.text_to_image("ra_cm3", prompts, neighbours, seed=5)
+        again = evaluator.text_to_image("ra_cm3", prompts, neighbours, seed=5)
+        other = evaluator.text_to_image("ra_cm3", prompts, neighbours, seed=6)
+    assert first.shape == (2, 32, 32, 3) and first.dtype == np.uint8
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_neighbours_are_at_most_k_decodable_documents(evaluator: Evaluator) -> None:
+    # The smoke CLIP is barely trained, so the diversity rule may leave a query with no
+    # neighbour at all; across several prompts some must come back.
+    prompts = [c for c, _ in evaluator.t2i_prompts() + evaluator.entity_prompts()]
+    results = evaluator.retrieve_for_texts(prompts)
+    assert all(len(nbs) <= evaluator.config.k for nbs in results)
+    found = [doc for nbs in results for doc in nbs]
+    assert found
+    for nbs in results:
+        assert [n.score for n in nbs] == sorted((n.score for n in nbs), reverse=True)
+    for doc in found:
+        assert doc.image_codes.shape == tuple(evaluator.bundle.space.image_grid)
+        assert evaluator.neighbour_image(doc).shape == (32, 32, 3)
+        assert evaluator.neighbour_caption(doc)
+
+
+def test_retrieval_only_infill_pastes_the_top_neighbour_inside_the_mask_only(
+        evaluator: Evaluator) -> None:
+    items = evaluator.eval_items("object")
+    images = np.stack([it.image for it in items])
+    masks = np.stack([object_box_mask(it.image, 4) for it in items])
+    neighbours = evaluator.retrieve_for_texts([it.caption for it in items])
+    out = evaluator.infill("retrieval_only", images, masks, [it.caption for it in items],
+                           neighbours, seed=0)
+    for i in range(len(items)):
+        np.testing.assert_array_equal(out[i][~masks[i]], images[i][~masks[i]])
+        top = evaluator.top_image(neighbours[i])
+        np.testing.assert_array_equal(out[i][masks[i]], top[masks[i]])
+
+
+def test_object_box_mask_covers_the_object_on_whole_patches() -> None:
+    world = World(WorldConfig(n_eval=60))
+    objects = [it for it in world.iter_split("eval") if it.attributes["kind"] == "object"]
+    assert objects
+    for item in objects:
+        mask = object_box_mask(item.image, 4)
+        background = item.image[0, 0] if not mask[0, 0] else item.image[-1, -1]
+        foreground = (item.image != background).any(-1)
+        assert mask[foreground].all(), item.caption  # the whole object is regenerated
+        assert 0 < mask.mean() < 0.75  # ...and the rest of the scene is kept
+        cells = mask.reshape(8, 4, 8, 4)
+        assert (cells.all(axis=(1, 3)) == cells.any(axis=(1, 3))).all()  # whole patches
+
+
+def test_eval_config_refuses_fewer_than_two_prompts() -> None:
+    with pytest.raises(ValueError, match="at least 2"):
+        EvalConfig(n=1)
+
+
+def test_new_entity_check_appends_the_flag_and_scores_both_decoders(
+        smoke_bundle, tmp_path: Path) -> None:
+    from app.retriever.memory import Memory
+    from model.bundle import Bundle
+
+    bundle_dir, memory_dir = smoke_bundle
+    memory_copy = tmp_path / "memory"  # the check publishes a new version: not the shared one
+    shutil.copytree(memory_dir, memory_copy)
+    before = Memory.load(memory_copy)
+    bundle = Bundle(bundle_dir)
+    world = World(WorldConfig.from_dict(bundle.manifest["world"]))
+    flag = novel_flag(world)
+    with torch_threads(1):
+        check = new_entity_check(bundle, memory_copy, "Zentaria", flag, samples=2)
+
+    after = Memory.load(memory_copy)
+    assert after.version != before.version
+    added = after.documents(list(range(len(before), len(after))))
+    assert len(added) == n_templates("entity")  # one document per entity caption template
+    assert all("Zentaria" in d.caption for d in added)
+    assert check.samples == 2 and check.name == "Zentaria"
+    assert check.retrieved == ("zentaria" in check.top_caption.lower())
+    for value in (check.ra_cm3_match, check.cm3_match):
+        assert 0.0 <= value <= 1.0
+    for value in (check.ra_cm3_distance, check.cm3_distance):
+        assert 0.0 <= value <= 255.0
+
+
+def test_novel_flag_differs_from_every_world_flag() -> None:
+    world = World(WorldConfig(n_entities=8))
+    flag = novel_flag(world, seed=3)
+    assert flag.shape == (32, 32, 3) and flag.dtype == np.uint8
+    for name in world.entities:
+        known = world.render({"kind": "entity", "entity": name})
+        assert (known != flag).any(-1).mean() >= 0.25
