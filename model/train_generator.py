@@ -235,8 +235,13 @@ def train_generator(
     resume: bool = True,
     progress: bool = True,
     on_log: Callable[[dict], None] | None = None,
+    stop_at: int | None = None,
 ) -> TrainResult:
-    """Train (or resume) a decoder; checkpoints and a JSONL log go to `out_dir`."""
+    """Train (or resume) a decoder; checkpoints and a JSONL log go to `out_dir`.
+
+    `stop_at` ends this run early at that step (as a kill would, after a checkpoint there),
+    without changing the schedule: a later call resumes it.
+    """
     rank, world_size = init_distributed()
     out = Path(out_dir)
     ckpt_dir = out / f"{name}.ckpt"
@@ -257,7 +262,8 @@ def train_generator(
     log_path = out / f"{name}.log.jsonl"
     history: list[dict] = []
     t0 = time.perf_counter()
-    bar = tqdm(range(start, cfg.steps), desc=f"train {name}", disable=not progress or rank != 0,
+    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    bar = tqdm(range(start, end), desc=f"train {name}", disable=not progress or rank != 0,
                initial=start, total=cfg.steps)
     model.train()
     for step in bar:
@@ -294,7 +300,7 @@ def train_generator(
                     f.write(json.dumps({"name": name, **record}) + "\n")
                 if on_log:
                     on_log(record)
-            if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+            if (step + 1) % cfg.ckpt_every == 0 or step + 1 in (cfg.steps, end):
                 _checkpoint(model, model_config, opt, ckpt_dir, step + 1, cfg)
     model.eval()
     return TrainResult(model, history, time.perf_counter() - t0, cfg.steps)
