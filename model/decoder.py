@@ -293,11 +293,12 @@ class CM3Decoder(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied: the CM3 vocabulary is mostly rare ids
-        cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
+        # tied, as in GPT-2 and CM3: saves vocab x n_embd, a third of the `small` preset
+        self.lm_head.weight = self.wte.weight
         # derived from the config, so kept out of checkpoints
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.reset_rope_tables()
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2: scale residual projections by depth
@@ -309,6 +310,14 @@ class CM3Decoder(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    def reset_rope_tables(self) -> None:
+        """(Re)compute the RoPE tables, e.g. after building on "meta" and `to_empty()`."""
+        cos, sin = rope_tables(self.config.head_dim, self.config.block_size,
+                               self.config.rope_theta)
+        device = self.wte.weight.device
+        self.rope_cos = cos.to(device, self.rope_cos.dtype)
+        self.rope_sin = sin.to(device, self.rope_sin.dtype)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
