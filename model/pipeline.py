@@ -195,7 +195,8 @@ class Pipeline:
         self.manifest["component_ids"]["vq"] = f"vq-{self.recipe.vq_preset}-{self.recipe.name}"
         grid = list(vq.grid)
         self.manifest["image_grid"] = grid
-        return {"steps": self.recipe.vq_steps, "final": _last(history)}
+        return {"steps": self.recipe.vq_steps, "final": _last(history),
+                **_loss_span(history.get("loss", []))}
 
     def stage_clip(self) -> dict:
         from model.clip import ClipEncoder
@@ -208,7 +209,8 @@ class Pipeline:
         enc.model.eval()
         enc.save(self.out / "clip.safetensors")
         self.manifest["component_ids"]["clip"] = f"{self.recipe.clip_model}-{self.recipe.name}"
-        return {"steps": self.recipe.clip_steps, "final": _summary(history)}
+        return {"steps": self.recipe.clip_steps, "final": _summary(history),
+                **_loss_span(history.losses)}
 
     def stage_judge(self) -> dict:
         from model.judge import train_judge
@@ -216,7 +218,8 @@ class Pipeline:
         judge, history = train_judge(self.world, self.recipe.judge_steps, self.recipe.judge_batch,
                                      self.recipe.seed, device=self.device, progress=self.progress)
         judge.save(self.out, "judge")
-        return {"steps": self.recipe.judge_steps, "final": _summary(history)}
+        return {"steps": self.recipe.judge_steps, "final": _summary(history),
+                **_loss_span(history.losses)}
 
     def _token_space(self) -> dict:
         b = self.bundle()
@@ -291,6 +294,13 @@ class Pipeline:
 
     def stage_baseline(self) -> dict:
         return self._train_decoder("cm3", max_k=0)
+
+
+def _loss_span(losses: list[float]) -> dict:
+    """First and last logged loss: the manifest shows that every stage learned."""
+    if not losses:
+        return {}
+    return {"loss_first": round(float(losses[0]), 5), "loss_last": round(float(losses[-1]), 5)}
 
 
 def _last(history: Any) -> Any:
