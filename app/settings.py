@@ -64,7 +64,8 @@ class RetrieverSettings(_Base):
     lock_wait_ms: int = Field(200, ge=0)
     # The paper's retrieval rules (DESIGN §1): K kept of `candidates`, diversity threshold.
     candidates: int = Field(32, ge=1)
-    diversity_threshold: float = Field(0.9, gt=0, le=1)
+    # None: the value the bundle was trained with (its manifest's recipe), else 0.9
+    diversity_threshold: float | None = Field(None, gt=0, le=1)
     prefer_multimodal: bool = True
     search_max_batch_size: int = Field(32, ge=1)
     search_max_wait_ms: float = Field(2.0, ge=0)

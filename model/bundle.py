@@ -98,3 +98,18 @@ def write_manifest(path: str | Path, manifest: dict[str, Any]) -> None:
     tmp = p.with_name("manifest.json.tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     tmp.replace(p)
+
+
+PAPER_DIVERSITY_THRESHOLD = 0.9
+
+
+def bundle_diversity_threshold(manifest: dict[str, Any], override: float | None = None) -> float:
+    """The retrieval diversity threshold to serve a bundle with.
+
+    The paper uses 0.9 with its CLIP; a bundle trained with another value (calibrated to
+    its own CLIP's similarity scale) records it in its recipe, and serving must match.
+    """
+    if override is not None:
+        return override
+    return float(manifest.get("recipe", {}).get("diversity_threshold",
+                                                PAPER_DIVERSITY_THRESHOLD))

@@ -48,6 +48,7 @@ from app.generator.protocol import (
     SamplingParams,
     T2IJob,
 )
+from model.bundle import bundle_diversity_threshold
 from model.engine import Engine
 from model.metrics import attribute_match, bleu4, caption_attribute_accuracy, frechet_distance
 from model.report import GridRow, save_example_grid, write_markdown
@@ -90,7 +91,7 @@ class EvalConfig:
     n: int = 200  # prompts per task
     seed: int = 0
     k: int = 2  # neighbours in context (K=2 in the paper)
-    diversity_threshold: float = 0.9
+    diversity_threshold: float | None = None  # None: the bundle recipe's value
     batch_size: int = 16  # jobs per engine call
     grid_rows: int = 8  # examples in the PNG grid: half t2i prompts, half entities
     t2i: Decoding = T2I_DECODING
@@ -129,8 +130,10 @@ class Evaluator:
         self.engines = {name: Engine.from_bundle(bundle, name) for name in DECODERS}
         self.judge = bundle.judge
         self.clip = bundle.clip
+        self.diversity_threshold = bundle_diversity_threshold(
+            bundle.manifest, self.config.diversity_threshold)
         self.strategy = SearchStrategy(k=self.config.k,
-                                       diversity_threshold=self.config.diversity_threshold)
+                                       diversity_threshold=self.diversity_threshold)
         self.grid_rows: list[GridRow] = []
         self.counts: dict[str, int] = {}  # prompts actually evaluated per task
 
@@ -394,7 +397,7 @@ class Evaluator:
                              "caption": asdict(self.config.caption),
                              "infill": asdict(self.config.infill)},
                 "retrieval": {"k": self.config.k,
-                              "diversity_threshold": self.config.diversity_threshold,
+                              "diversity_threshold": self.diversity_threshold,
                               "retrieval_only_image": "top neighbour's codes, VQ-decoded"},
                 "device": self.engine.device,
                 "torch_threads": torch.get_num_threads(),

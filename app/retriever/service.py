@@ -20,6 +20,7 @@ import time
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -181,7 +182,7 @@ class RetrieverService:
         )
         self.strategies: dict[str, RetrievalStrategy] = {
             "rag": RetrievalStrategy(
-                "rag", settings.prefer_multimodal, settings.diversity_threshold,
+                "rag", settings.prefer_multimodal, _diversity_threshold(settings),
                 settings.candidates,
             ),
             "knn": RetrievalStrategy("knn", False, None, settings.candidates),
@@ -360,6 +361,15 @@ class RetrieverService:
 # --- HTTP (the retriever role) --------------------------------------------------------------
 
 
+def _diversity_threshold(settings: RetrieverSettings) -> float:
+    """The configured threshold, else the one the bundle was trained with."""
+    from model.bundle import bundle_diversity_threshold
+
+    manifest_path = Path(settings.bundle_dir) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    return bundle_diversity_threshold(manifest, settings.diversity_threshold)
+
+
 def _service(request: Request) -> RetrieverService:
     return request.app.state.retriever_service
 
@@ -413,40 +423,42 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
 
 
 class CoreRetrieverBackend:
-    """Adapts the retriever core (`app/retriever/memory.py`, `app/retriever/search.py`) to
-    `RetrieverBackend`. INTEGRATION POINT: written against the agreed interface
-    (`Memory.load(dir)`, `search(memory, vectors, k, strategy) -> list[list[Neighbour]]`)
-    before the core landed; adjust the attribute names here if the core differs."""
+    """Adapts the retriever core to `RetrieverBackend`: the bundle's CLIP encodes queries,
+    `app.retriever.memory.Retriever` holds the verified, memory-mapped memory (and swaps
+    versions atomically), `app.retriever.search.search` applies the paper's rules."""
 
     def __init__(self, settings: RetrieverSettings, clip: Any) -> None:
+        from app.retriever.memory import Retriever
+
         self.settings = settings
         self.clip = clip
-        self._current = self._load()
+        self.retriever = Retriever(settings.memory_dir)
+        self._current = _CoreSnapshot(self.retriever.memory)
 
     @classmethod
-    def load(cls, settings: RetrieverSettings) -> CoreRetrieverBackend:
-        from model.bundle import Bundle
+    def load(cls, settings: RetrieverSettings, clip: Any = None) -> CoreRetrieverBackend:
+        if clip is None:
+            from model.bundle import Bundle
 
-        return cls(settings, Bundle(settings.bundle_dir, device=settings.device).clip)
-
-    def _load(self) -> _CoreSnapshot:
-        from app.retriever.memory import Memory
-
-        return _CoreSnapshot(Memory.load(self.settings.memory_dir))
+            clip = Bundle(settings.bundle_dir, device=settings.device).clip
+        return cls(settings, clip)
 
     def current(self) -> MemorySnapshot:
         return self._current
 
     def reload(self) -> MemorySnapshot:
-        snapshot = self._load()  # raises for a corrupt version; the old one keeps serving
-        self._current = snapshot
-        return snapshot
+        # Raises MemoryLoadError for a corrupt or half-written version; the old one keeps
+        # serving. The same version again is a no-op (the loaded snapshot is kept).
+        memory = self.retriever.reload()
+        if memory is not self._current.memory:
+            self._current = _CoreSnapshot(memory)
+        return self._current
 
     def encode_text(self, texts: list[str]) -> np.ndarray:
         return self.clip.encode_text(texts)
 
     def encode_image(self, images: list[np.ndarray]) -> np.ndarray:
-        return self.clip.encode_image(images)
+        return self.clip.encode_image(images)  # a list: sizes may differ
 
 
 class _CoreSnapshot:
@@ -455,6 +467,8 @@ class _CoreSnapshot:
         self.version = str(memory.version)
         self.size = len(memory)
         self.dim = int(memory.dim)
+        # The store keeps codes flat; the engine and the wire format take the (h, w) grid.
+        self.grid = memory.image_grid
 
     def search(
         self, vectors: np.ndarray, k: int, strategy: RetrievalStrategy
@@ -465,20 +479,31 @@ class _CoreSnapshot:
         return [[(int(n.id), float(n.score)) for n in row] for row in rows]
 
     def documents(self, ids: Sequence[int]) -> list[StoredDocument]:
-        out = []
-        for i in ids:
-            doc = self.memory.document(i)
-            out.append(
-                StoredDocument(
-                    id=int(i),
-                    caption=doc.caption,
-                    text_ids=None if doc.text_ids is None else list(doc.text_ids),
-                    image_codes=doc.image_codes,
-                    image_bytes=doc.image_bytes,
-                )
+        return [
+            StoredDocument(
+                id=int(doc.id),
+                caption=doc.caption,
+                text_ids=None if doc.text_ids is None else list(doc.text_ids),
+                image_codes=self._grid(doc.image_codes),
+                image_bytes=doc.image_bytes,
             )
-        return out
+            for doc in self.memory.documents(list(ids), with_image=True)
+        ]
+
+    def _grid(self, codes: np.ndarray | None) -> np.ndarray | None:
+        if codes is None or self.grid is None:
+            return codes
+        return np.asarray(codes).reshape(self.grid)
 
     def describe(self) -> dict[str, Any]:
-        manifest = getattr(self.memory, "manifest", None)
-        return {"manifest": manifest} if isinstance(manifest, dict) else {}
+        spec = self.memory.spec
+        return {
+            "path": str(self.memory.path),
+            "embedding_dim": int(spec.embedding_dim),
+            "image_grid": spec.image_grid,
+            "counts": spec.counts,
+            "index": spec.index,
+            "components": spec.components,
+            "parent": spec.parent,
+            "created": spec.created,
+        }
