@@ -81,7 +81,10 @@ class Decoding:
 # a 64-code image is ruined by one rare code, and top-k removes that tail without turning
 # generation into the mode-seeking of greedy decoding. Captions are greedy: a caption is
 # judged on its facts, and the likeliest caption is the model's best statement of them.
-T2I_DECODING = Decoding(temperature=1.0, top_k=16)
+# Chosen on 10 seen-combination prompts (not the eval prompts) for the demo bundle: lower
+# temperature, classifier-free guidance 2 and 8 CLIP-reranked candidates gave 5/10 exact
+# for RA-CM3 against 2/10 at temperature 1 with 4 candidates and no guidance.
+T2I_DECODING = Decoding(temperature=0.5, top_k=16, guidance_scale=2.0, num_candidates=8)
 CAPTION_DECODING = Decoding(temperature=0.0)
 INFILL_DECODING = Decoding(temperature=1.0, top_k=16)
 
