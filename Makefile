@@ -22,8 +22,18 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-serve: $(STAMP)
-	$(BIN)/racm3 serve
+# The demo: build the memory from the demo world with the shipped bundle once (memory/ is
+# not in git), then serve gateway + retriever + generator in one process on :8000.
+BUNDLE ?= bundles/demo
+MEMORY ?= memory
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+$(MEMORY)/CURRENT: | $(STAMP)
+	$(BIN)/racm3 build-index --source world --input memory --out $(MEMORY) --bundle $(BUNDLE)
+
+serve: $(STAMP) $(MEMORY)/CURRENT
+	RACM3_BUNDLE_DIR=$(BUNDLE) RACM3_MEMORY_DIR=$(MEMORY) $(BIN)/racm3 serve --host $(HOST) --port $(PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -58,6 +58,52 @@ def bench_decoder(
     )
 
 
+@bench_app.command("service")
+def bench_service(
+    bundle: Path | None = typer.Option(None, help="Bundle [RACM3_BUNDLE_DIR or bundles/demo]."),
+    memory: Path | None = typer.Option(None, help="Memory [RACM3_MEMORY_DIR or memory]."),
+    json_path: Path | None = typer.Option(None, "--json", help="write the results here"),
+    requests: int = typer.Option(24, min=1, help="requests per task and concurrency (>= 4xC)"),
+    batching_requests: int = typer.Option(48, min=16, help="requests per batching arm"),
+    retrieval_queries: int = typer.Option(50, min=5, help="cache-miss queries (4x as many hits)"),
+    redis_url: str = typer.Option("redis://127.0.0.1:6379/0", help="Redis for the cache arm"),
+    threads: int = typer.Option(1, min=1, help="torch CPU threads"),
+) -> None:
+    """Embedded-mode latency (c=1/8/32), batching gain and cache hit vs miss, over HTTP."""
+    from benchmarks.service import main as run_service_bench
+
+    run_service_bench(
+        json_path=json_path,
+        bundle_dir=bundle,
+        memory_dir=memory,
+        requests=requests,
+        batching_requests=batching_requests,
+        retrieval_queries=retrieval_queries,
+        redis_url=redis_url,
+        threads=threads,
+    )
+
+
+@bench_app.command("retriever")
+def bench_retriever(
+    n: int = typer.Option(100_000, min=1_000, help="vectors in the memory"),
+    dim: int = typer.Option(128, min=8, help="vector dimension"),
+    json_path: Path | None = typer.Option(None, "--json", help="write the results here"),
+    index: list[str] = typer.Option(
+        ["flat", "hnsw", "ivf", "ivfpq", "auto"], help="families to run (repeat the option)"),
+    queries: int = typer.Option(1_000, min=10, help="held-out queries (batch QPS, recall)"),
+    single: int = typer.Option(200, min=10, help="queries timed one at a time (p50/p99)"),
+    # 1 by default: on a loaded 2-core machine OpenMP's spinning second thread slows FAISS
+    threads: int = typer.Option(1, min=1, help="FAISS / BLAS threads"),
+    workdir: Path | None = typer.Option(None, help="scratch directory [system temp]"),
+) -> None:
+    """FAISS families vs numpy brute force: build, mmap load, latency, QPS, recall, RSS."""
+    from benchmarks.retriever import main as run_retriever_bench
+
+    run_retriever_bench(json_path=json_path, n=n, dim=dim, families=tuple(index),
+                        n_queries=queries, single=single, threads=threads, workdir=workdir)
+
+
 
 # --- build-index -----------------------------------------------------------------------
 

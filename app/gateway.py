@@ -9,12 +9,14 @@ same routes serve embedded mode (in-process) and multi-service mode (HTTP).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 
@@ -24,6 +26,7 @@ from fastapi.responses import PlainTextResponse
 
 from app.clients import GeneratorClient, RetrieverClient
 from app.errors import InvalidRequest, QueueFull, RequestTimeout, Unauthorized
+from app.generator.batcher import Ticket
 from app.generator.protocol import (
     CaptionJob,
     ClassifyJob,
@@ -105,6 +108,9 @@ class Gateway:
     metrics: Metrics
     role: str = "gateway"
     inflight: int = 0
+    # Embedded mode: the generator's `batcher.expecting`, so that it knows which jobs are
+    # on their way while their neighbours are retrieved (see app/generator/batcher.py).
+    announce: Callable[[str], AbstractContextManager[Ticket]] | None = None
     _generator_info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -141,6 +147,21 @@ class Gateway:
                 )
         finally:
             self.inflight -= 1
+
+    async def generate(
+        self, request: Request, task: str, work: Callable[[Ticket], Awaitable[T]]
+    ) -> T:
+        """`run` for a request that will submit one `task` job to the generator: in embedded
+        mode the generator hears of the job now, while its neighbours are retrieved, until
+        `work` calls `ticket.arrived()` right before submitting; its batcher then waits for
+        that job instead of blindly (app/generator/batcher.py)."""
+        with self.expecting(task) as ticket:
+            return await self.run(request, work(ticket))
+
+    def expecting(self, task: str) -> AbstractContextManager[Ticket]:
+        if self.announce is None:
+            return contextlib.nullcontext(_NoTicket())
+        return self.announce(task)
 
     async def neighbours(
         self,
@@ -343,17 +364,18 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
         gw.retrieval_k(body.retrieval)
         seed = _seed(body.seed)
 
-        async def work() -> ImagesResponse:
+        async def work(ticket: Ticket) -> ImagesResponse:
             docs, version = await gw.neighbours(
                 RetrievalQuery(text=prompt), body.retrieval, thumbnails=body.return_neighbours
             )
             sampling = _sampling(body, seed, body.guidance_scale)
             job = T2IJob(prompt, docs, body.n, candidates, sampling)
+            ticket.arrived()  # submitted next: no longer on its way
             with gw.metrics.stage("generate"):
                 images = await gw.generator.text_to_image(job)
             return _images_response(images, seed, docs, body.return_neighbours, version)
 
-        return await gw.run(request, work())
+        return await gw.generate(request, "text_to_image", work)
 
     @router.post(
         "/v1/images/edits", response_model=ImagesResponse, response_model_exclude_none=True
@@ -407,7 +429,7 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
         options = RetrievalOptions(k=retrieval_k)
         gw.retrieval_k(options)
 
-        async def work() -> ImagesResponse:
+        async def work(ticket: Ticket) -> ImagesResponse:
             docs, version = await gw.neighbours(
                 RetrievalQuery(text=prompt), options, thumbnails=return_neighbours
             )
@@ -415,11 +437,12 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
                 rgb, region, prompt, docs, n, candidates,
                 _sampling(params, the_seed, guidance_scale),
             )
+            ticket.arrived()  # submitted next: no longer on its way
             with gw.metrics.stage("generate"):
                 images = await gw.generator.infill(job)
             return _images_response(images, the_seed, docs, return_neighbours, version)
 
-        return await gw.run(request, work())
+        return await gw.generate(request, "infill", work)
 
     @router.post(
         "/v1/images/infill", response_model=ImagesResponse, response_model_exclude_none=True
@@ -442,7 +465,7 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
         seed = _seed(body.seed)
         query = RetrievalQuery(text=prompt) if prompt else RetrievalQuery(image=rgb)
 
-        async def work() -> ImagesResponse:
+        async def work(ticket: Ticket) -> ImagesResponse:
             docs, version = await gw.neighbours(
                 query, body.retrieval, thumbnails=body.return_neighbours
             )
@@ -450,11 +473,12 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
                 rgb, region, prompt, docs, body.n, candidates,
                 _sampling(body, seed, body.guidance_scale),
             )
+            ticket.arrived()  # submitted next: no longer on its way
             with gw.metrics.stage("generate"):
                 images = await gw.generator.infill(job)
             return _images_response(images, seed, docs, body.return_neighbours, version)
 
-        return await gw.run(request, work())
+        return await gw.generate(request, "infill", work)
 
     @router.post(
         "/v1/images/captions", response_model=CaptionResponse, response_model_exclude_none=True
@@ -465,11 +489,12 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
         gw.retrieval_k(body.retrieval)
         seed = _seed(body.seed)
 
-        async def work() -> CaptionResponse:
+        async def work(ticket: Ticket) -> CaptionResponse:
             docs, version = await gw.neighbours(
                 RetrievalQuery(image=rgb), body.retrieval, thumbnails=body.return_neighbours
             )
             job = CaptionJob(rgb, docs, body.n, candidates, _sampling(body, seed))
+            ticket.arrived()  # submitted next: no longer on its way
             with gw.metrics.stage("generate"):
                 caps = await gw.generator.caption(job)
             return CaptionResponse(
@@ -480,7 +505,7 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
                 memory_version=version if body.return_neighbours else None,
             )
 
-        return await gw.run(request, work())
+        return await gw.generate(request, "caption", work)
 
     @router.post(
         "/v1/images/classify", response_model=ClassifyResponse, response_model_exclude_none=True
@@ -507,11 +532,12 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
         ]
         gw.retrieval_k(body.retrieval)
 
-        async def work() -> ClassifyResponse:
+        async def work(ticket: Ticket) -> ClassifyResponse:
             docs, version = await gw.neighbours(
                 RetrievalQuery(image=rgb), body.retrieval, thumbnails=body.return_neighbours
             )
             job = ClassifyJob(rgb, list(body.labels), docs, examples)
+            ticket.arrived()  # submitted next: no longer on its way
             with gw.metrics.stage("generate"):
                 result = await gw.generator.classify(job)
             return ClassifyResponse(
@@ -521,7 +547,7 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
                 memory_version=version if body.return_neighbours else None,
             )
 
-        return await gw.run(request, work())
+        return await gw.generate(request, "classify", work)
 
     @router.post("/v1/retrieve", response_model=RetrieveResponse, response_model_exclude_none=True)
     async def retrieve(body: RetrieveRequest, request: Request, gw: GatewayDep) -> RetrieveResponse:
@@ -664,6 +690,16 @@ def build_health_router(readiness: Callable[[], Awaitable[ReadyResponse]]) -> AP
         return Response(body, media_type=content_type)
 
     return router
+
+
+class _NoTicket(Ticket):
+    """Multi-service mode: the worker is behind HTTP, and nothing is announced to it."""
+
+    def __init__(self) -> None:
+        pass
+
+    def arrived(self) -> None:
+        return None
 
 
 @dataclass

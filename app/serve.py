@@ -12,8 +12,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.clients import (
@@ -100,22 +103,80 @@ class Components:
         return ReadyResponse(status=status, checks=checks)
 
 
+_LOAD_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=4)
+def _bundle(path: str, device: str) -> Any:
+    from model.bundle import Bundle
+
+    return Bundle(path, device=device)
+
+
 def default_engine_factory(settings: GeneratorSettings) -> Any:
     """The real engine from a bundle; CUDA (bf16 inside the engine) when present."""
     import torch  # heavy imports stay out of `racm3 --help`
 
-    from model.bundle import Bundle
     from model.engine import Engine
 
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return Engine.from_bundle(Bundle(settings.bundle_dir, device=device))
+    # One lock for both factories: in embedded mode they load on two threads at once,
+    # and the retriever then reuses the CLIP the engine loaded (same bundle, same device).
+    with _LOAD_LOCK:
+        return Engine.from_bundle(_bundle(str(settings.bundle_dir), device))
 
 
 def default_backend_factory(settings: RetrieverSettings) -> Any:
     """The real retriever: CLIP from the bundle plus the published memory."""
     from app.retriever.service import CoreRetrieverBackend
 
-    return CoreRetrieverBackend.load(settings)
+    with _LOAD_LOCK:
+        clip = _bundle(str(settings.bundle_dir), settings.device).clip
+    return CoreRetrieverBackend.load(settings, clip)
+
+
+def _has_component(bundle: Path, name: str) -> bool:
+    if name == "tokenizer":
+        return (bundle / "tokenizer.json").is_file()
+    return (bundle / f"{name}.safetensors").is_file()
+
+
+def preflight(role: str) -> None:
+    """Refuse to start, with the command that fixes it, when the bundle or memory is missing.
+
+    Without this a missing memory only shows as a `/readyz` that never turns ready.
+    """
+    problems: list[str] = []
+    needed: dict[Path, set[str]] = {}  # bundle -> the components this role loads from it
+    if role in ("embedded", "retriever"):
+        rs = get_retriever_settings()
+        needed.setdefault(rs.bundle_dir, set()).add("clip")
+        if not (rs.memory_dir / "CURRENT").is_file():
+            problems.append(
+                f"no memory at {rs.memory_dir}/ (it has no CURRENT file). Build it with:\n"
+                f"    racm3 build-index --source world --input memory --out {rs.memory_dir} "
+                f"--bundle {rs.bundle_dir}\n"
+                "  (`make serve` does this for you), or set RACM3_MEMORY_DIR to a built memory."
+            )
+    if role in ("embedded", "generator"):
+        needed.setdefault(get_generator_settings().bundle_dir, set()).update(
+            ("ra_cm3", "vq", "clip", "tokenizer"))
+    for bundle, components in needed.items():
+        if not (bundle / "manifest.json").is_file():
+            problems.append(
+                f"no model bundle at {bundle}/ (it has no manifest.json). Train one with:\n"
+                f"    racm3 train all --recipe demo --out {bundle}\n"
+                "  or set RACM3_BUNDLE_DIR to a trained bundle."
+            )
+            continue
+        missing = sorted(c for c in components if not _has_component(bundle, c))
+        if missing:
+            problems.append(
+                f"the bundle at {bundle}/ lacks {', '.join(missing)} (is training still "
+                f"running?). `racm3 train all --recipe demo --out {bundle}` resumes it."
+            )
+    if problems:
+        raise SystemExit(f"racm3 serve --role {role}: cannot start.\n- " + "\n- ".join(problems))
 
 
 def build_components(
@@ -149,7 +210,9 @@ def build_components(
             rc = HttpRetrieverClient(ws.retriever_url, ws.request_timeout_s, key)
             gc = HttpGeneratorClient(ws.generator_urls, ws.request_timeout_s + 5, key)
             closers += [rc.close, gc.close]
-        gateway = Gateway(ws, rc, gc, metrics, role=role)
+        # Embedded: the gateway tells the generator's batcher which jobs are on their way.
+        announce = generator.batcher.expecting if generator is not None else None
+        gateway = Gateway(ws, rc, gc, metrics, role=role, announce=announce)
     api_keys = (gateway_settings or retriever_settings or generator_settings or _any(role)).api_keys
     max_body = gateway.settings.max_body_bytes if gateway is not None else INTERNAL_MAX_BODY_BYTES
     return Components(
@@ -186,6 +249,8 @@ def serve(role: str = "embedded", host: str = "127.0.0.1", port: int | None = No
         level=_any(role).log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if "engine_factory" not in kwargs and "backend_factory" not in kwargs:
+        preflight(role)
     app = create_role_app(role, **kwargs)
     uvicorn.run(
         app,

@@ -80,6 +80,9 @@ class GeneratorSettings(_Base):
     device: str | None = None  # None: CUDA when present, else CPU
     max_batch_size: int = Field(8, ge=1)
     max_wait_ms: float = Field(10.0, ge=0)
+    # Embedded mode knows which jobs are still being retrieved for: a batch waits for
+    # those (and only those) up to this long, enough to cover retrieval's spread.
+    max_expected_wait_ms: float = Field(100.0, ge=0)
     queue_size: int = Field(64, ge=1)
     request_timeout_s: float = Field(60.0, gt=0)
 

@@ -123,7 +123,7 @@ def _build(items: Iterable[SourceItem], memory: Path, staging: Path,
            encode_images: EncodeImages, index_type: str, chunk_size: int, ids: dict[str, str],
            progress: bool, skip_report: SkipReport | None, code_type: str,
            t0: float) -> BuildReport:
-    skipped: Counter[str] = Counter(skip_report.skipped if skip_report else {})
+    skipped: Counter[str] = Counter()  # by this pipeline; the source's are merged at the end
     counts = _Counts()
     grid: tuple[int, int] | None = None
     embed_calls = 0
@@ -174,8 +174,12 @@ def _build(items: Iterable[SourceItem], memory: Path, staging: Path,
         raise ValueError("no documents to build a memory from: every item was skipped "
                          f"({dict(skipped) or 'the source was empty'})")
     vectors.close()
+    if skip_report:  # a streaming source counts its skips while it is read
+        skipped.update(skip_report.skipped)
 
     emb = open_embeddings(staging / EMBEDDINGS_FILE)
+    if index_type == "auto" and parent:  # an appended memory keeps the family asked for
+        index_type = parent[1].index.get("requested_type", "auto")
     index, info = build_index(emb, index_type)
     write_index(index, staging / INDEX_FILE)
     del index

@@ -187,8 +187,10 @@ class Engine:
         return groups
 
     def _row_generators(self, seeds: Sequence[int], per_job: int) -> list[torch.Generator]:
-        # sample j of a job uses seed + j: reproducible whatever else shares the batch
-        return [make_generator(seed + j, self.device) for seed in seeds for j in range(per_job)]
+        # Sample j of a job draws from a stream keyed by (seed, j): reproducible whatever
+        # else shares the batch, and requests with seeds s and s+1 share no candidate.
+        return [make_generator(_mix(seed, j), self.device)
+                for seed in seeds for j in range(per_job)]
 
     def log_likelihood(self, prompts: Sequence[list[int]], continuations: Sequence[list[int]],
                        ) -> list[float]:
@@ -364,6 +366,10 @@ class Engine:
                                           {lbl: float(p) for lbl, p in zip(job.labels, probs,
                                                                            strict=True)}))
         return results
+
+
+def _mix(seed: int, j: int) -> int:
+    return int(np.random.SeedSequence([seed, j]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def _runs_capped(positions: np.ndarray) -> list[tuple[int, int]]:

@@ -223,10 +223,13 @@ class Pipeline:
                 **_loss_span(history.losses)}
 
     def stage_judge(self) -> dict:
-        from model.judge import train_judge
+        from model.judge import JudgeTrainConfig, train_judge
 
-        judge, history = train_judge(self.world, self.recipe.judge_steps, self.recipe.judge_batch,
-                                     self.recipe.seed, device=self.device, progress=self.progress)
+        config = JudgeTrainConfig(steps=self.recipe.judge_steps,
+                                  batch_size=self.recipe.judge_batch, seed=self.recipe.seed,
+                                  log_every=max(1, self.recipe.judge_steps // 5))
+        judge, history = train_judge(self.world, config=config, device=self.device,
+                                     progress=self.progress)
         judge.save(self.out, "judge")
         return {"steps": self.recipe.judge_steps, "final": _summary(history),
                 **_loss_span(history.losses)}

@@ -22,6 +22,7 @@ broadcast from rank 0, so every rank keeps the same codebook.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -57,8 +58,8 @@ class VQConfig:
         factor = self.stem_stride * 2 ** (len(self.channel_mult) - 1)
         if self.image_size % factor:
             raise ValueError(f"image_size {self.image_size} is not divisible by {factor}")
-        if self.channels % 4:
-            raise ValueError("channels must be a multiple of 4 (GroupNorm groups)")
+        if self.stem_stride < 1 or self.stem_stride & (self.stem_stride - 1):
+            raise ValueError(f"stem_stride must be a power of two, got {self.stem_stride}")
 
     @property
     def grid_size(self) -> int:
@@ -90,7 +91,7 @@ class VQConfig:
 
 
 _PRESETS: dict[str, dict] = {
-    # 32x32 demo world (plain shapes on plain backgrounds) -> 8x8 codes; ~0.2M params so
+    # 32x32 demo world (plain shapes on plain backgrounds) -> 8x8 codes; 0.25M params, so
     # the whole memory tokenises on a CPU in seconds.
     "demo": dict(image_size=32, channels=32, channel_mult=(1, 2), stem_stride=2,
                  num_res_blocks=1, code_dim=32, codebook_size=512),
@@ -102,7 +103,7 @@ _PRESETS: dict[str, dict] = {
 
 def _norm(ch: int) -> nn.GroupNorm:
     # GroupNorm, not BatchNorm: an image's codes must not depend on the rest of its batch.
-    return nn.GroupNorm(min(32, ch // 4), ch, eps=1e-6)
+    return nn.GroupNorm(math.gcd(ch, min(32, ch // 4)), ch, eps=1e-6)
 
 
 class ResBlock(nn.Module):
@@ -174,7 +175,7 @@ class Decoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.net(z) + 0.5  # centre the untrained output in the image range
+        return self.net(z) + 0.5  # an untrained decoder starts at mid-grey, not at black
 
 
 @dataclass
@@ -209,7 +210,7 @@ class EMAQuantizer(nn.Module):
         self.register_buffer("steps_unused", torch.zeros(codebook_size, dtype=torch.int64))
         # the first training batch replaces the random codebook with encoder outputs
         self.register_buffer("initialised", torch.tensor(False))
-        self.num_restarts = 0  # codes re-initialised so far in this process (for logging)
+        self.num_restarts = 0  # dead codes re-initialised by this process (for logging)
 
     def _prepare(self, z: Tensor) -> Tensor:
         z = z.float()  # distances in fp32 even under autocast
@@ -278,6 +279,7 @@ class EMAQuantizer(nn.Module):
         dead = self.steps_unused >= self.restart_after
         if dead.any():
             self._restart(dead, z)
+            self.num_restarts += int(dead.sum())
 
     @torch.no_grad()
     def _restart(self, dead: Tensor, z: Tensor) -> None:
@@ -291,7 +293,6 @@ class EMAQuantizer(nn.Module):
         self.cluster_size[dead] = 1.0
         self.embed_sum[dead] = samples.to(self.embed_sum.dtype)
         self.steps_unused[dead] = 0
-        self.num_restarts += n_dead
 
 
 @dataclass
@@ -347,7 +348,7 @@ class VQModel(nn.Module):
     def encode(self, images: Tensor, batch_size: int = 256) -> Tensor:
         """(B, 3, H, W) float in [0, 1] -> (B, h, w) int64 codes, on `images.device`."""
         self._check_images(images)
-        dtype = self.decoder.net[0].weight.dtype
+        dtype = self.encoder.net[0].weight.dtype
         out = [
             self.quantizer.encode(self.encoder(chunk.to(self.device, dtype) * 2 - 1))
             for chunk in images.split(batch_size)
@@ -383,9 +384,7 @@ class VQModel(nn.Module):
                              f"got {tuple(codes.shape)}")
         if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
             raise ValueError(f"expected integer codes, got {codes.dtype}")
-        if codes.numel() and codes.device.type != "meta" and (
-            codes.min() < 0 or codes.max() >= self.config.codebook_size
-        ):
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.config.codebook_size):
             raise ValueError(f"codes out of range [0, {self.config.codebook_size})")
 
     # --- checkpoints: <name>.json (the config) + <name>.safetensors (never pickled) ----------

@@ -1,9 +1,9 @@
 """Bad input never yields a 5xx: each of these gets a 4xx in the JSON error shape, and
-the server is still ready afterwards. Real HTTP against an embedded server."""
+the server is still ready afterwards. Real HTTP against an embedded server on the real
+engine and memory (smoke bundle)."""
 
 from __future__ import annotations
 
-import io
 import json
 import struct
 import zlib
@@ -11,12 +11,9 @@ import zlib
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
 from app.images import b64, png_b64
-from app.serve import create_role_app
-from app.settings import GatewaySettings, GeneratorSettings, RetrieverSettings
-from tests.fakes import live_app, model_factories, solid_image  # noqa: F401 - fixture
+from tests.live import live_app, png_bytes, real_models, solid_image  # noqa: F401 - fixture
 
 MAX_BODY = 2 * 1024 * 1024
 MAX_IMAGE = 1024 * 1024
@@ -39,12 +36,6 @@ def png_bomb(side: int = 20000) -> bytes:
     comp = zlib.compressobj(9)
     parts = [comp.compress(row) for _ in range(side)] + [comp.flush()]
     return png_with_header(side, side, b"".join(parts), bit_depth=1, colour=0)
-
-
-def png_bytes(image: np.ndarray, mode: str | None = None) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image, mode).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 BLUE = png_b64(solid_image("blue"))
@@ -138,17 +129,12 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def server(model_factories, tmp_path_factory):  # noqa: F811 - fixture
-    app = create_role_app(
-        "embedded",
-        gateway_settings=GatewaySettings(
-            max_body_bytes=MAX_BODY, max_image_bytes=MAX_IMAGE, max_image_pixels=1024 * 1024,
-            max_image_side=2048, max_prompt_chars=1000,
-        ),
-        retriever_settings=RetrieverSettings(memory_dir=tmp_path_factory.mktemp("memory")),
-        generator_settings=GeneratorSettings(max_wait_ms=1),
-        engine_factory=model_factories.engine,
-        backend_factory=model_factories.backend,
+def server(real_models):  # noqa: F811 - fixture
+    app = real_models.app(
+        gateway={"max_body_bytes": MAX_BODY, "max_image_bytes": MAX_IMAGE,
+                 "max_image_pixels": 1024 * 1024, "max_image_side": 2048,
+                 "max_prompt_chars": 1000},
+        generator={"max_wait_ms": 1},
     )
     with live_app(app) as live:
         yield live

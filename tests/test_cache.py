@@ -1,8 +1,10 @@
-"""The neighbour cache against the real Redis on 127.0.0.1:6379, and the in-process LRU."""
+"""The neighbour cache against the real Redis on 127.0.0.1:6379, and the in-process LRU;
+end to end on the real retriever (smoke bundle CLIP + memory)."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import time
 
@@ -17,9 +19,8 @@ from app.cache import (
     decode_hits,
 )
 from app.metrics import Metrics
-from app.serve import create_role_app
-from app.settings import GatewaySettings, GeneratorSettings, RetrieverSettings
-from tests.fakes import fake_factories, free_port, live_app
+from app.retriever.service import RetrievalQuery
+from tests.live import free_port, live_app, real_models  # noqa: F401 - fixture
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -141,30 +142,33 @@ async def test_identical_concurrent_misses_share_one_computation():
     assert all(hits == [(4, 0.4)] for hits, _ in results)
 
 
-def test_retriever_service_hits_redis_and_skips_the_encoder(redis_sync, tmp_path, version):
-    (tmp_path / "CURRENT").write_text("v1")
-    factories = fake_factories()
-    app = create_role_app(
-        "embedded",
-        gateway_settings=GatewaySettings(),
-        retriever_settings=RetrieverSettings(memory_dir=tmp_path, redis_url=REDIS_URL),
-        generator_settings=GeneratorSettings(),
-        engine_factory=factories.engine,
-        backend_factory=factories.backend,
-    )
+def metric(text: str, pattern: str) -> float:
+    m = re.search(pattern + r" (\S+)", text)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_retriever_service_hits_redis_and_skips_the_encoder(
+    redis_sync, real_models, version  # noqa: F811
+):
+    memory_version = real_models.memory().version
+    app = real_models.app(retriever={"redis_url": REDIS_URL})
+    # A query no earlier run can have cached (entries live for an hour).
     query = {"text": f"a green triangle {version}", "k": 3}
+    encoded = r'racm3_stage_latency_seconds_count\{stage="compute_query"\}'
     with live_app(app) as server:
-        backend = app.state.components.retriever.backend
-        before = backend.encoded
-        first = httpx.post(f"{server.url}/v1/retrieve", json=query).json()
-        second = httpx.post(f"{server.url}/v1/retrieve", json=query).json()
-        assert backend.encoded - before == 1  # the hit needed no CLIP pass
-        assert first == second
-        keys = list(redis_sync.scan_iter("racm3:nb:v1:*:3:*"))
-        assert keys, "the neighbours were cached under the memory version"
+        before = metric(httpx.get(f"{server.url}/metrics").text, encoded)
+        first = httpx.post(f"{server.url}/v1/retrieve", json=query, timeout=30).json()
+        second = httpx.post(f"{server.url}/v1/retrieve", json=query, timeout=30).json()
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert metric(metrics, encoded) - before == 1  # the hit needed no CLIP pass
+        assert first == second and len(first["data"]) >= 1
+        strategy = app.state.components.retriever.strategies["rag"]
+        key = cache_key(memory_version, RetrievalQuery(text=query["text"]).canonical(), 3,
+                        strategy.cache_hash())
+        stored = decode_hits(redis_sync.get(key))  # cached under the memory version
+        assert [i for i, _ in stored] == [d["id"] for d in first["data"]]
+        assert 0 < redis_sync.ttl(key) <= 3600
         ready = httpx.get(f"{server.url}/readyz").json()
         assert ready["status"] == "ready" and ready["checks"]["retriever.cache"] == "ok"
-        metrics = httpx.get(f"{server.url}/metrics").text
         assert 'racm3_cache_requests_total{backend="redis",result="hit"} 1.0' in metrics
-        for key in keys:
-            redis_sync.delete(key)
+        redis_sync.delete(key)

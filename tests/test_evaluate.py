@@ -20,6 +20,7 @@ from app.cli import app
 from model.evaluate import (
     METRICS,
     SYSTEMS,
+    T2I_DECODING,
     EvalConfig,
     Evaluator,
     new_entity_check,
@@ -67,7 +68,7 @@ def test_eval_cli_writes_every_metric_for_every_system(smoke_bundle, tmp_path: P
     meta = data["meta"]
     assert meta["n"] == {"t2i": N, "i2t": N, "entity": N, "infill": N}
     assert meta["seed"] == 1
-    assert meta["decoding"]["t2i"]["temperature"] == pytest.approx(1.0)
+    assert meta["decoding"]["t2i"]["temperature"] == pytest.approx(T2I_DECODING.temperature)
     assert meta["wall_s"] > 0 and meta["bundle"] == "racm3-smoke"
 
     table = (reports / "eval.md").read_text()

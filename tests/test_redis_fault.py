@@ -1,5 +1,6 @@
 """Redis dies mid-run and comes back: zero failed requests, /readyz says degraded (still
-200) meanwhile, and caching resumes. Uses its own redis-server on a free port."""
+200) meanwhile, and caching resumes. Uses its own redis-server on a free port, and the
+real retriever (smoke bundle CLIP + memory) behind the real embedded server."""
 
 from __future__ import annotations
 
@@ -13,9 +14,7 @@ import httpx
 import pytest
 import redis
 
-from app.serve import create_role_app
-from app.settings import GatewaySettings, GeneratorSettings, RetrieverSettings
-from tests.fakes import fake_factories, free_port, live_app
+from tests.live import free_port, live_app, real_models  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 
@@ -53,27 +52,22 @@ def wait_until(condition, timeout_s: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def test_redis_killed_and_restarted_mid_run(tmp_path):
+def test_redis_killed_and_restarted_mid_run(real_models):  # noqa: F811
     port = free_port()
     proc = start_redis(port)
-    factories = fake_factories()
-    app = create_role_app(
-        "embedded",
-        gateway_settings=GatewaySettings(),
-        retriever_settings=RetrieverSettings(
-            memory_dir=tmp_path, redis_url=f"redis://127.0.0.1:{port}/0", redis_retry_s=0.2,
-            redis_timeout_s=0.25,  # generous: CI shares two cores with the whole suite
-        ),
-        generator_settings=GeneratorSettings(max_wait_ms=2),
-        engine_factory=factories.engine,
-        backend_factory=factories.backend,
+    app = real_models.app(
+        retriever={
+            "redis_url": f"redis://127.0.0.1:{port}/0", "redis_retry_s": 0.2,
+            "redis_timeout_s": 0.25,  # generous: CI shares two cores with the whole suite
+        },
+        generator={"max_wait_ms": 2},
     )
     failures: list[str] = []
     sent = [0]
     done = threading.Event()
 
     def traffic() -> None:
-        with httpx.Client(base_url=server.url, timeout=30) as client:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
             i = 0
             while not done.is_set():
                 i += 1

@@ -9,6 +9,13 @@ engine is not thread-safe, and the event loop must stay free to accept requests)
   so overload never turns into unbounded latency.
 - A job whose caller went away (task cancelled: the client disconnected) or timed out
   is dropped before its batch runs.
+- Anticipation: a caller that knows a job is on its way (the embedded gateway, while it
+  retrieves the job's neighbours) announces it with `expecting(task)`. Once anything has
+  been announced, the loop waits only while announced jobs of the batch's task are still
+  coming (up to `max_expected_wait_ms`), and runs at once when none are: a lone request
+  no longer pays the wait, and concurrent requests whose retrievals finish tens of ms
+  apart still share a batch. Without announcements (a worker behind HTTP) the wait is
+  blind: `max_wait_ms`.
 """
 
 from __future__ import annotations
@@ -16,9 +23,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -40,6 +48,20 @@ class _Pending:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
+class Ticket:
+    """One announced job (see `DynamicBatcher.expecting`)."""
+
+    def __init__(self, batcher: DynamicBatcher, task: Hashable) -> None:
+        self._batcher: DynamicBatcher | None = batcher
+        self._task = task
+
+    def arrived(self) -> None:
+        """Idempotent: the job is about to be submitted, or will never be."""
+        if self._batcher is not None:
+            self._batcher._arrived(self._task)
+            self._batcher = None
+
+
 class DynamicBatcher(Generic[J, R]):
     def __init__(
         self,
@@ -49,6 +71,7 @@ class DynamicBatcher(Generic[J, R]):
         max_batch_size: int,
         max_wait_ms: float,
         max_queue: int,
+        max_expected_wait_ms: float | None = None,
         metrics: Metrics | None = None,
         retry_after_s: int = 1,
     ) -> None:
@@ -56,6 +79,11 @@ class DynamicBatcher(Generic[J, R]):
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
+        # Waiting for an announced job costs nothing when none is announced, so it may be
+        # longer than the blind wait: long enough to cover the spread of retrieval times.
+        self.max_expected_wait_s = (
+            self.max_wait_s if max_expected_wait_ms is None else max_expected_wait_ms / 1000.0
+        )
         self.max_queue = max_queue
         self.metrics = metrics
         self.retry_after_s = retry_after_s
@@ -64,6 +92,8 @@ class DynamicBatcher(Generic[J, R]):
         self._loop_task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
         self.running = 0  # jobs in the batch now executing
+        self._expected: Counter[Hashable] = Counter()  # announced jobs, not yet submitted
+        self.anticipating = False  # set by the first announcement
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -95,6 +125,24 @@ class DynamicBatcher(Generic[J, R]):
         return len(self._pending)
 
     # --- submit ----------------------------------------------------------------------
+
+    @contextmanager
+    def expecting(self, task: Hashable) -> Iterator[Ticket]:
+        """Announce a job for `task` that is on its way; `ticket.arrived()` (or leaving the
+        block, whichever comes first) says it has been submitted or will not be. Call on
+        the event loop the batcher runs on."""
+        self.anticipating = True
+        self._expected[task] += 1
+        ticket = Ticket(self, task)
+        try:
+            yield ticket
+        finally:
+            ticket.arrived()
+
+    def _arrived(self, task: Hashable) -> None:
+        self._expected[task] -= 1
+        if self._wakeup is not None:
+            self._wakeup.set()  # the loop may be waiting for exactly this job
 
     async def submit(self, task: Hashable, job: J, timeout_s: float | None = None) -> R:
         if self._loop_task is None or self._wakeup is None:
@@ -144,19 +192,35 @@ class DynamicBatcher(Generic[J, R]):
                 await self._wakeup.wait()
                 continue
             first = self._pending[0]
-            deadline = first.enqueued + self.max_wait_s
-            while self._count(first.task) < self.max_batch_size and not first.future.done():
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
-                except asyncio.TimeoutError:
-                    break
+            await self._gather(first)
             batch = self._take(first.task)
             if batch:
                 await self._run(first.task, batch)
+
+    async def _gather(self, first: _Pending) -> None:
+        """Wait while more jobs of `first`'s task may join its batch.
+
+        Blind (nothing ever announced): until the batch is full or `first` has waited
+        `max_wait_ms`. Anticipating: only while announced jobs of the task are still on
+        their way, up to `max_expected_wait_ms` after `first` queued; a job with nothing
+        else coming runs at once.
+        """
+        assert self._wakeup is not None
+        while self._count(first.task) < self.max_batch_size and not first.future.done():
+            if self.anticipating:
+                if self._expected[first.task] <= 0:
+                    return  # nothing else is on its way: waiting would only add latency
+                deadline = first.enqueued + self.max_expected_wait_s
+            else:
+                deadline = first.enqueued + self.max_wait_s
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
 
     def _take(self, task: Hashable) -> list[_Pending]:
         batch: list[_Pending] = []

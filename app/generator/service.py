@@ -101,6 +101,7 @@ class GeneratorService:
             self._run_batch,
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms,
+            max_expected_wait_ms=settings.max_expected_wait_ms,
             max_queue=settings.queue_size,
             metrics=metrics,
         )
@@ -141,6 +142,7 @@ class GeneratorService:
             "state": self.state,
             "max_batch_size": self.settings.max_batch_size,
             "max_wait_ms": self.settings.max_wait_ms,
+            "max_expected_wait_ms": self.settings.max_expected_wait_ms,
             "queue_size": self.settings.queue_size,
             "queue_depth": self.batcher.depth,
             **self.engine_info,

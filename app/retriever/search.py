@@ -10,7 +10,9 @@
   training document itself) or of a kept document adds nothing.
 - **Excluded ids**: for training, the document itself.
 
-FAISS pads with id -1 when it finds fewer candidates than asked; those are dropped.
+FAISS pads with id -1 when it finds fewer candidates than asked; those are dropped. If
+the rules leave fewer than k documents, the query's candidate pool widens (see
+`search`), so k are kept whenever the memory holds k documents that pass.
 Query dropout (training queries lose ~20% of their tokens) happens before the query is
 embedded: `drop_tokens`.
 """
@@ -36,7 +38,8 @@ class SearchStrategy:
     diversity_threshold: float | None = 0.9  # None disables the diversity rule
     prefer_multimodal: bool = True
     exclude_ids: frozenset[int] = field(default_factory=frozenset)  # for every query
-    candidates: int | None = None  # fetch exactly this many (overrides k * overfetch)
+    candidates: int | None = None  # fetch this many first (overrides k * overfetch)
+    max_candidates: int = 1024  # widen up to this many when the rules leave fewer than k
 
     @property
     def n_candidates(self) -> int:
@@ -164,27 +167,44 @@ def search(
     """Up to k neighbours per query row (Q, D), by the paper's rules.
 
     `exclude[q]` lists ids excluded for query q only (training: the document the query
-    was cut from), on top of `strategy.exclude_ids`.
+    was cut from), on top of `strategy.exclude_ids`. When the rules skip so many
+    candidates that fewer than k remain (a memory holding many near-copies of the
+    query), that query's candidate pool widens 4x at a time, up to
+    `strategy.max_candidates`.
     """
     s = SearchStrategy.coerce(strategy, k)
-    scores, ids = knn_search(memory, queries, s.n_candidates)
-    q = np.ascontiguousarray(queries, dtype=np.float32).reshape(len(ids), -1)
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    q = q[None] if q.ndim == 1 else q
     if exclude is not None and len(exclude) != len(q):
         raise ValueError(f"exclude has {len(exclude)} entries for {len(q)} queries")
-    valid = ids >= 0
-    safe = np.where(valid, ids, 0)  # -1 padding never reaches a lookup that matters
+    n = s.n_candidates
+    kept = _rank(memory, q, s, n, exclude)
+    limit = min(max(s.max_candidates, n), len(memory))
+    short = [r for r, row in enumerate(kept) if len(row) < s.k]
+    while short and n < limit:
+        n = min(4 * n, limit)
+        wider = _rank(memory, q[short], s, n,
+                      None if exclude is None else [exclude[r] for r in short])
+        for r, row in zip(short, wider, strict=True):
+            kept[r] = row
+        short = [r for r in short if len(kept[r]) < s.k]
+    return [map_to_metadata(memory, row) for row in kept]
+
+
+def _rank(memory: Memory, q: np.ndarray, s: SearchStrategy, n: int,
+          exclude: Sequence[Iterable[int]] | None) -> list[list[tuple[int, float]]]:
+    """knn_search + apply_rules for every query row: the kept (id, score) pairs."""
+    scores, ids = knn_search(memory, q, n)
+    safe = np.where(ids >= 0, ids, 0)  # -1 padding: its lookups are never used
     vectors = memory.vectors(safe) if s.diversity_threshold is not None else None
     has_image, has_text = memory.has_image(safe), memory.has_text(safe)
-    results = []
-    for row in range(len(q)):
-        kept = apply_rules(
-            q[row], scores[row], ids[row], s,
-            vectors=None if vectors is None else vectors[row],
-            has_image=has_image[row], has_text=has_text[row],
-            exclude=() if exclude is None else exclude[row],
-        )
-        results.append(map_to_metadata(memory, kept))
-    return results
+    return [
+        apply_rules(q[row], scores[row], ids[row], s,
+                    vectors=None if vectors is None else vectors[row],
+                    has_image=has_image[row], has_text=has_text[row],
+                    exclude=() if exclude is None else exclude[row])
+        for row in range(len(q))
+    ]
 
 
 def drop_tokens(tokens: Sequence[int], p: float = 0.2,
