@@ -57,12 +57,16 @@ PLACES = ("on the left", "on the right", "at the top", "at the bottom")
 RELATIONS = ("left of", "right of", "above", "below")
 
 
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
 def prompts() -> Iterator[str]:
     """Distinct demo-world captions, one or two objects (6,720 before the cycle repeats),
     so that no request in a run hits the neighbour cache by accident."""
     singles = [f"a {size} {colour} {shape} {place}" for size, colour, shape, place
                in itertools.product(SIZES, COLOURS, SHAPES, PLACES)]
-    pairs = [f"a {c1} {s1} {rel} a {c2} {s2}" for c1, s1, rel, c2, s2
+    pairs = [f"{_a(c1)} {s1} {rel} {_a(c2)} {s2}" for c1, s1, rel, c2, s2
              in itertools.product(COLOURS, SHAPES, RELATIONS, COLOURS, SHAPES)]
     combos = singles + pairs
     order = np.random.default_rng(0).permutation(len(combos))
