@@ -238,7 +238,6 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-@pytest.mark.slow
 def test_codebook_stays_identical_across_ddp_ranks(tmp_path):
     import socket
 
