@@ -11,6 +11,7 @@ memory, the neighbour table, checkpoints and logs go to a work directory.
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import time
@@ -118,8 +119,6 @@ class Pipeline:
         self.world = World(WorldConfig(seed=recipe.seed, **recipe.world))
         manifest_path = self.out / "manifest.json"
         if manifest_path.is_file():
-            import json
-
             self.manifest = json.loads(manifest_path.read_text())
         else:
             self.manifest = {
@@ -141,8 +140,6 @@ class Pipeline:
     def _record(self, stage: str, wall_s: float, **info: Any) -> None:
         on_disk = self.out / "manifest.json"
         if on_disk.is_file():  # another stage may have run beside this one (e.g. cm3)
-            import json
-
             stages = json.loads(on_disk.read_text()).get("stages", {})
             self.manifest["stages"] = {**stages, **self.manifest["stages"]}
         self.manifest["stages"][stage] = {"done": True, "wall_s": round(wall_s, 2), **info}
