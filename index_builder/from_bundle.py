@@ -1,7 +1,7 @@
 """Build (or append to) a memory with a bundle's CLIP, VQ and text tokenizer.
 
-This is what `racm3 build-index` runs: it reads a source, and hands `build_memory` the
-three functions that turn documents into what the memory stores.
+This is what `racm3 build-index` runs: it reads a source and hands the bundle's models to
+`build_from_source`.
 """
 
 from __future__ import annotations
@@ -10,29 +10,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 import index_builder.world_source  # noqa: F401  (registers the "world" source)
-from index_builder.build import build_memory
+from index_builder.build import build_from_source
 from index_builder.sources import SkipReport, open_source
 
 log = logging.getLogger(__name__)
-
-
-def bundle_functions(bundle: Any) -> dict[str, Any]:
-    """embed / tokenize_text / encode_images backed by the bundle's models."""
-    clip, vq, tok = bundle.clip, bundle.vq, bundle.tokenizer
-
-    def encode_images(images: np.ndarray) -> np.ndarray:
-        batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-        return vq.encode(batch.float().div(255.0).to(vq.device)).cpu().numpy()
-
-    return {
-        "embed": clip.embed_documents,
-        "tokenize_text": tok.encode,
-        "encode_images": encode_images,
-    }
 
 
 def build_from_bundle(
@@ -51,10 +33,12 @@ def build_from_bundle(
     if source == "world" and "world_config" not in source_opts:
         source_opts["world_config"] = bundle.manifest.get("world")
     items = open_source(source, input, bundle.image_size, report, **source_opts)
-    result = build_memory(
+    result = build_from_source(
         items,
         out_dir,
-        **bundle_functions(bundle),
+        clip=bundle.clip,
+        tokenizer=bundle.tokenizer,
+        vq=bundle.vq,
         index_type=index_type,
         chunk_size=chunk_size,
         append=append,
