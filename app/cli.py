@@ -170,6 +170,9 @@ def train(
     work: Path = typer.Option(None, help="Scratch: memory, checkpoints, logs [runs/RECIPE]."),
     device: str = typer.Option("auto", help="cpu, cuda, or auto."),
     force: bool = typer.Option(False, help="Rerun stages already recorded as done."),
+    side_by_side: bool = typer.Option(
+        True, help="With `all` on a CPU: train the CM3 baseline in a second process beside "
+                   "RA-CM3, one core each."),
 ) -> None:
     """Train the demo bundle's components (resumable; stages recorded in manifest.json)."""
     import logging
@@ -181,7 +184,8 @@ def train(
         raise typer.BadParameter(f"unknown recipe {recipe!r}; choose from {sorted(RECIPES)}")
     pipe = Pipeline(RECIPES[recipe], out, work, device=_device(device))
     stages = STAGES if stage is TrainStage.all else (stage.value,)
-    pipe.run(stages, force=force)
+    pipe.run(stages, force=force,
+             side_by_side=side_by_side and stage is TrainStage.all and pipe.device == "cpu")
     typer.echo(f"bundle written to {out}")
 
 
@@ -205,6 +209,7 @@ def eval_command(
     batch_size: int = typer.Option(16, min=1, help="Jobs per decoder call."),
     device: str = typer.Option("auto", help="cpu, cuda, or auto."),
     threads: int = typer.Option(None, min=1, help="torch CPU threads (default: torch's choice)."),
+    tasks: str = typer.Option("t2i,i2t,entity,infill", help="Comma-separated subset to run."),
 ) -> None:
     """RA-CM3 vs CM3 vs retrieval only on the held-out eval split: JSON, table, grid."""
     import logging
@@ -226,7 +231,12 @@ def eval_command(
         raise typer.BadParameter(
             f"no memory at {memory}; build it with `racm3 build-index --source world "
             f"--input memory --out {memory} --bundle {b.path}`", param_hint="--memory")
-    output = evaluate(b, Memory.load(memory), EvalConfig(n=n, seed=seed, batch_size=batch_size))
+    try:
+        config = EvalConfig(n=n, seed=seed, batch_size=batch_size,
+                            tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--tasks") from exc
+    output = evaluate(b, Memory.load(memory), config)
     paths = write_reports(output, report_dir, json_path)
     typer.echo(markdown_table(output.result))
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -66,6 +66,15 @@ class DecoderConfig:
     # parameters and FLOPs of a 4x GELU MLP with one more, cheaper, gated matmul.
     mlp_hidden: int | None = None
     norm_eps: float = 1e-5
+    # Image-grid positions (DALL-E's row/column embeddings, as one table over the grid):
+    # the k-th code of an image run gets embedding k, so a code at grid cell k of the
+    # output attends to cell k of a retrieved image by content, not by a RoPE offset that
+    # varies with the retrieved caption's length. Copying from neighbours is what makes
+    # retrieval useful, and a small model learns it far sooner this way. The image ids are
+    # [image_offset, image_offset + codebook_size); image_len 0 turns the table off.
+    image_offset: int = 0
+    codebook_size: int = 0
+    image_len: int = 0
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -121,6 +130,7 @@ class KVCache:
         length: int = 0,
         padded: bool = False,
         aligned: bool = True,
+        code_run: Tensor | None = None,
     ) -> None:
         self.k, self.v = k, v
         self.key_mask = key_mask
@@ -128,6 +138,8 @@ class KVCache:
         self.length = length
         self.padded = padded  # some slot is masked, so attention needs key_mask
         self.aligned = aligned  # every row's next position is `length`: RoPE can slice
+        # (B,) image codes in a row at the end of each cached row (image-grid positions)
+        self.code_run = torch.zeros_like(next_pos) if code_run is None else code_run
 
     @classmethod
     def allocate(
@@ -184,6 +196,7 @@ class KVCache:
             self.length,
             self.padded,
             self.aligned,
+            self.code_run.index_select(0, rows),
         )
 
     def expand(self, n: int) -> KVCache:
@@ -289,6 +302,9 @@ class CM3Decoder(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        # row 0 (not an image code) stays zero: text and markup get no grid embedding
+        self.wge = (nn.Embedding(config.image_len + 1, config.n_embd, padding_idx=0)
+                    if config.image_len else None)
         self.dropout = config.dropout
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
@@ -300,6 +316,9 @@ class CM3Decoder(nn.Module):
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.reset_rope_tables()
         self.apply(self._init_weights)
+        if self.wge is not None:
+            with torch.no_grad():
+                self.wge.weight[0].zero_()  # the init above filled the padding row too
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2: scale residual projections by depth
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -356,7 +375,10 @@ class CM3Decoder(nn.Module):
         cos, sin, mask, is_causal = self._attention_inputs(
             B, T, idx.device, attention_mask, positions, kv_cache
         )
-        x = _dropout(self.wte(idx), self.dropout, self.training)
+        x = self.wte(idx)
+        if self.wge is not None:
+            x = x + self.wge(self.grid_positions(idx, kv_cache))
+        x = _dropout(x, self.dropout, self.training)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, is_causal, kv_cache, i)
         if kv_cache is not None:
@@ -364,6 +386,23 @@ class CM3Decoder(nn.Module):
         logits = self.lm_head(self.ln_f(x[:, -1:] if last_only else x))
         loss = None if targets is None else token_loss(logits, targets, loss_weights)
         return logits, loss
+
+    def grid_positions(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
+        """(B, T) 1 + the index of each image code within its run of codes; 0 elsewhere.
+
+        With a cache, runs continue from the cached tokens (and the cache remembers where
+        this chunk's runs end). A run longer than an image wraps to the next image.
+        """
+        c = self.config
+        is_code = (idx >= c.image_offset) & (idx < c.image_offset + c.codebook_size)
+        T = idx.size(1)
+        pos = torch.arange(T, device=idx.device).expand_as(idx)
+        last_break = torch.where(is_code, -1, pos).cummax(dim=1).values  # -1: none yet
+        run = pos - last_break  # codes so far in this run, this one included
+        if cache is not None:
+            run = run + torch.where(last_break < 0, cache.code_run[:, None], 0)
+            cache.code_run = torch.where(is_code[:, -1], run[:, -1], 0)
+        return torch.where(is_code, (run - 1) % c.image_len + 1, 0)
 
     def _attention_inputs(
         self,

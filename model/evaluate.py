@@ -100,10 +100,15 @@ class EvalConfig:
     t2i: Decoding = T2I_DECODING
     caption: Decoding = CAPTION_DECODING
     infill: Decoding = INFILL_DECODING
+    tasks: tuple[str, ...] = ("t2i", "i2t", "entity", "infill")  # a subset for quick looks
 
     def __post_init__(self) -> None:
         if self.n < 2:
             raise ValueError("n must be at least 2 (FID needs two samples per side)")
+        unknown = set(self.tasks) - {"t2i", "i2t", "entity", "infill"}
+        if unknown or not self.tasks:
+            raise ValueError(f"unknown tasks {sorted(unknown)}; choose from t2i, i2t, "
+                             "entity, infill")
 
 
 TASKS = {
@@ -378,6 +383,8 @@ class Evaluator:
         tasks = (("t2i", self.eval_t2i), ("i2t", self.eval_i2t),
                  ("entity", self.eval_entity), ("infill", self.eval_infill))
         for name, run_task in tasks:
+            if name not in self.config.tasks:
+                continue
             t0 = time.perf_counter()
             for system, values in run_task().items():
                 systems[system].update(values)

@@ -32,8 +32,25 @@ def one_thread():
 @pytest.fixture(scope="module")
 def model() -> CM3Decoder:
     torch.manual_seed(0)
-    cfg = DecoderConfig(vocab_size=192, n_layer=2, n_head=4, n_embd=64, block_size=96)
+    # ids 100..191 are image codes with a 2x4 grid, so random prompts hold runs of codes of
+    # every length and every cache test below also checks the image-grid positions
+    cfg = DecoderConfig(vocab_size=192, n_layer=2, n_head=4, n_embd=64, block_size=96,
+                        image_offset=100, codebook_size=92, image_len=8)
     return CM3Decoder(cfg).eval()
+
+
+def test_grid_positions_count_codes_within_each_image_run(model: CM3Decoder) -> None:
+    # text 30, codes 100+, specials 3/4/5: an image of 8 codes, a split one, a long run
+    ids = [3, 30, 4, *range(100, 108), 5, 101, 102, 9, 103, *range(110, 120)]
+    want = [0, 0, 0, *range(1, 9), 0, 1, 2, 0, *range(1, 9), 1, 2, 3]  # 11 wrap
+    got = model.grid_positions(torch.tensor([ids]))
+    assert got[0].tolist() == want
+    # chunked through a cache, runs continue across chunk boundaries
+    cache = model.new_cache(1, len(ids))
+    parts = [model.grid_positions(torch.tensor([ids[a:b]]), cache)
+             for a, b in ((0, 5), (5, 6), (6, 14), (14, len(ids)))]
+    assert torch.cat(parts, dim=1)[0].tolist() == want
+    assert model.wge.weight[0].abs().sum() == 0  # text and markup get no grid embedding
 
 
 def _prompt(n: int, seed: int) -> list[int]:

@@ -175,3 +175,22 @@ def test_novel_flag_differs_from_every_world_flag() -> None:
     for name in world.entities:
         known = world.render({"kind": "entity", "entity": name})
         assert (known != flag).any(-1).mean() >= 0.25
+
+
+def test_eval_runs_only_the_tasks_asked_for(smoke_bundle, tmp_path: Path) -> None:
+    bundle_dir, memory_dir = smoke_bundle
+    json_path = tmp_path / "eval.json"
+    with torch_threads(1):
+        result = CliRunner().invoke(app, [
+            "eval", "--bundle", str(bundle_dir), "--memory", str(memory_dir), "--n", "2",
+            "--tasks", "entity", "--json", str(json_path), "--report-dir", str(tmp_path),
+            "--threads", "1",
+        ])
+    assert result.exit_code == 0, result.output
+    data = json.loads(json_path.read_text())
+    assert data["meta"]["n"] == {"entity": 2}
+    assert all(set(values) == {"entity_acc"} for values in data["systems"].values())
+
+    bad = CliRunner().invoke(app, ["eval", "--bundle", str(bundle_dir), "--memory",
+                                   str(memory_dir), "--tasks", "t2i,captions"])
+    assert bad.exit_code != 0 and "captions" in bad.output

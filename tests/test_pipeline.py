@@ -23,3 +23,28 @@ def test_smoke_recipe_trains_every_stage_and_each_loss_goes_down(smoke_bundle):
     # the manifest records what a reader needs to reproduce the bundle
     assert {"recipe", "world", "source_commit"} <= set(manifest)
     assert all("wall_s" in s for s in stages.values())
+
+
+def test_side_by_side_trains_the_baseline_in_a_second_process(smoke_bundle, tmp_path):
+    """`racm3 train all` on a CPU trains CM3 in another process beside RA-CM3."""
+    import shutil
+
+    from model.pipeline import RECIPES, Pipeline
+
+    bundle_dir, memory_dir = smoke_bundle
+    out, work = tmp_path / "bundle", tmp_path / "work"
+    shutil.copytree(bundle_dir, out)
+    shutil.copytree(memory_dir.parent, work, ignore=shutil.ignore_patterns("*.ckpt"))
+    before = json.loads((out / "manifest.json").read_text())["stages"]
+    pipe = Pipeline(RECIPES["smoke"], out, work, device="cpu", progress=False)
+    stages = pipe.run(("generator", "baseline"), force=True, side_by_side=True)["stages"]
+    assert (work / "baseline.stdout.log").is_file()  # it really ran in another process
+    for name in ("generator", "baseline"):
+        assert stages[name]["done"] and stages[name]["wall_s"] != before[name]["wall_s"]
+    on_disk = json.loads((out / "manifest.json").read_text())["stages"]
+    assert on_disk["baseline"]["wall_s"] == stages["baseline"]["wall_s"]
+    # the same seed and data: the baseline trained in the other process is the same model
+    from safetensors.torch import load_file
+
+    for key, value in load_file(str(bundle_dir / "cm3.safetensors")).items():
+        assert (load_file(str(out / "cm3.safetensors"))[key] == value).all(), key
