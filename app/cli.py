@@ -210,6 +210,10 @@ def eval_command(
     device: str = typer.Option("auto", help="cpu, cuda, or auto."),
     threads: int = typer.Option(None, min=1, help="torch CPU threads (default: torch's choice)."),
     tasks: str = typer.Option("t2i,i2t,entity,infill", help="Comma-separated subset to run."),
+    new_entity: str = typer.Option(
+        None, help="Also append 'the flag of NAME' (a flag unlike the world's) to a copy of "
+                   "the memory with build-index --append, then ask both decoders for it."),
+    new_entity_samples: int = typer.Option(8, min=1, help="Samples per decoder for that."),
 ) -> None:
     """RA-CM3 vs CM3 vs retrieval only on the held-out eval split: JSON, table, grid."""
     import logging
@@ -237,9 +241,31 @@ def eval_command(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--tasks") from exc
     output = evaluate(b, Memory.load(memory), config)
+    if new_entity:
+        output.result["new_entity"] = _new_entity(b, memory, new_entity, new_entity_samples,
+                                                  seed)
+        typer.echo(f"new entity: {output.result['new_entity']}")
     paths = write_reports(output, report_dir, json_path)
     typer.echo(markdown_table(output.result))
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def _new_entity(bundle, memory: Path, name: str, samples: int, seed: int) -> dict:
+    """`new_entity_check` on a copy of the memory: the real one is never appended to."""
+    import shutil
+    import tempfile
+    from dataclasses import asdict
+
+    from model.evaluate import new_entity_check, novel_flag
+    from model.world import World, WorldConfig
+
+    world = World(WorldConfig.from_dict(bundle.manifest["world"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "memory"
+        shutil.copytree(memory, copy)
+        check = new_entity_check(bundle, copy, name, novel_flag(world, seed),
+                                 samples=samples, seed=seed)
+    return {**asdict(check), "passed": check.passed}
 
 
 # --- serve / generate ------------------------------------------------------------------

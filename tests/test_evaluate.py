@@ -180,16 +180,22 @@ def test_novel_flag_differs_from_every_world_flag() -> None:
 def test_eval_runs_only_the_tasks_asked_for(smoke_bundle, tmp_path: Path) -> None:
     bundle_dir, memory_dir = smoke_bundle
     json_path = tmp_path / "eval.json"
+    current = (memory_dir / "CURRENT").read_text()
     with torch_threads(1):
         result = CliRunner().invoke(app, [
             "eval", "--bundle", str(bundle_dir), "--memory", str(memory_dir), "--n", "2",
             "--tasks", "entity", "--json", str(json_path), "--report-dir", str(tmp_path),
-            "--threads", "1",
+            "--threads", "1", "--new-entity", "Zentaria", "--new-entity-samples", "2",
         ])
     assert result.exit_code == 0, result.output
     data = json.loads(json_path.read_text())
     assert data["meta"]["n"] == {"entity": 2}
     assert all(set(values) == {"entity_acc"} for values in data["systems"].values())
+    # the new-entity check appends to a copy: the memory itself keeps its version
+    check = data["new_entity"]
+    assert check["name"] == "Zentaria" and check["samples"] == 2
+    assert {"retrieved", "ra_cm3_match", "cm3_match", "passed"} <= set(check)
+    assert (memory_dir / "CURRENT").read_text() == current
 
     bad = CliRunner().invoke(app, ["eval", "--bundle", str(bundle_dir), "--memory",
                                    str(memory_dir), "--tasks", "t2i,captions"])
