@@ -170,20 +170,23 @@ class Pipeline:
         beside RA-CM3 (one thread each): on a 2-core CPU that halves their wall time."""
         pending = [s for s in stages if force or not self.done(s)]
         beside = None
-        if side_by_side and {"generator", "baseline"} <= set(pending):
-            beside = self._start_beside("baseline", force)
-            pending.remove("baseline")
         for stage in stages:
             if stage not in pending:
-                if beside is None or stage != "baseline":
-                    log.info("stage %s already done; skipping", stage)
+                log.info("stage %s already done; skipping", stage)
                 continue
+            if stage == "baseline" and beside is not None:
+                continue  # running in the other process
+            if stage == "generator" and side_by_side and "baseline" in pending:
+                # started only now: it needs every earlier stage's output
+                beside = self._start_beside("baseline", force)
             t0 = time.perf_counter()
-            info = getattr(self, f"stage_{stage}")() or {}
+            try:
+                info = getattr(self, f"stage_{stage}")() or {}
+            except BaseException:
+                if beside is not None:
+                    beside.terminate()  # no orphan training on after this run failed
+                raise
             self._record(stage, time.perf_counter() - t0, **info)
-            if beside is not None and stage == "generator":
-                self._join_beside(beside)
-                beside = None
         if beside is not None:
             self._join_beside(beside)
         return self.manifest
