@@ -54,6 +54,10 @@ class Recipe:
     gen_steps: int = 1500
     gen_batch: int = 16
     gen_lr: float = 1e-3
+    # Share of entity documents in the generator's batches (None: the train split's own,
+    # 15%). Copying a flag from a retrieved document is the skill memory-only entities
+    # need, and entity documents are where training rewards it most.
+    gen_entity_frac: float | None = None
     retrieval_k: int = 2
     diversity_threshold: float = 0.9
     query_dropout: float = 0.2
@@ -326,8 +330,14 @@ class Pipeline:
     def _corpus(self):
         from model.neighbours import load_corpus
 
-        return load_corpus(self.world, self.bundle(), self.memory_dir(),
-                           np.load(self.work / "neighbours.npy"))
+        corpus = load_corpus(self.world, self.bundle(), self.memory_dir(),
+                             np.load(self.work / "neighbours.npy"))
+        frac = self.recipe.gen_entity_frac
+        if frac is not None:
+            kinds = [it.attributes["kind"] for it in
+                     self.world.iter_split("train", 0, len(corpus.main_docs))]
+            corpus = replace(corpus, sample_weights=entity_weights(kinds, frac))
+        return corpus
 
     def _decoder_config(self):
         from model.decoder import DecoderConfig
@@ -365,6 +375,17 @@ class Pipeline:
 
     def stage_baseline(self) -> dict:
         return self._train_decoder("cm3", max_k=0)
+
+
+def entity_weights(kinds: list[str], frac: float) -> np.ndarray:
+    """Per-document sampling weights that make entity documents `frac` of the draws."""
+    if not 0 < frac < 1:
+        raise ValueError("gen_entity_frac must be in (0, 1)")
+    is_entity = np.array([k == "entity" for k in kinds])
+    n_entity = int(is_entity.sum())
+    if n_entity in (0, len(kinds)):
+        return np.ones(len(kinds))
+    return np.where(is_entity, frac / n_entity, (1 - frac) / (len(kinds) - n_entity))
 
 
 def _loss_span(losses: list[float]) -> dict:

@@ -78,10 +78,17 @@ class TrainingCorpus:
     memory_docs: list[list[int]]
     neighbours: np.ndarray  # (N, V, K_max) int64
     image_grid: tuple[int, int]
+    # (N,) how often each document is drawn, relative to the others; None: uniformly
+    sample_weights: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.neighbours.ndim != 3 or self.neighbours.shape[0] != len(self.main_docs):
             raise ValueError("neighbours must be (N_train, variants, K_max)")
+        if self.sample_weights is not None:
+            w = np.asarray(self.sample_weights, dtype=np.float64)
+            if w.shape != (len(self.main_docs),) or (w < 0).any() or w.sum() <= 0:
+                raise ValueError("sample_weights must be (N_train,), >= 0, not all zero")
+            self.sample_weights = w / w.sum()
 
 
 @dataclass
@@ -141,16 +148,19 @@ def make_example(
     return Example(ids, weights, len(neighbour_ids), neighbour_ids, start)
 
 
-def global_batch_indices(n_docs: int, step: int, cfg: GeneratorTrainConfig) -> np.ndarray:
+def global_batch_indices(n_docs: int, step: int, cfg: GeneratorTrainConfig,
+                         weights: np.ndarray | None = None) -> np.ndarray:
     """The documents of step `step`'s global batch: a function of (seed, step) alone."""
     rng = np.random.default_rng([cfg.seed, step, 0])
+    if weights is not None:
+        return rng.choice(n_docs, size=cfg.batch_size, p=weights)
     return rng.integers(0, n_docs, size=cfg.batch_size)
 
 
 def build_batch(corpus: TrainingCorpus, step: int, cfg: GeneratorTrainConfig, block_size: int,
                 rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, ...]:
     """This rank's shard of step `step`'s global batch, as `(idx, targets, weights)`."""
-    docs = global_batch_indices(len(corpus.main_docs), step, cfg)
+    docs = global_batch_indices(len(corpus.main_docs), step, cfg, corpus.sample_weights)
     examples = []
     for pos in range(rank, cfg.batch_size, world_size):
         # per-example rng keyed by its global position: identical whatever the world size

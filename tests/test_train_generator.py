@@ -154,3 +154,24 @@ def test_ddp_two_processes_match_one_process_first_step_loss(tmp_path):
     losses = dict(queue.get() for _ in range(2))
     assert losses[0] == pytest.approx(single.history[0]["loss"], rel=1e-5)
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+
+
+def test_sample_weights_set_the_share_of_each_kind_of_document():
+    from dataclasses import replace
+
+    from model.pipeline import entity_weights
+    from model.train_generator import global_batch_indices
+
+    kinds = ["object"] * 24 + ["entity"] * 8  # 25% entities in the data
+    corpus = replace(_corpus(), sample_weights=entity_weights(kinds, 0.5))
+    cfg = GeneratorTrainConfig(batch_size=64)
+    drawn = np.concatenate([global_batch_indices(32, s, cfg, corpus.sample_weights)
+                            for s in range(100)])
+    assert abs((drawn >= 24).mean() - 0.5) < 0.03  # half the draws are entity documents
+    # a function of (seed, step) alone, like the uniform draw
+    assert (global_batch_indices(32, 7, cfg, corpus.sample_weights)
+            == global_batch_indices(32, 7, cfg, corpus.sample_weights)).all()
+    with pytest.raises(ValueError, match="sample_weights"):
+        replace(corpus, sample_weights=np.zeros(32))
+    with pytest.raises(ValueError, match="gen_entity_frac"):
+        entity_weights(kinds, 1.0)
