@@ -362,6 +362,44 @@ class Evaluator:
             out[system] = {"infill_acc": match["attribute"], "infill_exact": match["exact"]}
         return out
 
+    def copy_probe(self, n: int = 16) -> dict[str, float]:
+        """Does RA-CM3 copy from its neighbours? Teacher-forced loss (nats per code) of a
+        memory-only flag's image codes with a same-flag neighbour in context (another
+        variant, another caption template), with none, and with another flag's.
+
+        A decoder that copies scores far lower with the same flag (two variants of a flag
+        share most of their codes); one that ignores its neighbours scores the same.
+        """
+        from model.tokens import SRC_ID, Document, assemble
+
+        decoder = self.engines["ra_cm3"].decoder
+        space, tok, vq = self.bundle.space, self.bundle.tokenizer, self.bundle.vq
+        names = self.world.memory_only_entities[:n]
+
+        def doc(name: str, variant: int, template: int) -> list[int]:
+            attrs = {"kind": "entity", "entity": name}
+            image = self.world.render(attrs, variant)
+            pixels = torch.from_numpy(image[None]).permute(0, 3, 1, 2).float().div(255.0)
+            codes = vq.encode(pixels.to(self.engine.device)).cpu().numpy()[0]
+            return Document(self.world.caption(attrs, template), codes).to_ids(space, tok.encode)
+
+        losses: dict[str, list[float]] = {"same": [], "none": [], "other": []}
+        for i, name in enumerate(names):
+            main = doc(name, 0, 0)
+            contexts = {"same": [doc(name, 1, 1)], "none": [],
+                        "other": [doc(names[(i + 1) % len(names)], 1, 1)]}
+            for key, context in contexts.items():
+                ids = assemble(context, main).ids
+                first = len(ids) - len(main) + main.index(SRC_ID) + 1  # first image code
+                seq = torch.tensor([ids], device=self.engine.device)
+                with torch.inference_mode():
+                    logits, _ = decoder(seq)
+                logp = torch.log_softmax(logits[0, first - 1 : first - 1 + space.image_len]
+                                         .float(), dim=-1)
+                target = seq[0, first : first + space.image_len]
+                losses[key].append(float(-logp.gather(1, target[:, None]).mean()))
+        return {f"copy_loss_{k}": float(np.mean(v)) for k, v in losses.items()}
+
     def _add_rows(self, prompts: Sequence[str], neighbours: Sequence[list[NeighbourDoc]],
                   images: dict[str, np.ndarray], n: int) -> None:
         for i in range(min(n, len(prompts))):
@@ -392,8 +430,10 @@ class Evaluator:
             log.info("eval %s: %s (%.1fs)", name,
                      {s: {k: round(v, 3) for k, v in m.items()} for s, m in systems.items()},
                      task_wall[name])
+        probe = self.copy_probe() if "entity" in self.config.tasks else None
         result = {
             "systems": systems,
+            **({"copy_probe": probe} if probe else {}),
             "meta": {
                 "bundle": self.bundle.manifest.get("name", Path(self.bundle.path).name),
                 "bundle_path": str(self.bundle.path),

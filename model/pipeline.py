@@ -65,9 +65,9 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    # Sized for about an hour on a 2-core CPU (shared with other work while it was
-    # trained). The decoder is narrower than the `demo` preset (d=128, 4 layers): with
-    # this compute, more steps beat a bigger model.
+    # Sized for under an hour on a 2-core CPU: `racm3 train all` took 39 minutes for the
+    # committed bundle (RA-CM3 and CM3 side by side). The decoder is narrower than the
+    # `demo` preset (d=128, 4 layers): with this compute, more steps beat a bigger model.
     "demo": Recipe(
         name="demo",
         # 400 entities, not 64: with a few dozen, the decoder memorises every training
