@@ -165,7 +165,7 @@ class TrainStage(str, Enum):
 @app.command()
 def train(
     stage: TrainStage = typer.Argument(..., help="One stage, or all of them in order."),
-    recipe: str = typer.Option("demo", help="demo (~40 min on 2 cores) or smoke (<60 s)."),
+    recipe: str = typer.Option("demo", help="demo (~50 min on 2 cores) or smoke (<60 s)."),
     out: Path = typer.Option(..., help="Bundle directory to write."),
     work: Path = typer.Option(None, help="Scratch: memory, checkpoints, logs [runs/RECIPE]."),
     device: str = typer.Option("auto", help="cpu, cuda, or auto."),

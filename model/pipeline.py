@@ -65,8 +65,8 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    # Sized for under an hour on a 2-core CPU: `racm3 train all` took 39 minutes for the
-    # committed bundle (RA-CM3 and CM3 side by side). The decoder is narrower than the
+    # Sized for under an hour on a 2-core CPU: 50 minutes for the committed bundle (RA-CM3
+    # and CM3 side by side). The decoder is narrower than the
     # `demo` preset (d=128, 4 layers): with this compute, more steps beat a bigger model.
     "demo": Recipe(
         name="demo",
@@ -85,7 +85,7 @@ RECIPES: dict[str, Recipe] = {
         judge_steps=800,  # 400 entity classes need more steps than 64
         decoder={"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 512},
         gen_docs=32_000,
-        gen_steps=6000,
+        gen_steps=9000,
         gen_batch=8,
         gen_lr=2e-3,
         # Our small CLIP packs similarities close to 1 (a caption and its own image score
