@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from benchmarks.machine import cpu_name
 from model.decoder import CM3Decoder, DecoderConfig
 from model.sampling import SamplingParams
 
@@ -109,7 +110,7 @@ def run(
     result: dict[str, Any] = {
         "preset": preset,
         "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
         "dtype": str(torch_dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -207,15 +208,6 @@ def _kv_vs_recompute(
         out[f"kv_step_speedup_at_{total}_cpu"] = step_full.cpu / step_cached.cpu
     return out
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu"
 
 
 def format_table(r: dict[str, Any]) -> str:

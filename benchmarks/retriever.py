@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.machine import cpu_name
+
 FAMILIES = ("flat", "hnsw", "ivf", "ivfpq", "auto")
 K = 10
 
@@ -211,7 +213,7 @@ def run(n: int = 100_000, dim: int = 128, families: tuple[str, ...] = FAMILIES,
         "threads": threads,
         "results": results,
         "machine": {
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
             "cores": os.cpu_count(),
             "load_avg_at_start": os.getloadavg()[0],
             "python": platform.python_version(),
@@ -220,15 +222,6 @@ def run(n: int = 100_000, dim: int = 128, families: tuple[str, ...] = FAMILIES,
         },
     }
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def format_table(r: dict[str, Any]) -> str:

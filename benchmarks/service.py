@@ -42,6 +42,8 @@ from typing import Any
 import httpx
 import numpy as np
 
+from benchmarks.machine import cpu_name
+
 log = logging.getLogger(__name__)
 
 CONCURRENCY = (1, 8, 32)
@@ -346,7 +348,7 @@ def run(
     result: dict[str, Any] = {
         "bundle": str(rs.bundle_dir),
         "memory": str(rs.memory_dir),
-        "machine": f"{platform.machine()} {_cpu_name()}, {os.cpu_count()} cores",
+        "machine": f"{platform.machine()} {cpu_name()}, {os.cpu_count()} cores",
         "torch_threads": threads,
         "loadavg_start": list(os.getloadavg()),
         "requests_per_level": requests,
@@ -444,15 +446,6 @@ def _meets(value: float | None, op: str, target: float) -> bool | None:
         return None
     return value <= target if op == "<=" else value >= target
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _fmt(value: Any, digits: int = 1) -> str:

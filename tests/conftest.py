@@ -40,6 +40,13 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module of tiny models (see `torch_threads` for why)."""
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture(scope="session")
 def smoke_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from model.pipeline import RECIPES, Pipeline

@@ -19,14 +19,7 @@ from model.tokens import EOS_ID, PAD_ID
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Decoding runs many tiny ops: on a shared 2-core machine a second OpenMP thread only
-    adds barrier waits (10x slower per step under load), never speed."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

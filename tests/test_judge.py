@@ -25,16 +25,6 @@ def world() -> World:
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    # A CNN this small gains nothing from a second thread, and on a shared machine the
-    # threads' barrier waits cost several times the compute.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def trained(world: World, one_thread) -> tuple[Judge, JudgeHistory, list[dict]]:
     config = JudgeTrainConfig(steps=150, batch_size=32, lr=3e-3, warmup_steps=10, n_eval=300,
                               log_every=50)

@@ -18,15 +18,7 @@ from model.train_clip import (
 )
 from model.world import World, WorldConfig, parse_caption
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # A model this small gains little from a second thread, and on a shared machine the
-    # threads' barrier waits cost several times the compute.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

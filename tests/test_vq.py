@@ -13,15 +13,8 @@ from safetensors import safe_open
 from model.vq import EMAQuantizer, VQConfig, VQModel
 from model.vq_train import train_vq
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These models are tiny; on a shared 2-core machine a second OpenMP thread mostly
-    # spin-waits for the first (measured: ~4x slower training steps under load).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 PALETTE = np.array([
     [220, 40, 40], [40, 170, 60], [40, 80, 220], [240, 210, 40], [150, 60, 190],
