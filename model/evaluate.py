@@ -369,6 +369,10 @@ class Evaluator:
 
         A decoder that copies scores far lower with the same flag (two variants of a flag
         share most of their codes); one that ignores its neighbours scores the same.
+        `copy_row_*` is the same loss over the first grid row only: once a flag's first
+        row is drawn the rest follows from the flag's own layout, so the whole-image
+        average hides most of what the neighbour contributes; the first row is where the
+        layout and colours are chosen, and where copying shows.
         """
         from model.tokens import SRC_ID, Document, assemble
 
@@ -384,6 +388,8 @@ class Evaluator:
             return Document(self.world.caption(attrs, template), codes).to_ids(space, tok.encode)
 
         losses: dict[str, list[float]] = {"same": [], "none": [], "other": []}
+        rows: dict[str, list[float]] = {"same": [], "none": [], "other": []}
+        row_len = space.image_grid[1]
         for i, name in enumerate(names):
             main = doc(name, 0, 0)
             contexts = {"same": [doc(name, 1, 1)], "none": [],
@@ -397,8 +403,11 @@ class Evaluator:
                 logp = torch.log_softmax(logits[0, first - 1 : first - 1 + space.image_len]
                                          .float(), dim=-1)
                 target = seq[0, first : first + space.image_len]
-                losses[key].append(float(-logp.gather(1, target[:, None]).mean()))
-        return {f"copy_loss_{k}": float(np.mean(v)) for k, v in losses.items()}
+                nll = -logp.gather(1, target[:, None])[:, 0]
+                losses[key].append(float(nll.mean()))
+                rows[key].append(float(nll[:row_len].mean()))
+        return {**{f"copy_loss_{k}": float(np.mean(v)) for k, v in losses.items()},
+                **{f"copy_row_{k}": float(np.mean(v)) for k, v in rows.items()}}
 
     def _add_rows(self, prompts: Sequence[str], neighbours: Sequence[list[NeighbourDoc]],
                   images: dict[str, np.ndarray], n: int) -> None:

@@ -94,6 +94,17 @@ def write_markdown(result: Mapping[str, Any], path: str | Path,
     retrieval = meta.get("retrieval", {})
     if retrieval:
         parts += ["", f"Retrieval: {_kv(retrieval)}"]
+    probe = result.get("copy_probe")
+    if probe:
+        parts += ["", "## Copy probe", "",
+                  "RA-CM3's teacher-forced loss (nats per image code) of memory-only flags, "
+                  "with a same-flag neighbour in context, none, or another flag's. Lower "
+                  "with the same flag means the decoder takes the flag from its neighbour.",
+                  "", "| codes | same flag | none | other flag |", "|---|---|---|---|"]
+        for part, title in (("loss", "whole image"), ("row", "first row")):
+            if f"copy_{part}_same" in probe:
+                parts.append(f"| {title} | " + " | ".join(
+                    _fmt(probe[f"copy_{part}_{c}"]) for c in ("same", "none", "other")) + " |")
     if grid_name and grid_rows:
         parts += ["", "## Examples", "", f"![examples]({grid_name})", "",
                   "Columns: prompt, neighbour 1, neighbour 2, RA-CM3, CM3. Rows:", ""]

@@ -192,7 +192,8 @@ def test_eval_runs_only_the_tasks_asked_for(smoke_bundle, tmp_path: Path) -> Non
     assert data["meta"]["n"] == {"entity": 2}
     assert all(set(values) == {"entity_acc"} for values in data["systems"].values())
     probe = data["copy_probe"]  # teacher-forced loss with/without a same-flag neighbour
-    assert set(probe) == {"copy_loss_same", "copy_loss_none", "copy_loss_other"}
+    assert set(probe) == {f"copy_{part}_{ctx}" for part in ("loss", "row")
+                          for ctx in ("same", "none", "other")}
     assert all(math.isfinite(v) and v > 0 for v in probe.values())
     # the new-entity check appends to a copy: the memory itself keeps its version
     check = data["new_entity"]
