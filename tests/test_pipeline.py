@@ -51,3 +51,28 @@ def test_side_by_side_trains_the_baseline_in_a_second_process(smoke_bundle, tmp_
 
     for key, value in load_file(str(bundle_dir / "cm3.safetensors")).items():
         assert (load_file(str(out / "cm3.safetensors"))[key] == value).all(), key
+
+
+def test_training_takes_the_core_back_once_the_process_beside_has_finished(tmp_path):
+    """RA-CM3 trains on one thread while CM3 runs beside it, then on all of them."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from model.pipeline import RECIPES, Pipeline
+    from tests.conftest import torch_threads
+
+    with torch_threads(2):
+        pipe = Pipeline(RECIPES["smoke"], tmp_path / "bundle", tmp_path / "work",
+                        progress=False)
+        torch.set_num_threads(1)  # as `_start_beside` leaves it
+        pipe._beside = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            pipe._reclaim_threads({"step": 10})
+            assert torch.get_num_threads() == 1  # still running: its core is still its own
+        finally:
+            pipe._beside.terminate()
+            pipe._beside.wait()
+        pipe._reclaim_threads({"step": 20})
+        assert torch.get_num_threads() == 2
