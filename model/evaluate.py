@@ -387,9 +387,7 @@ class Evaluator:
             codes = vq.encode(pixels.to(self.engine.device)).cpu().numpy()[0]
             return Document(self.world.caption(attrs, template), codes).to_ids(space, tok.encode)
 
-        losses: dict[str, list[float]] = {"same": [], "none": [], "other": []}
-        rows: dict[str, list[float]] = {"same": [], "none": [], "other": []}
-        row_len = space.image_grid[1]
+        nll: dict[str, list[torch.Tensor]] = {"same": [], "none": [], "other": []}
         for i, name in enumerate(names):
             main = doc(name, 0, 0)
             contexts = {"same": [doc(name, 1, 1)], "none": [],
@@ -403,11 +401,10 @@ class Evaluator:
                 logp = torch.log_softmax(logits[0, first - 1 : first - 1 + space.image_len]
                                          .float(), dim=-1)
                 target = seq[0, first : first + space.image_len]
-                nll = -logp.gather(1, target[:, None])[:, 0]
-                losses[key].append(float(nll.mean()))
-                rows[key].append(float(nll[:row_len].mean()))
-        return {**{f"copy_loss_{k}": float(np.mean(v)) for k, v in losses.items()},
-                **{f"copy_row_{k}": float(np.mean(v)) for k, v in rows.items()}}
+                nll[key].append(-logp.gather(1, target[:, None])[:, 0])
+        row = space.image_grid[1]
+        return {**{f"copy_loss_{k}": float(torch.stack(v).mean()) for k, v in nll.items()},
+                **{f"copy_row_{k}": float(torch.stack(v)[:, :row].mean()) for k, v in nll.items()}}
 
     def _add_rows(self, prompts: Sequence[str], neighbours: Sequence[list[NeighbourDoc]],
                   images: dict[str, np.ndarray], n: int) -> None:

@@ -66,7 +66,7 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     # Sized for under an hour on a 2-core CPU (RA-CM3 and CM3 side by side, RA-CM3 on both
-    # cores once CM3 is done; about 52 minutes expected). The decoder is narrower than the
+    # cores once CM3 is done; about 50 minutes measured). The decoder is narrower than the
     # `demo` preset (d=128, 4 layers): with this compute, more steps beat a bigger model.
     "demo": Recipe(
         name="demo",
@@ -175,26 +175,26 @@ class Pipeline:
         """Run `stages` in order. `side_by_side`: train the CM3 baseline in a second process
         beside RA-CM3 (one thread each): on a 2-core CPU that halves their wall time."""
         pending = [s for s in stages if force or not self.done(s)]
-        beside = self._beside = None
+        self._beside = None
         for stage in stages:
             if stage not in pending:
                 log.info("stage %s already done; skipping", stage)
                 continue
-            if stage == "baseline" and beside is not None:
+            if stage == "baseline" and self._beside is not None:
                 continue  # running in the other process
             if stage == "generator" and side_by_side and "baseline" in pending:
                 # started only now: it needs every earlier stage's output
-                beside = self._beside = self._start_beside("baseline", force)
+                self._beside = self._start_beside("baseline", force)
             t0 = time.perf_counter()
             try:
                 info = getattr(self, f"stage_{stage}")() or {}
             except BaseException:
-                if beside is not None:
-                    beside.terminate()  # no orphan training on after this run failed
+                if self._beside is not None:
+                    self._beside.terminate()  # no orphan training on after this run failed
                 raise
             self._record(stage, time.perf_counter() - t0, **info)
-        if beside is not None:
-            self._join_beside(beside)
+        if self._beside is not None:
+            self._join_beside(self._beside)
         return self.manifest
 
     def _start_beside(self, stage: str, force: bool) -> subprocess.Popen:
@@ -217,12 +217,11 @@ class Pipeline:
     def _reclaim_threads(self, record: dict | None = None) -> None:
         """Once the process beside has finished (CM3's shorter sequences make it ~3x
         faster), take its core back: RA-CM3 trains 1.5x faster on two threads than one."""
-        beside = self._beside
-        if beside is not None and beside.poll() is not None:
-            if torch.get_num_threads() < self._threads_before_beside:
-                torch.set_num_threads(self._threads_before_beside)
-                log.info("the stage beside has finished; training on with %d threads",
-                         self._threads_before_beside)
+        finished = self._beside is not None and self._beside.poll() is not None
+        if finished and torch.get_num_threads() < self._threads_before_beside:
+            torch.set_num_threads(self._threads_before_beside)
+            log.info("the stage beside has finished; training on with %d threads",
+                     self._threads_before_beside)
 
     def _join_beside(self, proc: subprocess.Popen) -> None:
         if proc.wait() != 0:
