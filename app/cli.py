@@ -58,6 +58,19 @@ def bench_decoder(
     )
 
 
+@bench_app.command("train")
+def bench_train(
+    json_path: Path | None = typer.Option(None, "--json", help="write the results here"),
+    steps: int = typer.Option(60, min=5, help="training steps per timed run"),
+    repeats: int = typer.Option(3, min=1, help="timed runs per arm; the median is kept"),
+    threads: int = typer.Option(1, min=1, help="torch CPU threads (the recipe trains on 1)"),
+) -> None:
+    """Generator training steps/s: one K per batch against one K per sequence."""
+    from benchmarks.train import main as run_train_bench
+
+    run_train_bench(json_path=json_path, steps=steps, repeats=repeats, threads=threads)
+
+
 @bench_app.command("service")
 def bench_service(
     bundle: Path | None = typer.Option(None, help="Bundle [RACM3_BUNDLE_DIR or bundles/demo]."),

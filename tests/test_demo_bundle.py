@@ -63,3 +63,36 @@ def test_simple_prompts_are_drawn_right(bundle: Bundle, tmp_path: Path):
     right = [all(pred.get(k) == v for k, v in p.attributes.items())
              for pred, p in zip(predicted, prompts, strict=True)]
     assert sum(right) >= 7, f"{sum(right)}/10 prompts judged right"
+
+
+def test_candidates_that_agree_with_the_retrieved_images_rank_first(bundle: Bundle):
+    """For an entity only the memory knows, CLIP's prompt score cannot pick the right
+    flag (CLIP never saw it); the retrieved image can, and the ranking uses it."""
+    import torch
+
+    from app.generator.protocol import NeighbourDoc, SamplingParams, T2IJob
+    from model.engine import Engine
+    from model.world import World, WorldConfig
+
+    world = World(WorldConfig.from_dict(bundle.manifest["world"]))
+    engine = Engine.from_bundle(bundle)
+    wins = 0
+    names = world.memory_only_entities[:8]
+    for i, name in enumerate(names):
+        other = names[(i + 1) % len(names)]
+        attrs = {"kind": "entity", "entity": name}
+        candidates = np.stack([world.render({"kind": "entity", "entity": other}, 0),
+                               world.render(attrs, 0)])
+        pixels = torch.from_numpy(world.render(attrs, 1)[None]).permute(0, 3, 1, 2) / 255.0
+        codes = bundle.vq.encode(pixels).cpu().numpy()[0]
+        caption = world.caption(attrs)
+        sampling = SamplingParams(seed=0)
+        with_memory = T2IJob(caption, [NeighbourDoc(0, 1.0, caption, None, codes)], 1, 2,
+                             sampling)
+        scores, ranks = engine.rerank_scores([with_memory], candidates, 2)
+        np.testing.assert_allclose(scores, engine.clip_scores([caption] * 2, candidates),
+                                   rtol=1e-5, atol=1e-6)
+        wins += bool(ranks[1] - ranks[0] > scores[1] - scores[0])
+        bare = T2IJob(caption, [], 1, 2, sampling)
+        np.testing.assert_array_equal(*engine.rerank_scores([bare], candidates, 2))
+    assert wins == len(names)

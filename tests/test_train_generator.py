@@ -26,6 +26,7 @@ from model.train_generator import (
     build_batch,
     lr_at,
     make_example,
+    step_k,
     train_generator,
 )
 
@@ -97,6 +98,29 @@ def test_batches_depend_only_on_seed_and_step():
     r1 = build_batch(corpus, 5, cfg, 128, rank=1, world_size=2)[0]
     rows = {tuple(r[r != 0].tolist()) for r in a[0]}
     assert rows == {tuple(r[r != 0].tolist()) for r in [*r0, *r1]}
+
+
+def test_one_k_per_batch_keeps_the_k_distribution_and_pads_less():
+    corpus = _corpus()
+    shared = GeneratorTrainConfig(batch_size=8, mask_prob=0.0)
+    own = GeneratorTrainConfig(batch_size=8, mask_prob=0.0, k_per_batch=False)
+    ks = [step_k(s, shared) for s in range(600)]
+    # uniform over {0, 1, 2}: each about a third of the steps
+    assert set(ks) == {0, 1, 2}
+    assert all(abs(ks.count(k) / len(ks) - 1 / 3) < 0.06 for k in (0, 1, 2))
+    pads = {"shared": 0, "own": 0}
+    for step in range(60):
+        idx, _, _ = build_batch(corpus, step, shared, 128)
+        breaks = (idx == BREAK_ID).sum(1)
+        # every sequence of the batch holds the step's K neighbours (fewer only where
+        # the table found fewer: document 0's image query has one)
+        assert int(breaks.max()) == step_k(step, shared) or step_k(step, shared) == 2
+        assert int(breaks.max() - breaks.min()) <= 1
+        pads["shared"] += int((idx == 0).sum())
+        pads["own"] += int((build_batch(corpus, step, own, 128)[0] == 0).sum())
+    assert pads["shared"] < 0.6 * pads["own"]
+    with pytest.raises(ValueError, match="max_k"):
+        make_example(corpus, 0, np.random.default_rng(0), GeneratorTrainConfig(max_k=0), k=1)
 
 
 def test_lr_schedule_warms_up_then_decays():
