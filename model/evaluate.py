@@ -22,6 +22,9 @@ Tasks and metrics (DESIGN §3; the shape of the paper's tables on the demo world
   back to attributes; BLEU-4 references are the item's captions under every template.
 - `entity_acc`: "the flag of X" for the memory-only entities; right when the judge's
   entity head names X. Without retrieval the model cannot know these.
+- `*_prompt_rerank` (t2i accuracy, entity): the same samples, but the candidate kept is
+  the one CLIP scores best against the prompt alone, without the retrieved images' vote
+  in the ranking: how much of RA-CM3's score the reranking adds.
 - `infill_acc`: eval object items with the object's box masked (snapped to the VQ grid),
   infilled with the caption as prompt; the judge's attributes of the result.
 
@@ -187,14 +190,24 @@ class Evaluator:
     def text_to_image(self, system: str, prompts: Sequence[str],
                       neighbours: Sequence[list[NeighbourDoc]], seed: int) -> np.ndarray:
         """(N, H, W, 3) uint8: one image per prompt; prompt i is sampled with seed + i."""
+        return self.text_to_image_ranked(system, prompts, neighbours, seed)[0]
+
+    def text_to_image_ranked(self, system: str, prompts: Sequence[str],
+                             neighbours: Sequence[list[NeighbourDoc]], seed: int,
+                             ) -> tuple[np.ndarray, np.ndarray]:
+        """The engine's choice among each prompt's candidates, and the candidate with the
+        best CLIP score against the prompt alone (the ranking without the retrieved
+        images' vote; see `Engine.rerank_scores`), from the same samples."""
         if system == "retrieval_only":
-            return np.stack([self.top_image(nbs) for nbs in neighbours])
+            images = np.stack([self.top_image(nbs) for nbs in neighbours])
+            return images, images
         d = self.config.t2i
-        jobs = [T2IJob(p, self._context(system, nbs), n=1, num_candidates=d.num_candidates,
-                       sampling=d.sampling(seed + i))
+        jobs = [T2IJob(p, self._context(system, nbs), n=d.num_candidates,
+                       num_candidates=d.num_candidates, sampling=d.sampling(seed + i))
                 for i, (p, nbs) in enumerate(zip(prompts, neighbours, strict=True))]
         results = self._batched(self.engines[system].text_to_image, jobs)
-        return np.stack([r[0].image for r in results])
+        return (np.stack([r[0].image for r in results]),
+                np.stack([max(r, key=lambda c: c.score).image for r in results]))
 
     def caption(self, system: str, images: np.ndarray,
                 neighbours: Sequence[list[NeighbourDoc]], seed: int) -> list[str]:
@@ -289,15 +302,18 @@ class Evaluator:
         out: dict[str, dict[str, float]] = {}
         images_by_system = {}
         for system in SYSTEMS:
-            images = self.text_to_image(system, captions, neighbours, seed)
+            images, by_prompt = self.text_to_image_ranked(system, captions, neighbours, seed)
             images_by_system[system] = images
             predicted = self.judge.predict_attributes(images, self.world)
             match = attribute_match(predicted, targets)
+            prompt_match = attribute_match(self.judge.predict_attributes(by_prompt, self.world),
+                                           targets)
             # FID by the symmetric eigen-decomposition, not scipy's sqrtm: with fewer
             # prompts than feature dimensions (256) both covariances are singular, where
             # eigh stays exact and sqrtm warns, is slow and may need a nudge.
             out[system] = {
                 "t2i_attr_acc": match["attribute"],
+                "t2i_attr_acc_prompt_rerank": prompt_match["attribute"],
                 "t2i_exact": match["exact"],
                 "t2i_fid": frechet_distance(self.judge.features(images), real_feats,
                                             use_scipy=False),
@@ -337,10 +353,13 @@ class Evaluator:
         out = {}
         images_by_system = {}
         for system in SYSTEMS:
-            images = self.text_to_image(system, captions, neighbours, seed)
+            images, by_prompt = self.text_to_image_ranked(system, captions, neighbours, seed)
             images_by_system[system] = images
             predicted = self.judge.predict(images)[ENTITY_HEAD]
-            out[system] = {"entity_acc": float((predicted == target).mean())}
+            by_prompt_predicted = self.judge.predict(by_prompt)[ENTITY_HEAD]
+            out[system] = {"entity_acc": float((predicted == target).mean()),
+                           "entity_acc_prompt_rerank": float((by_prompt_predicted == target)
+                                                             .mean())}
         rows = self.config.grid_rows - self.config.grid_rows // 2
         self._add_rows(captions, neighbours, images_by_system, rows)
         return out

@@ -80,7 +80,9 @@ def write_markdown(result: Mapping[str, Any], path: str | Path,
         markdown_table(result),
         "Bold: the best system per metric. FID is on the judge's features (lower is "
         "better); accuracies are judged by the bundle's attribute classifier (images) or "
-        "by parsing the caption (text).",
+        "by parsing the caption (text). `*_prompt_rerank`: the same samples, but the "
+        "candidate kept is the one CLIP scores best against the prompt alone, without the "
+        "retrieved images' vote in the ranking.",
         "",
         "## How it was measured",
         "",

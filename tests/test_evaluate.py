@@ -190,7 +190,12 @@ def test_eval_runs_only_the_tasks_asked_for(smoke_bundle, tmp_path: Path) -> Non
     assert result.exit_code == 0, result.output
     data = json.loads(json_path.read_text())
     assert data["meta"]["n"] == {"entity": 2}
-    assert all(set(values) == {"entity_acc"} for values in data["systems"].values())
+    assert all(set(values) == {"entity_acc", "entity_acc_prompt_rerank"}
+               for values in data["systems"].values())
+    # without neighbours the retrieved images have no vote: both rankings keep one image
+    for system in ("cm3", "retrieval_only"):
+        values = data["systems"][system]
+        assert values["entity_acc"] == values["entity_acc_prompt_rerank"]
     probe = data["copy_probe"]  # teacher-forced loss with/without a same-flag neighbour
     assert set(probe) == {f"copy_{part}_{ctx}" for part in ("loss", "row")
                           for ctx in ("same", "none", "other")}
