@@ -223,9 +223,10 @@ def eval_command(
     device: str = typer.Option("auto", help="cpu, cuda, or auto."),
     threads: int = typer.Option(None, min=1, help="torch CPU threads (default: torch's choice)."),
     tasks: str = typer.Option("t2i,i2t,entity,infill", help="Comma-separated subset to run."),
-    new_entity: str = typer.Option(
+    new_entity: list[str] = typer.Option(
         None, help="Also append 'the flag of NAME' (a flag unlike the world's) to a copy of "
-                   "the memory with build-index --append, then ask both decoders for it."),
+                   "the memory with build-index --append, then ask both decoders for it. "
+                   "Repeat for several names (each its own flag and memory copy)."),
     new_entity_samples: int = typer.Option(8, min=1, help="Samples per decoder for that."),
 ) -> None:
     """RA-CM3 vs CM3 vs retrieval only on the held-out eval split: JSON, table, grid."""
@@ -255,9 +256,12 @@ def eval_command(
         raise typer.BadParameter(str(exc), param_hint="--tasks") from exc
     output = evaluate(b, Memory.load(memory), config)
     if new_entity:
-        output.result["new_entity"] = _new_entity(b, memory, new_entity, new_entity_samples,
-                                                  seed)
-        typer.echo(f"new entity: {output.result['new_entity']}")
+        # name i gets novel flag seed + i: different names, different flags
+        output.result["new_entity"] = [
+            _new_entity(b, memory, name, new_entity_samples, seed + i)
+            for i, name in enumerate(new_entity)]
+        for check in output.result["new_entity"]:
+            typer.echo(f"new entity: {check}")
     paths = write_reports(output, report_dir, json_path)
     typer.echo(markdown_table(output.result))
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))

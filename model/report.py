@@ -107,6 +107,19 @@ def write_markdown(result: Mapping[str, Any], path: str | Path,
             if f"copy_{part}_same" in probe:
                 parts.append(f"| {title} | " + " | ".join(
                     _fmt(probe[f"copy_{part}_{c}"]) for c in ("same", "none", "other")) + " |")
+    checks = result.get("new_entity")
+    if checks:
+        parts += ["", "## New entities, appended to the memory (no retraining)", "",
+                  "Each name's flag (unlike all of the world's) is added to a copy of the "
+                  "memory with `build-index --append`; a sample counts when, of every flag "
+                  "the world knows plus the new one, the new flag is the nearest in pixels.",
+                  "", "| name | retrieved first | RA-CM3 samples | CM3 samples | "
+                  "RA-CM3 distance | CM3 distance |", "|---|---|---|---|---|---|"]
+        for c in checks:
+            parts.append(
+                f"| {c['name']} | {'yes' if c['retrieved'] else 'no: ' + c['top_caption']} | "
+                f"{c['ra_cm3_match']:.3f} | {c['cm3_match']:.3f} | "
+                f"{c['ra_cm3_distance']:.1f} | {c['cm3_distance']:.1f} |")
     if grid_name and grid_rows:
         parts += ["", "## Examples", "", f"![examples]({grid_name})", "",
                   "Columns: prompt, neighbour 1, neighbour 2, RA-CM3, CM3. Rows:", ""]

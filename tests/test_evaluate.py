@@ -201,10 +201,11 @@ def test_eval_runs_only_the_tasks_asked_for(smoke_bundle, tmp_path: Path) -> Non
                           for ctx in ("same", "none", "other")}
     assert all(math.isfinite(v) and v > 0 for v in probe.values())
     # the new-entity check appends to a copy: the memory itself keeps its version
-    check = data["new_entity"]
+    [check] = data["new_entity"]
     assert check["name"] == "Zentaria" and check["samples"] == 2
     assert {"retrieved", "ra_cm3_match", "cm3_match", "passed"} <= set(check)
     assert (memory_dir / "CURRENT").read_text() == current
+    assert "| Zentaria |" in (tmp_path / "eval.md").read_text()
 
     bad = CliRunner().invoke(app, ["eval", "--bundle", str(bundle_dir), "--memory",
                                    str(memory_dir), "--tasks", "t2i,captions"])
