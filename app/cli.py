@@ -228,6 +228,9 @@ def eval_command(
                    "the memory with build-index --append, then ask both decoders for it. "
                    "Repeat for several names (each its own flag and memory copy)."),
     new_entity_samples: int = typer.Option(8, min=1, help="Samples per decoder for that."),
+    record: bool = typer.Option(
+        False, help="Also write the systems' metrics into the bundle's manifest.json (under "
+                    "`eval`), as the committed demo bundle carries them."),
 ) -> None:
     """RA-CM3 vs CM3 vs retrieval only on the held-out eval split: JSON, table, grid."""
     import logging
@@ -236,7 +239,7 @@ def eval_command(
 
     from app.retriever.memory import Memory
     from model.bundle import DEFAULT_BUNDLE, Bundle
-    from model.evaluate import EvalConfig, evaluate, write_reports
+    from model.evaluate import EvalConfig, evaluate, record_in_manifest, write_reports
     from model.report import markdown_table
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -263,6 +266,8 @@ def eval_command(
         for check in output.result["new_entity"]:
             typer.echo(f"new entity: {check}")
     paths = write_reports(output, report_dir, json_path)
+    if record:
+        paths["manifest"] = record_in_manifest(output, b.path)
     typer.echo(markdown_table(output.result))
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 

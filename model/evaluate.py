@@ -51,7 +51,7 @@ from app.generator.protocol import (
     SamplingParams,
     T2IJob,
 )
-from model.bundle import bundle_diversity_threshold
+from model.bundle import bundle_diversity_threshold, write_manifest
 from model.engine import Engine
 from model.metrics import attribute_match, bleu4, caption_attribute_accuracy, frechet_distance
 from model.report import GridRow, save_example_grid, write_markdown
@@ -505,6 +505,25 @@ def write_reports(output: EvalOutput, report_dir: str | Path,
         json_path.write_text(json.dumps(_jsonable(output.result), indent=2) + "\n")
         paths["json"] = json_path
     return paths
+
+
+def record_in_manifest(output: EvalOutput, bundle_dir: str | Path) -> Path:
+    """Write the systems' metrics (and how they were measured) into the bundle's
+    manifest.json under `eval`, so that the bundle carries its own numbers."""
+    import json
+
+    path = Path(bundle_dir) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    meta = output.result.get("meta", {})
+    manifest["eval"] = _jsonable({
+        "systems": output.result["systems"],
+        "copy_probe": output.result.get("copy_probe"),
+        "n": meta.get("n"), "seed": meta.get("seed"), "device": meta.get("device"),
+        "memory_version": meta.get("memory_version"),
+        "measured_at": time.strftime("%Y-%m-%d", time.gmtime()),
+    })
+    write_manifest(bundle_dir, manifest)  # atomic: never a half-written manifest
+    return path
 
 
 @dataclass

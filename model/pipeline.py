@@ -169,6 +169,7 @@ class Pipeline:
             self.manifest["component_ids"] = {**disk.get("component_ids", {}),
                                               **self.manifest.get("component_ids", {})}
         self.manifest["stages"][stage] = {"done": True, "wall_s": round(wall_s, 2), **info}
+        self.manifest.pop("eval", None)  # `racm3 eval --record` numbers of the old models
         write_manifest(self.out, self.manifest)
         log.info("stage %s done in %.1fs", stage, wall_s)
 

@@ -207,6 +207,19 @@ def test_eval_runs_only_the_tasks_asked_for(smoke_bundle, tmp_path: Path) -> Non
     assert (memory_dir / "CURRENT").read_text() == current
     assert "| Zentaria |" in (tmp_path / "eval.md").read_text()
 
+    # --record writes the numbers into the bundle's own manifest
+    bundle_copy = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, bundle_copy)
+    with torch_threads(1):
+        recorded = CliRunner().invoke(app, [
+            "eval", "--bundle", str(bundle_copy), "--memory", str(memory_dir), "--n", "2",
+            "--tasks", "entity", "--report-dir", str(tmp_path / "r"), "--threads", "1",
+            "--record"])
+    assert recorded.exit_code == 0, recorded.output
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    assert manifest["eval"]["systems"] == data["systems"]
+    assert manifest["eval"]["n"] == {"entity": 2} and manifest["stages"]
+
     bad = CliRunner().invoke(app, ["eval", "--bundle", str(bundle_dir), "--memory",
                                    str(memory_dir), "--tasks", "t2i,captions"])
     assert bad.exit_code != 0 and "captions" in bad.output
