@@ -64,11 +64,13 @@ def bench_train(
     steps: int = typer.Option(60, min=5, help="training steps per timed run"),
     repeats: int = typer.Option(3, min=1, help="timed runs per arm; the median is kept"),
     threads: int = typer.Option(1, min=1, help="torch CPU threads (the recipe trains on 1)"),
+    device: str = typer.Option("cpu", help="cpu or cuda (bf16 autocast, as training uses)"),
 ) -> None:
     """Generator training steps/s: one K per batch against one K per sequence."""
     from benchmarks.train import main as run_train_bench
 
-    run_train_bench(json_path=json_path, steps=steps, repeats=repeats, threads=threads)
+    run_train_bench(json_path=json_path, steps=steps, repeats=repeats, threads=threads,
+                    device=device)
 
 
 @bench_app.command("service")

@@ -71,14 +71,15 @@ def _token_counts(corpus: TrainingCorpus, cfg: GeneratorTrainConfig, block_size:
 
 
 def _timed_run(corpus: TrainingCorpus, model: DecoderConfig, cfg: GeneratorTrainConfig,
-               ) -> tuple[float, float]:
+               device: str) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
         w0, c0 = time.perf_counter(), time.process_time()
-        train_generator(corpus, model, cfg, tmp, resume=False, progress=False)
+        # each step reads its loss back to the host, so the loop is synchronous on CUDA too
+        train_generator(corpus, model, cfg, tmp, device=device, resume=False, progress=False)
         return time.perf_counter() - w0, time.process_time() - c0
 
 
-def run(steps: int = 60, repeats: int = 3, threads: int = 1,
+def run(steps: int = 60, repeats: int = 3, threads: int = 1, device: str = "cpu",
         bundle: Path = DEMO_BUNDLE) -> dict[str, Any]:
     torch.set_num_threads(threads)
     model, space, batch = demo_shapes(bundle)
@@ -87,13 +88,14 @@ def run(steps: int = 60, repeats: int = 3, threads: int = 1,
                                 log_every=10**9)
     arms = {"per_batch": replace(base, k_per_batch=True),
             "per_sequence": replace(base, k_per_batch=False)}
-    _timed_run(corpus, model, replace(base, steps=5))  # warm-up: allocator, kernels
+    _timed_run(corpus, model, replace(base, steps=5), device)  # warm-up: allocator, kernels
     timings: dict[str, list[tuple[float, float]]] = {name: [] for name in arms}
     for _ in range(repeats):
         for name, cfg in arms.items():
-            timings[name].append(_timed_run(corpus, model, cfg))
+            timings[name].append(_timed_run(corpus, model, cfg, device))
     out: dict[str, Any] = {
-        "bench": "train", "device": "cpu", "device_name": cpu_name(),
+        "bench": "train", "device": device,
+        "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name(),
         "torch": torch.__version__, "threads": threads, "steps": steps, "repeats": repeats,
         "batch_size": batch, "params": sum(p.numel() for p in CM3Decoder(model).parameters()),
         "decoder": {"n_layer": model.n_layer, "n_embd": model.n_embd, "n_head": model.n_head},
@@ -114,7 +116,7 @@ def run(steps: int = 60, repeats: int = 3, threads: int = 1,
 def format_table(r: dict[str, Any]) -> str:
     head = (f"train bench: RA-CM3 demo decoder ({r['params'] / 1e6:.2f}M params), batch "
             f"{r['batch_size']}, {r['steps']} steps x {r['repeats']} (median), "
-            f"{r['device_name']}, torch {r['torch']}, {r['threads']} thread(s)")
+            f"{r['device']} ({r['device_name']}), torch {r['torch']}, {r['threads']} thread(s)")
     rows = [f"{'K drawn':<13} {'steps/s':>8} {'ms/step':>8} {'real tok/s':>11} {'padding':>8}"]
     for name in ("per_sequence", "per_batch"):
         a = r[name]
