@@ -26,19 +26,17 @@ import numpy as np
 import torch
 
 from benchmarks.machine import cpu_name
+from model.bundle import DEFAULT_BUNDLE, Bundle
 from model.decoder import CM3Decoder, DecoderConfig
 from model.tokens import IMG_CLOSE_ID, IMG_OPEN_ID, PAD_ID, SRC_ID, TokenSpace
 from model.train_generator import GeneratorTrainConfig, TrainingCorpus, build_batch, train_generator
 
-DEMO_BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "demo"
 
-
-def demo_shapes(bundle: Path = DEMO_BUNDLE) -> tuple[DecoderConfig, TokenSpace, int]:
+def demo_shapes(path: Path = DEFAULT_BUNDLE) -> tuple[DecoderConfig, TokenSpace, int]:
     """The bundle's RA-CM3 decoder shape, token space and training batch size."""
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    config = DecoderConfig.from_dict(json.loads((bundle / "ra_cm3.json").read_text())["config"])
-    return config, TokenSpace.from_dict(manifest["token_space"]), int(
-        manifest["recipe"]["gen_batch"])
+    bundle = Bundle(path)
+    return (bundle.decoder("ra_cm3").config, bundle.space,
+            int(bundle.manifest["recipe"]["gen_batch"]))
 
 
 def synthetic_corpus(space: TokenSpace, n_main: int = 512, n_memory: int = 2048,
@@ -80,7 +78,7 @@ def _timed_run(corpus: TrainingCorpus, model: DecoderConfig, cfg: GeneratorTrain
 
 
 def run(steps: int = 60, repeats: int = 3, threads: int = 1, device: str = "cpu",
-        bundle: Path = DEMO_BUNDLE) -> dict[str, Any]:
+        bundle: Path = DEFAULT_BUNDLE) -> dict[str, Any]:
     torch.set_num_threads(threads)
     model, space, batch = demo_shapes(bundle)
     corpus = synthetic_corpus(space)

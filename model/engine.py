@@ -267,14 +267,20 @@ class Engine:
         prompts = self.clip.encode_text([j.prompt for j in jobs for _ in range(per_job)])
         scores = (prompts * image).sum(-1)
         ranks = scores.copy()
+        # every job's retrieved images in one VQ decode and one CLIP call
+        owners, codes = [], []
         for g, job in enumerate(jobs):
-            codes = [np.asarray(d.image_codes).reshape(self.space.image_grid)
-                     for d in job.neighbours if d.image_codes is not None]
-            if not codes:
-                continue
-            memory = self.clip.encode_image(self.decode_codes(np.stack(codes)))
+            for d in job.neighbours:
+                if d.image_codes is not None:
+                    owners.append(g)
+                    codes.append(np.asarray(d.image_codes).reshape(self.space.image_grid))
+        if not codes:
+            return scores, ranks
+        memory = self.clip.encode_image(self.decode_codes(np.stack(codes)))
+        owners_arr = np.asarray(owners)
+        for g in set(owners):
             rows = slice(g * per_job, (g + 1) * per_job)
-            ranks[rows] += (image[rows] @ memory.T).mean(1)
+            ranks[rows] += (image[rows] @ memory[owners_arr == g].T).mean(1)
         return scores, ranks
 
     def _caption_prompt(self, context: list[int], codes: np.ndarray) -> list[int]:
