@@ -67,16 +67,17 @@ def test_simple_prompts_are_drawn_right(bundle: Bundle, tmp_path: Path):
 
 def test_candidates_that_agree_with_the_retrieved_images_rank_first(bundle: Bundle):
     """For an entity only the memory knows, CLIP's prompt score cannot pick the right
-    flag (CLIP never saw it); the retrieved image can, and the ranking uses it."""
+    flag (CLIP never saw it); the retrieved image can, and the ranking uses it: its CLIP
+    embedding and, given the candidates' codes, how many of its codes they share."""
     import torch
 
     from app.generator.protocol import NeighbourDoc, SamplingParams, T2IJob
-    from model.engine import Engine
+    from model.engine import CODE_AGREEMENT_WEIGHT, Engine
     from model.world import World, WorldConfig
 
     world = World(WorldConfig.from_dict(bundle.manifest["world"]))
     engine = Engine.from_bundle(bundle)
-    wins = 0
+    wins = code_wins = 0
     names = world.memory_only_entities[:8]
     for i, name in enumerate(names):
         other = names[(i + 1) % len(names)]
@@ -93,6 +94,16 @@ def test_candidates_that_agree_with_the_retrieved_images_rank_first(bundle: Bund
         np.testing.assert_allclose(scores, engine.clip_scores([caption] * 2, candidates),
                                    rtol=1e-5, atol=1e-6)
         wins += bool(ranks[1] - ranks[0] > scores[1] - scores[0])
+        # the candidates' own codes add their agreement with the retrieved codes
+        cand_codes = bundle.vq.encode(torch.from_numpy(candidates).permute(0, 3, 1, 2)
+                                      / 255.0).cpu().numpy()
+        _, by_codes = engine.rerank_scores([with_memory], candidates, 2, cand_codes)
+        agreement = (cand_codes == codes[None]).mean(axis=(1, 2))
+        np.testing.assert_allclose(by_codes - ranks, CODE_AGREEMENT_WEIGHT * agreement,
+                                   rtol=1e-5, atol=1e-6)
+        code_wins += bool(by_codes[1] > by_codes[0])
         bare = T2IJob(caption, [], 1, 2, sampling)
         np.testing.assert_array_equal(*engine.rerank_scores([bare], candidates, 2))
+        np.testing.assert_array_equal(*engine.rerank_scores([bare], candidates, 2, cand_codes))
     assert wins == len(names)
+    assert code_wins == len(names)
