@@ -196,7 +196,8 @@ def _cell(value: Any, best: float | None) -> str:
 def _fmt(value: Any) -> str:
     if not _finite(value):
         return "–"
-    return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+    # accuracies and BLEU (0..1) to 3 places; distances such as FID (tens, hundreds) to 1
+    return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
 
 
 def _kv(d: Mapping[str, Any]) -> str:
