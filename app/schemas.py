@@ -75,7 +75,10 @@ class SamplingFields(_Strict):
 class ImageObject(BaseModel):
     b64_json: str
     revised_prompt: str | None = None
-    score: float | None = Field(None, description="CLIP score of the image against the prompt")
+    score: float | None = Field(
+        None, description="CLIP score of the image against the prompt. Images come best first "
+        "by the engine's ranking: this score plus, with retrieval, their agreement with the "
+        "retrieved images, so with neighbours the scores need not descend")
 
 
 class ImagesResponse(BaseModel):
