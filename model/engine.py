@@ -287,12 +287,13 @@ class Engine:
         stacked = np.stack(memory_codes)
         memory = self.clip.encode_image(self.decode_codes(stacked))
         owners_arr = np.asarray(owners)
+        codes = None if codes is None else np.asarray(codes)
         for g in set(owners):
             rows = slice(g * per_job, (g + 1) * per_job)
             mine = owners_arr == g
             ranks[rows] += (image[rows] @ memory[mine].T).mean(1)
             if codes is not None:
-                same = np.asarray(codes)[rows, None] == stacked[mine][None]  # (C, K, h, w)
+                same = codes[rows, None] == stacked[mine][None]  # (C, K, h, w)
                 ranks[rows] += CODE_AGREEMENT_WEIGHT * same.mean(axis=(1, 2, 3))
         return scores, ranks
 
