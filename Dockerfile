@@ -18,7 +18,8 @@ COPY app ./app
 COPY model ./model
 COPY index_builder ./index_builder
 COPY benchmarks ./benchmarks
-RUN pip install . && python -c "import app.serve"
+# Checked from / so that the installed package is imported, not the sources in /app.
+RUN pip install . && cd / && python -c "import app.serve"
 
 COPY docker/entrypoint.sh docker/healthcheck.py /docker/
 RUN chmod 0755 /docker/entrypoint.sh \

@@ -8,16 +8,21 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
+# Plain help text: Rich markup would read the "[demo]"-style defaults in the help strings
+# as style tags and print nothing in their place.
 app = typer.Typer(
     name="racm3",
     help="Retrieval-augmented CM3: serve, build the memory, train, evaluate, benchmark.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,
 )
-bench_app = typer.Typer(help="Benchmarks: print a table and write JSON.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks: print a table and write JSON.", no_args_is_help=True,
+                        rich_markup_mode=None)
 app.add_typer(bench_app, name="bench")
 
 
@@ -147,19 +152,39 @@ def build_index(
         ..., help="Folder, file, shard glob, or for --source world the split (memory)."
     ),
     out: Path = typer.Option(..., help="Memory directory (versions are published inside)."),
-    bundle: Path = typer.Option(None, help="Bundle whose CLIP/VQ/tokenizer to use [demo]."),
+    bundle: Path = typer.Option(
+        None, help="Bundle whose CLIP/VQ/tokenizer to use [RACM3_BUNDLE_DIR, else demo]."),
     index_type: IndexType = typer.Option(IndexType.auto, help="FAISS index family."),
-    append: bool = typer.Option(False, help="Add to the current version as a new version."),
+    append: bool = typer.Option(
+        False, help="Add to the current version as a new version (the current one is "
+                    "verified first; a damaged one is refused)."),
     chunk_size: int = typer.Option(512, help="Documents embedded per chunk."),
 ) -> None:
     """Turn an image-text collection into a memory: CLIP index + document store."""
-    from index_builder.from_bundle import build_from_bundle
-    from model.bundle import DEFAULT_BUNDLE, Bundle
+    import logging
 
-    b = Bundle(bundle or DEFAULT_BUNDLE)
-    result = build_from_bundle(b, source.value, input, out, index_type=index_type.value,
-                               append=append, chunk_size=chunk_size)
+    from model.bundle import Bundle, BundleError, default_bundle_dir
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        b = Bundle(bundle or default_bundle_dir())  # before the heavy imports: fails fast
+    except BundleError as exc:
+        _refuse("build-index", exc)
+    from index_builder.build import BuildError
+    from index_builder.from_bundle import build_from_bundle
+
+    try:
+        result = build_from_bundle(b, source.value, input, out, index_type=index_type.value,
+                                   append=append, chunk_size=chunk_size)
+    except BuildError as exc:
+        _refuse("build-index", exc)
     typer.echo(f"published {out} version {result.version}: {result.documents} documents")
+
+
+def _refuse(command: str, exc: Exception) -> NoReturn:
+    """A refusal the user can act on: its message, exit status 1, no traceback."""
+    typer.echo(f"{command}: {exc}", err=True)
+    raise typer.Exit(1) from None
 
 
 # --- train / eval ----------------------------------------------------------------------
@@ -214,11 +239,13 @@ def _device(name: str) -> str:
 
 @app.command("eval")
 def eval_command(
-    bundle: Path = typer.Option(None, help="Bundle (default: the shipped demo bundle)."),
+    bundle: Path = typer.Option(
+        None, help="Bundle [RACM3_BUNDLE_DIR, else the shipped demo bundle]."),
     memory: Path = typer.Option(
-        None, help="Memory (default: runs/RECIPE/memory, where `racm3 train` builds it)."),
+        None, help="Memory [RACM3_MEMORY_DIR, else memory: the one `make serve` builds]."),
     json_path: Path = typer.Option(None, "--json", help="Write the results JSON here."),
-    report_dir: Path = typer.Option(Path("reports"), help="Where eval.md and eval_grid.png go."),
+    report_dir: Path = typer.Option(
+        None, help="Write eval.md and eval_grid.png here (e.g. reports); none without it."),
     n: int = typer.Option(200, min=2, help="Prompts per task."),
     seed: int = typer.Option(0, help="Seed for item order and sampling (same for every system)."),
     batch_size: int = typer.Option(16, min=1, help="Jobs per decoder call."),
@@ -237,23 +264,25 @@ def eval_command(
     """RA-CM3 vs CM3 vs retrieval only on the held-out eval split: JSON, table, grid."""
     import logging
 
+    from model.bundle import Bundle, default_bundle_dir
+
+    bundle = bundle or default_bundle_dir()
+    memory = memory or default_memory_dir()
+    if not memory.exists():  # before the heavy imports: a wrong path fails at once
+        raise typer.BadParameter(
+            f"no memory at {memory}; build it with `racm3 build-index --source world "
+            f"--input memory --out {memory} --bundle {bundle}`", param_hint="--memory")
+
     import torch
 
     from app.retriever.memory import Memory
-    from model.bundle import DEFAULT_BUNDLE, Bundle
     from model.evaluate import EvalConfig, evaluate, record_in_manifest, write_reports
     from model.report import markdown_table
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if threads:
         torch.set_num_threads(threads)
-    b = Bundle(bundle or DEFAULT_BUNDLE, device=_device(device))
-    if memory is None:
-        memory = Path("runs") / b.manifest.get("recipe", {}).get("name", "demo") / "memory"
-    if not memory.exists():
-        raise typer.BadParameter(
-            f"no memory at {memory}; build it with `racm3 build-index --source world "
-            f"--input memory --out {memory} --bundle {b.path}`", param_hint="--memory")
+    b = Bundle(bundle, device=_device(device))
     try:
         config = EvalConfig(n=n, seed=seed, batch_size=batch_size,
                             tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()))
@@ -271,7 +300,15 @@ def eval_command(
     if record:
         paths["manifest"] = record_in_manifest(output, b.path)
     typer.echo(markdown_table(output.result))
-    typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+    if paths:
+        typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def default_memory_dir() -> Path:
+    """The memory the service serves by default: RACM3_MEMORY_DIR, else `memory`."""
+    from app.settings import RetrieverSettings
+
+    return RetrieverSettings().memory_dir
 
 
 def _new_entity(bundle, memory: Path, name: str, samples: int, seed: int) -> dict:

@@ -232,7 +232,7 @@ class InfoResponse(BaseModel):
 
 class ReloadResponse(BaseModel):
     memory_version: str
-    previous_version: str
+    previous_version: str | None  # None: no version was served (the start-up had failed)
     changed: bool
     documents: int
 

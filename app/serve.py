@@ -39,6 +39,7 @@ from app.settings import (
     get_generator_settings,
     get_retriever_settings,
 )
+from index_builder.publish import list_versions
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -151,7 +152,9 @@ def preflight(role: str) -> None:
     if role in ("embedded", "retriever"):
         rs = get_retriever_settings()
         needed.setdefault(rs.bundle_dir, set()).add("clip")
-        if not (rs.memory_dir / "CURRENT").is_file():
+        # A CURRENT that is damaged, or missing beside published versions, is recovered
+        # at start-up (the retriever serves the newest valid version and says so).
+        if not (rs.memory_dir / "CURRENT").is_file() and not list_versions(rs.memory_dir):
             problems.append(
                 f"no memory at {rs.memory_dir}/ (it has no CURRENT file). Build it with:\n"
                 f"    racm3 build-index --source world --input memory --out {rs.memory_dir} "

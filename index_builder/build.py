@@ -10,6 +10,10 @@ last, and the version published atomically (index_builder/publish.py).
 `append=True` copies the current version's store batches and vectors as they are
 (nothing old is re-embedded), adds the new documents after them (ids continue), and
 rebuilds the index from the vectors, as a new version whose manifest names its parent.
+The parent is verified first: every file against its full checksum, the parts' sizes
+against each other, and every copied row against the models' ranges (image codes inside
+the VQ codebook and the grid, text ids inside the vocabulary). The new version's own
+checksums would otherwise vouch for whatever damage it copied.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -37,12 +41,21 @@ from index_builder.manifest import (
     INDEX_FILE,
     STORE_FILE,
     Manifest,
+    ManifestError,
     file_entry,
     read_manifest,
+    verify_file,
     write_manifest,
 )
 from index_builder.sources import SkipReport, SourceItem
-from index_builder.store import DocumentStore, EmbeddingsWriter, StoreWriter, open_embeddings
+from index_builder.store import (
+    DocumentStore,
+    EmbeddingsWriter,
+    RowBounds,
+    StoreError,
+    StoreWriter,
+    open_embeddings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +63,14 @@ log = logging.getLogger(__name__)
 Embed = Callable[[list[str | None], list[np.ndarray | None]], np.ndarray]
 TokenizeText = Callable[[str], list[int]]  # TextTokenizer.encode
 EncodeImages = Callable[[np.ndarray], np.ndarray]  # uint8 (B, H, W, 3) -> codes (B, h, w)
+
+
+class BuildError(ValueError):
+    """A build that cannot go ahead, for a reason its message tells the user."""
+
+
+class AppendRefused(BuildError):
+    """The version to append to is damaged: nothing was published, CURRENT is unchanged."""
 
 
 @dataclass
@@ -84,45 +105,87 @@ def build_memory(
     progress: bool = True,
     skip_report: SkipReport | None = None,
     code_type: str = "int16",
+    codebook_size: int | None = None,
+    text_vocab_size: int | None = None,
 ) -> BuildReport:
     """Build a new version of the memory at `out_dir` from `items` and publish it.
 
     `ids` names the models (clip, vq, tokenizer, bundle…) for the manifest; appending
     with different ids is refused, since old and new vectors would not be comparable.
+    `codebook_size` and `text_vocab_size` (the VQ's and the BPE's) bound the rows an
+    append copies from its parent; a damaged parent raises AppendRefused.
     On any error the staging directory is removed and CURRENT is untouched.
     """
     t0 = time.perf_counter()
     memory = Path(out_dir)
     memory.mkdir(parents=True, exist_ok=True)
     parent = _parent_version(memory, dict(ids or {})) if append else None
+    bounds = RowBounds(codebook_size=codebook_size, text_vocab_size=text_vocab_size)
     staging = pub.new_staging_dir(memory)
     try:
         return _build(items, memory, staging, parent, embed=embed, tokenize_text=tokenize_text,
                       encode_images=encode_images, index_type=index_type,
                       chunk_size=chunk_size, ids=dict(ids or {}), progress=progress,
-                      skip_report=skip_report, code_type=code_type, t0=t0)
+                      skip_report=skip_report, code_type=code_type, bounds=bounds, t0=t0)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
 def _parent_version(memory: Path, ids: dict[str, str]) -> tuple[str, Manifest]:
-    version = pub.current_version(memory)
+    try:
+        version = pub.current_version(memory)
+    except pub.PublishError as e:
+        raise AppendRefused(f"cannot append to {memory}: {e}; point CURRENT at an intact "
+                            "version first (`index_builder.publish.set_current`)") from e
     if version is None:
-        raise ValueError(f"--append needs an existing memory at {memory}; build one first")
-    manifest = read_manifest(pub.version_dir(memory, version))
+        raise BuildError(f"--append needs an existing memory at {memory}; build one first")
+    vdir = pub.version_dir(memory, version)
+    try:
+        manifest = read_manifest(vdir)
+    except ManifestError as e:
+        raise _refused(memory, version, str(e)) from e
     if ids and manifest.components and manifest.components != ids:
-        raise ValueError(
+        raise BuildError(
             f"{memory} {version} was built with {manifest.components}, not {ids}: vectors "
             "from other models are not comparable; rebuild instead of appending")
+    _verify_parent(memory, version, vdir, manifest)
     return version, manifest
+
+
+def _verify_parent(memory: Path, version: str, vdir: Path, manifest: Manifest) -> None:
+    """Every file against its full checksum, and the parts' sizes against each other."""
+    try:
+        for name in DATA_FILES:
+            entry = manifest.files.get(name)
+            if entry is None:
+                raise ManifestError(f"the manifest does not list {name}")
+            verify_file(vdir / name, entry, full=True)
+        store = DocumentStore.open(vdir / STORE_FILE)
+        stored = len(store)
+        store.close()
+        vectors = open_embeddings(vdir / EMBEDDINGS_FILE)
+    except (ManifestError, OSError, ValueError) as e:  # Arrow and numpy: ValueError kinds
+        raise _refused(memory, version, str(e)) from e
+    sizes = {"store": stored, "embeddings": len(vectors),
+             "manifest": int(manifest.counts.get("documents", -1))}
+    if len(set(sizes.values())) != 1 or vectors.shape[1] != manifest.embedding_dim:
+        raise _refused(memory, version, f"its parts disagree: {sizes}, embedding dim "
+                                        f"{vectors.shape[1]} vs {manifest.embedding_dim}")
+
+
+def _refused(memory: Path, version: str, problem: str) -> AppendRefused:
+    return AppendRefused(
+        f"refusing to append to {memory} {version}, which is damaged: {problem}. Nothing "
+        f"was published and CURRENT still names {version}. Rebuild the memory from its "
+        "sources (build-index without --append), or point CURRENT at an intact version.")
 
 
 def _build(items: Iterable[SourceItem], memory: Path, staging: Path,
            parent: tuple[str, Manifest] | None, *, embed: Embed, tokenize_text: TokenizeText,
            encode_images: EncodeImages, index_type: str, chunk_size: int, ids: dict[str, str],
            progress: bool, skip_report: SkipReport | None, code_type: str,
-           t0: float) -> BuildReport:
+           bounds: RowBounds, t0: float) -> BuildReport:
     skipped: Counter[str] = Counter()  # by this pipeline; the source's are merged at the end
     counts = _Counts()
     grid: tuple[int, int] | None = None
@@ -134,11 +197,20 @@ def _build(items: Iterable[SourceItem], memory: Path, staging: Path,
         old = parent[1]
         counts = _Counts(old.counts.get("with_image", 0), old.counts.get("with_text", 0))
         grid = tuple(old.image_grid) if old.image_grid else None
+        if grid:
+            bounds = replace(bounds, codes_per_image=grid[0] * grid[1])
         old_store = DocumentStore.open(pdir / STORE_FILE)
-        store.copy_from(old_store)
-        old_store.close()
         vectors = EmbeddingsWriter(staging / EMBEDDINGS_FILE, old.embedding_dim)
-        vectors.copy_from(open_embeddings(pdir / EMBEDDINGS_FILE))
+        try:
+            store.copy_from(old_store, bounds)
+        except StoreError as e:
+            raise _refused(memory, parent[0], f"{STORE_FILE} {e}") from e
+        finally:
+            old_store.close()
+        try:
+            vectors.copy_from(open_embeddings(pdir / EMBEDDINGS_FILE))
+        except StoreError as e:
+            raise _refused(memory, parent[0], f"{EMBEDDINGS_FILE} {e}") from e
     first_new = store.count
 
     bar = tqdm(desc="build-index", unit="doc", disable=not progress)
@@ -171,7 +243,7 @@ def _build(items: Iterable[SourceItem], memory: Path, staging: Path,
     store.close()
     added = store.count - first_new
     if vectors is None or store.count == 0:
-        raise ValueError("no documents to build a memory from: every item was skipped "
+        raise BuildError("no documents to build a memory from: every item was skipped "
                          f"({dict(skipped) or 'the source was empty'})")
     vectors.close()
     if skip_report:  # a streaming source counts its skips while it is read
@@ -293,4 +365,5 @@ def build_from_source(
 
     return build_memory(items, out_dir, embed=clip.embed_documents,
                         tokenize_text=tokenizer.encode, encode_images=encode_images,
-                        ids=ids, **options)
+                        ids=ids, codebook_size=vq.config.codebook_size,
+                        text_vocab_size=tokenizer.vocab_size, **options)

@@ -48,9 +48,11 @@ def current_version(memory_dir: str | Path) -> str | None:
     path = Path(memory_dir) / CURRENT
     if not path.is_file():
         return None
-    name = path.read_text().strip()
+    raw = path.read_bytes()
+    name = raw.decode("ascii", errors="replace").strip()
     if not _VERSION_NAME.fullmatch(name):
-        raise PublishError(f"{path} holds {name!r}, not a version name")
+        shown = name if len(name) <= 40 else name[:40] + "…"
+        raise PublishError(f"{path} holds {shown!r}, not a version name")
     return name
 
 

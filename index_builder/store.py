@@ -25,6 +25,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 BATCH_ROWS = 1024  # rows per record batch: the unit of random access
 STORE_FORMAT = "1"
@@ -42,6 +43,56 @@ def store_schema(code_type: str = "int16") -> pa.Schema:
         ("image_codes", pa.list_(CODE_TYPES[code_type])),
         ("source", pa.string()),
     ])
+
+
+class StoreError(ValueError):
+    """A stored row is not what a valid store holds: the file is damaged."""
+
+
+@dataclass(frozen=True)
+class RowBounds:
+    """What a valid row may hold, given the models that will read it (None: unchecked)."""
+
+    codebook_size: int | None = None  # image codes in [0, codebook_size)
+    codes_per_image: int | None = None  # h * w of the VQ grid
+    text_vocab_size: int | None = None  # BPE ids in [0, text_vocab_size)
+
+
+def check_batch(batch: pa.RecordBatch, first_id: int, bounds: RowBounds,
+                code_max: int | None = None) -> None:
+    """Raise StoreError naming the first bad row of `batch`, which should hold ids
+    `first_id`, `first_id + 1`, ...: ids out of order, image codes or text ids outside
+    their models' ranges, or a code grid of the wrong size. Vectorised: one pass over
+    each column's values, so checking a million rows costs about as much as reading them."""
+    ids = batch.column(0).to_numpy(zero_copy_only=False)
+    want = np.arange(first_id, first_id + batch.num_rows)
+    if ids.shape != want.shape or (ids != want).any():
+        bad = int(np.flatnonzero(ids != want)[0]) if ids.shape == want.shape else 0
+        raise StoreError(f"row {first_id + bad} holds id {ids[bad]}")
+    hi = bounds.codebook_size if bounds.codebook_size is not None else (
+        None if code_max is None else code_max + 1)
+    _check_values(batch.column(4), first_id, "image code", hi)
+    _check_values(batch.column(3), first_id, "text id", bounds.text_vocab_size)
+    if bounds.codes_per_image is not None:
+        lengths = pc.fill_null(pc.list_value_length(batch.column(4)), bounds.codes_per_image)
+        lengths = lengths.to_numpy(zero_copy_only=False)
+        wrong = np.flatnonzero(lengths != bounds.codes_per_image)
+        if wrong.size:
+            row = int(wrong[0])
+            raise StoreError(f"row {first_id + row} has {int(lengths[row])} image codes, "
+                             f"the VQ grid has {bounds.codes_per_image}")
+
+
+def _check_values(column: pa.ListArray, first_id: int, what: str, hi: int | None) -> None:
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    if not values.size:
+        return
+    bad = values < 0 if hi is None else (values < 0) | (values >= hi)
+    if bad.any():
+        at = int(np.flatnonzero(bad)[0])
+        row = int(pc.list_parent_indices(column).to_numpy(zero_copy_only=False)[at])
+        where = "[0, …)" if hi is None else f"[0, {hi})"
+        raise StoreError(f"row {first_id + row}: {what} {int(values[at])} outside {where}")
 
 
 @dataclass
@@ -75,6 +126,7 @@ class StoreWriter:
         self.batch_rows = batch_rows
         self.schema = store_schema(code_type).with_metadata(
             {_META_BATCH_ROWS: str(batch_rows).encode(), _META_FORMAT: STORE_FORMAT.encode()})
+        self.code_type = code_type
         self._code_max = np.iinfo(np.int16 if code_type == "int16" else np.int32).max
         self._sink = pa.OSFile(str(self.path), "wb")
         self._writer = pa.ipc.new_file(self._sink, self.schema)
@@ -97,12 +149,17 @@ class StoreWriter:
                 self._flush()
         return ids
 
-    def copy_from(self, store: DocumentStore) -> None:
-        """Append every row of `store` with its ids unchanged (the writer must be empty):
-        full record batches are written as they are, without decoding their rows."""
+    def copy_from(self, store: DocumentStore, bounds: RowBounds | None = None) -> None:
+        """Append every row of `store` with its ids unchanged (the writer must be empty).
+
+        Every batch is checked first (`check_batch`), so a damaged store raises
+        StoreError naming the row instead of being copied into a new version whose own
+        checksums would then vouch for it. Full record batches are then written as they
+        are, without decoding their rows."""
         if self.count:
             raise ValueError("copy_from keeps ids, so it must come before any append")
         for batch in store.batches():
+            check_batch(batch, self.count, bounds or RowBounds(), self._code_max)
             if batch.num_rows == self.batch_rows and not self._pending:
                 self._writer.write_batch(_cast(batch, self.schema))
                 self.count += batch.num_rows
@@ -113,9 +170,12 @@ class StoreWriter:
         codes = row.get("image_codes")
         if codes is not None:
             codes = np.asarray(codes).reshape(-1)
-            if codes.size and (codes.min() < 0 or codes.max() > self._code_max):
-                raise ValueError(f"image code outside [0, {self._code_max}]: "
-                                 "open the writer with code_type='int32'")
+            if codes.size and codes.min() < 0:
+                raise ValueError(f"negative image code {int(codes.min())}")
+            if codes.size and codes.max() > self._code_max:
+                raise ValueError(f"image code {int(codes.max())} does not fit the store's "
+                                 f"{self.code_type} codes: a codebook this large needs "
+                                 "code_type='int32'")
             codes = codes.tolist()
         text_ids = row.get("text_ids")
         return {
@@ -264,8 +324,15 @@ class EmbeddingsWriter:
         self.count += len(v)
 
     def copy_from(self, vectors: np.ndarray, chunk_rows: int = 65_536) -> None:
+        """Append `vectors` in chunks; a non-finite value (a damaged file) raises
+        StoreError naming its row."""
         for start in range(0, len(vectors), chunk_rows):
-            self.append(np.asarray(vectors[start : start + chunk_rows]))
+            chunk = np.asarray(vectors[start : start + chunk_rows])
+            finite = np.isfinite(chunk).all(axis=1)
+            if not finite.all():
+                row = start + int(np.flatnonzero(~finite)[0])
+                raise StoreError(f"embedding row {row} is not finite")
+            self.append(chunk)
 
     def close(self) -> None:
         if self._file.closed:

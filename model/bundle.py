@@ -16,14 +16,27 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from model.tokens import TokenSpace
 
+if TYPE_CHECKING:  # torch loads with the first component, not with the bundle's manifest
+    import torch
+
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "demo"
+
+
+def default_bundle_dir() -> Path:
+    """The bundle a command uses when none is named: RACM3_BUNDLE_DIR (as the services
+    read it); else the demo bundle beside this code, in a checkout or an editable install;
+    else bundles/demo under the working directory. An installed package (a wheel, the
+    container's `pip install .`) ships no bundle: the container mounts one there."""
+    named = os.environ.get("RACM3_BUNDLE_DIR")
+    if named:
+        return Path(named)
+    return DEFAULT_BUNDLE if DEFAULT_BUNDLE.is_dir() else Path("bundles") / "demo"
 
 
 class BundleError(ValueError):

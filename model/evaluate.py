@@ -28,7 +28,7 @@ Tasks and metrics (DESIGN §3; the shape of the paper's tables on the demo world
 - `infill_acc`: eval object items with the object's box masked (snapped to the VQ grid),
   infilled with the caption as prompt; the judge's attributes of the result.
 
-    result, rows = evaluate(Bundle("bundles/demo"), Memory.load("runs/demo/memory"))
+    result, rows = evaluate(Bundle("bundles/demo"), Memory.load("memory"))
 """
 
 from __future__ import annotations
@@ -488,17 +488,19 @@ def evaluate(bundle: Any, memory: Any, config: EvalConfig | None = None) -> Eval
     return Evaluator(bundle, memory, config).run()
 
 
-def write_reports(output: EvalOutput, report_dir: str | Path,
+def write_reports(output: EvalOutput, report_dir: str | Path | None,
                   json_path: str | Path | None = None) -> dict[str, Path]:
-    """`eval.md` and `eval_grid.png` under report_dir, and the JSON where asked."""
+    """`eval.md` and `eval_grid.png` under report_dir, and the JSON, each only where asked."""
     import json
 
-    report_dir = Path(report_dir)
     paths: dict[str, Path] = {}
-    if output.grid_rows:
-        paths["grid"] = save_example_grid(output.grid_rows, report_dir / "eval_grid.png")
-    paths["markdown"] = write_markdown(output.result, report_dir / "eval.md", output.grid_rows,
-                                       "eval_grid.png" if output.grid_rows else None)
+    if report_dir is not None:
+        report_dir = Path(report_dir)
+        if output.grid_rows:
+            paths["grid"] = save_example_grid(output.grid_rows, report_dir / "eval_grid.png")
+        paths["markdown"] = write_markdown(output.result, report_dir / "eval.md",
+                                           output.grid_rows,
+                                           "eval_grid.png" if output.grid_rows else None)
     if json_path is not None:
         json_path = Path(json_path)
         json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -88,5 +88,9 @@ def test_reload_during_traffic_has_zero_failures(real_models, tmp_path):  # noqa
         knn = httpx.post(f"{server.url}/knn-service",
                          json={"embedding_input": vector, "num_images": 1}).json()
         assert knn[0]["id"] == 801 and knn[0]["caption"] == "the flag of Zentara"
+        # CURRENT still names the refused version: serving, but not plain "ready"
         ready = httpx.get(f"{server.url}/readyz").json()
-        assert ready["status"] == "ready"
+        assert ready["status"] == "degraded" and v4 in ready["checks"]["retriever.memory"]
+        pub.set_current(memory_dir, v3)
+        assert httpx.post(f"{server.url}/admin/reload", timeout=60).status_code == 200
+        assert httpx.get(f"{server.url}/readyz").json()["status"] == "ready"

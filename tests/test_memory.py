@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,9 +21,10 @@ import pytest
 from app.retriever.memory import Memory, MemoryLoadError, Retriever
 from app.retriever.search import SearchStrategy, search
 from index_builder import publish as pub
-from index_builder.build import build_memory
+from index_builder.build import AppendRefused, build_memory
 from index_builder.manifest import MANIFEST_NAME, STORE_FILE
 from index_builder.sources import SkipReport, SourceItem
+from tests.damage import overwrite_image_code, reseal
 
 DIM = 32
 GRID = (4, 4)
@@ -272,6 +274,79 @@ def test_append_with_other_models_is_refused(tmp_path: Path) -> None:
                      progress=False)
     with pytest.raises(ValueError, match="needs an existing memory"):
         build_demo_memory(tmp_path / "empty", 5, append=True)
+
+
+# 1,024 rows per store batch: documents 0..1023 are copied as a whole batch on append,
+# the rest row by row. Damage is tried in both (rows with an image: i % 4 != 2).
+FULL_BATCH_ROW, LAST_BATCH_ROW = 9, 1049
+
+
+@pytest.fixture(scope="module")
+def batched_memory(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("batched")
+    build_demo_memory(root, 1100, codebook_size=512)
+    return root
+
+
+def _append_state(root: Path) -> tuple[str, list[str], list[Path]]:
+    return (pub.current_version(root), pub.list_versions(root),
+            list(pub.versions_dir(root).glob(pub.STAGING_PREFIX + "*")))
+
+
+@pytest.mark.parametrize("row", [FULL_BATCH_ROW, LAST_BATCH_ROW])
+def test_append_refuses_a_parent_whose_image_codes_were_flipped(
+        batched_memory: Path, tmp_path: Path, row: int) -> None:
+    root = tmp_path / "memory"
+    shutil.copytree(batched_memory, root)
+    store = pub.version_dir(root, "v000001") / STORE_FILE
+    overwrite_image_code(store, row, 0x7F7F)  # fits the int16 column, not the codebook
+
+    with pytest.raises(AppendRefused) as refused:
+        build_demo_memory(root, 5, start=1100, append=True, codebook_size=512)
+    message = str(refused.value)
+    assert "refusing to append" in message and "v000001" in message
+    assert "store.arrow is corrupt" in message and "CURRENT still names v000001" in message
+    assert _append_state(root) == ("v000001", ["v000001"], [])
+
+
+@pytest.mark.parametrize("row,code", [(FULL_BATCH_ROW, 0x7F7F), (LAST_BATCH_ROW, -0xFB)])
+def test_append_refuses_image_codes_outside_the_codebook_even_when_checksums_match(
+        batched_memory: Path, tmp_path: Path, row: int, code: int) -> None:
+    root = tmp_path / "memory"
+    shutil.copytree(batched_memory, root)
+    vdir = pub.version_dir(root, "v000001")
+    overwrite_image_code(vdir / STORE_FILE, row, code)
+    reseal(vdir)  # e.g. a version an older build published with the damage copied in
+    Memory.load(root, verify="full")  # its own checks pass
+
+    with pytest.raises(AppendRefused) as refused:
+        build_demo_memory(root, 5, start=1100, append=True, codebook_size=512)
+    message = str(refused.value)
+    assert f"store.arrow row {row}: image code {code} outside [0, 512)" in message
+    assert "int32" not in message  # not a hint to widen the column: the row is damaged
+    assert _append_state(root) == ("v000001", ["v000001"], [])
+
+
+def test_append_refuses_a_parent_whose_parts_disagree(batched_memory: Path,
+                                                      tmp_path: Path) -> None:
+    root = tmp_path / "memory"
+    shutil.copytree(batched_memory, root)
+    vdir = pub.version_dir(root, "v000001")
+    manifest = json.loads((vdir / MANIFEST_NAME).read_text())
+    manifest["counts"]["documents"] = 1000
+    (vdir / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(AppendRefused, match="parts disagree"):
+        build_demo_memory(root, 5, start=1100, append=True, codebook_size=512)
+    assert _append_state(root) == ("v000001", ["v000001"], [])
+
+
+def test_an_intact_parent_of_full_batches_appends(batched_memory: Path, tmp_path: Path) -> None:
+    root = tmp_path / "memory"
+    shutil.copytree(batched_memory, root)
+    report = build_demo_memory(root, 5, start=1100, append=True, codebook_size=512)
+    assert (report.version, report.documents) == ("v000002", 1105)
+    memory = Memory.load(root, verify="full")
+    assert [d.id for d in memory.documents([0, 1023, 1024, 1104])] == [0, 1023, 1024, 1104]
 
 
 # --- serving: atomic reload ------------------------------------------------------------

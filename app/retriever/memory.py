@@ -14,7 +14,10 @@ vectors) still loads in seconds; "none" skips checksums (sizes are still checked
 
 `Retriever` holds the memory being served and swaps in a new version atomically: the new
 one is loaded and verified completely first, then a single reference assignment switches
-it; a search in flight finishes on the object it started with.
+it; a search in flight finishes on the object it started with. When the version CURRENT
+names is refused at start-up (CURRENT unreadable, or its version damaged), it serves the
+newest valid version instead and says so in `warning` until a reload succeeds, so one bad
+pointer does not keep the service down.
 """
 
 from __future__ import annotations
@@ -163,6 +166,13 @@ def _verify_files(vdir: Path, manifest: Manifest, verify: str) -> None:
             verify_file(vdir / name, entry, full)
 
 
+def _current_or_none(memory_dir: Path) -> str | None:
+    try:
+        return pub.current_version(memory_dir)
+    except pub.PublishError:
+        return None
+
+
 def _open(path: Path, opener: Any) -> Any:
     try:
         return opener(path)
@@ -172,13 +182,43 @@ def _open(path: Path, opener: Any) -> Any:
 
 class Retriever:
     """The memory being served, swapped atomically by `reload`. Thread-safe: readers take
-    `self.memory` once per request and never lock."""
+    `self.memory` once per request and never lock.
+
+    `warning` is None while the served version is the one CURRENT names; otherwise it
+    says what CURRENT holds, why that was refused and what is served instead."""
 
     def __init__(self, memory_dir: str | Path, verify: str = "auto") -> None:
         self.memory_dir = Path(memory_dir)
         self.verify = verify
+        self.warning: str | None = None
         self._lock = threading.Lock()
-        self._memory = Memory.load(self.memory_dir, verify=verify)
+        self._memory = self._load_at_start()
+
+    def _load_at_start(self) -> Memory:
+        try:
+            return Memory.load(self.memory_dir, verify=self.verify)
+        except MemoryLoadError as exc:
+            problem = exc
+        named = _current_or_none(self.memory_dir)
+        for version in reversed(pub.list_versions(self.memory_dir)):
+            if version == named:
+                continue
+            try:
+                memory = Memory.load(self.memory_dir, version, verify=self.verify)
+            except MemoryLoadError as exc:
+                log.warning("memory %s is not valid either: %s", version, exc)
+                continue
+            self.warning = (f"{self._short(problem)}; serving {version}, the newest valid "
+                            "version, instead: fix CURRENT, then POST /admin/reload")
+            log.warning("memory: %s; serving %s, the newest valid version, instead. Fix "
+                        "CURRENT, then POST /admin/reload", problem, version)
+            return memory
+        raise problem
+
+    def _short(self, problem: Exception) -> str:
+        """The problem without the memory's location: clients see versions, not paths."""
+        return str(problem).replace(f"{self.memory_dir}/", "").replace(str(self.memory_dir),
+                                                                        "the memory")
 
     @property
     def memory(self) -> Memory:
@@ -190,18 +230,28 @@ class Retriever:
 
     def reload(self, version: str | None = None) -> Memory:
         """Load `version` (default: what CURRENT names now) and serve it. If it is the one
-        being served, nothing changes. On MemoryLoadError the old version keeps serving."""
+        being served, nothing changes. On MemoryLoadError the old version keeps serving,
+        and a refused CURRENT is reported in `warning`."""
         with self._lock:  # one reload at a time; searches never take this lock
             old = self._memory
             try:
                 target = version or pub.current_version(self.memory_dir)
-            except pub.PublishError as e:
+                if target == old.version:
+                    new = old
+                else:
+                    new = Memory.load(self.memory_dir, target, verify=self.verify)
+            except (pub.PublishError, MemoryLoadError) as e:
+                if version is None:
+                    self.warning = (f"{self._short(e)}; still serving {old.version}: fix "
+                                    "CURRENT, then POST /admin/reload")
+                if isinstance(e, MemoryLoadError):
+                    raise
                 raise MemoryLoadError(str(e)) from e
-            if target == old.version:
-                return old
-            new = Memory.load(self.memory_dir, target, verify=self.verify)
-            self._memory = new  # one reference assignment: atomic for readers
-            log.info("now serving memory %s (was %s)", new.version, old.version)
+            if version is None:
+                self.warning = None
+            if new is not old:
+                self._memory = new  # one reference assignment: atomic for readers
+                log.info("now serving memory %s (was %s)", new.version, old.version)
             return new
 
     def search(self, queries: np.ndarray, k: int | None = None,

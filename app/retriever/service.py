@@ -100,6 +100,10 @@ class RetrieverBackend(Protocol):
         """Load the published version and swap it in; raise (old one kept) if refused."""
         ...
 
+    def warning(self) -> str | None:
+        """Why the version served is not the one CURRENT names, or None when it is."""
+        ...
+
     def encode_text(self, texts: list[str]) -> np.ndarray: ...
 
     def encode_image(self, images: list[np.ndarray]) -> np.ndarray: ...
@@ -203,15 +207,25 @@ class RetrieverService:
 
     async def start(self) -> None:
         try:
-            self.backend = await asyncio.to_thread(self.backend_factory, self.settings)
-            await self.batcher.start()
-            await self.search([RetrievalQuery(text="warm-up")], k=1, use_cache=False)
+            await self._load()
         except Exception as exc:
             log.exception("retriever failed to start")
             self.state = f"failed: {type(exc).__name__}: {exc}"[:300]
             return
-        self.state = "ready"
         log.info("retriever ready: memory %s", self.snapshot().version)
+
+    async def _load(self) -> None:
+        """Load the backend (query encoders and memory) and warm up. Also how a retriever
+        that failed to start recovers: `POST /admin/reload` calls this again."""
+        backend = await asyncio.to_thread(self.backend_factory, self.settings)
+        self.backend = backend
+        await self.batcher.start()  # a no-op when already started
+        try:
+            await self.search([RetrievalQuery(text="warm-up")], k=1, use_cache=False)
+        except Exception:
+            self.backend = None
+            raise
+        self.state = "ready"
 
     async def stop(self) -> None:
         await self.batcher.stop()
@@ -226,14 +240,22 @@ class RetrieverService:
     def ready(self) -> bool:
         return self.state == "ready"
 
+    def warning(self) -> str | None:
+        return self.backend.warning() if self.backend is not None else None
+
     async def checks(self) -> dict[str, str]:
-        return {"memory": self.state, "cache": await self.cache.check()}
+        # Serving, but not what CURRENT names: degraded (still serving), never plain ready.
+        warning = self.warning() if self.ready else None
+        memory = f"degraded: {warning}" if warning else self.state
+        return {"memory": memory, "cache": await self.cache.check()}
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"state": self.state}
         if self.backend is not None:
             snap = self.snapshot()
             out.update({"version": snap.version, "documents": snap.size, **snap.describe()})
+            if warning := self.warning():
+                out["warning"] = warning
         out["strategies"] = {k: asdict(v) for k, v in self.strategies.items()}
         return out
 
@@ -336,18 +358,18 @@ class RetrieverService:
     # --- reload --------------------------------------------------------------------------
 
     async def reload(self) -> ReloadResponse:
-        if self.backend is None:
-            raise ApiError("retriever is not loaded")
         async with self._reload_lock:
+            if self.backend is None:
+                return await self._load_after_failed_start()
             previous = self.snapshot().version
             start = time.perf_counter()
             try:
                 snap = await asyncio.to_thread(self.backend.reload)
             except Exception as exc:
                 log.warning("memory reload refused: %s", exc)
-                err = ApiError(f"memory reload refused, still serving {previous}: {exc}")
-                err.status_code, err.error_type, err.code = 409, "conflict_error", "reload_refused"
-                raise err from None
+                raise _reload_refused(
+                    f"memory reload refused, still serving {previous}: "
+                    f"{self.warning() or exc}") from None
             self.metrics.stage_latency.labels("memory_reload").observe(time.perf_counter() - start)
         log.info("memory reloaded: %s -> %s", previous, snap.version)
         return ReloadResponse(
@@ -356,6 +378,25 @@ class RetrieverService:
             changed=snap.version != previous,
             documents=snap.size,
         )
+
+
+    async def _load_after_failed_start(self) -> ReloadResponse:
+        try:
+            await self._load()
+        except Exception as exc:
+            log.warning("memory reload refused: %s", exc)
+            self.state = f"failed: {type(exc).__name__}: {exc}"[:300]
+            raise _reload_refused(f"memory reload refused, nothing is served: {exc}") from None
+        snap = self.snapshot()
+        log.info("memory loaded on reload: %s", snap.version)
+        return ReloadResponse(memory_version=snap.version, previous_version=None, changed=True,
+                              documents=snap.size)
+
+
+def _reload_refused(message: str) -> ApiError:
+    err = ApiError(message)
+    err.status_code, err.error_type, err.code = 409, "conflict_error", "reload_refused"
+    return err
 
 
 # --- HTTP (the retriever role) --------------------------------------------------------------
@@ -453,6 +494,9 @@ class CoreRetrieverBackend:
         if memory is not self._current.memory:
             self._current = _CoreSnapshot(memory)
         return self._current
+
+    def warning(self) -> str | None:
+        return self.retriever.warning
 
     def encode_text(self, texts: list[str]) -> np.ndarray:
         return self.clip.encode_text(texts)
