@@ -7,8 +7,10 @@ the retriever maps ids back to documents from its own store.
 Two backends share `get_or_compute`:
 - `RedisNeighbourCache` (redis-py asyncio): `SET key value EX ttl NX` in one command, a
   `SET lock NX PX` lock against stampedes (waiters poll briefly, then compute anyway),
-  short socket timeouts and a circuit breaker so that a dead Redis costs at most one
-  timeout per `retry_s` instead of one per request. Down means "serve without cache".
+  socket timeouts and a circuit breaker so that a dead Redis costs at most one attempt
+  per `retry_s` instead of one per request. Down means "serve without cache". Slow is
+  not down: a timeout is a miss for that request, and only `timeouts_to_trip` in a row
+  open the breaker, while a refused or dropped connection opens it at once.
 - `LruNeighbourCache`: in-process, used when no Redis URL is set.
 
 Identical misses inside one process are coalesced (single flight) in both.
@@ -29,6 +31,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.metrics import Metrics
 
@@ -164,8 +167,9 @@ class RedisNeighbourCache(NeighbourCache):
         url: str,
         *,
         ttl_s: int,
-        timeout_s: float = 0.1,
+        timeout_s: float = 0.5,
         retry_s: float = 2.0,
+        timeouts_to_trip: int = 3,
         lock_ttl_ms: int = 2000,
         lock_wait_ms: int = 200,
         metrics: Metrics | None = None,
@@ -175,6 +179,7 @@ class RedisNeighbourCache(NeighbourCache):
         self.ttl_s = ttl_s
         self.timeout_s = timeout_s
         self.retry_s = retry_s
+        self.timeouts_to_trip = max(1, timeouts_to_trip)
         self.lock_ttl_ms = lock_ttl_ms
         self.lock_wait_s = lock_wait_ms / 1000.0
         # No retries inside redis-py: the circuit breaker decides when to try again.
@@ -187,6 +192,9 @@ class RedisNeighbourCache(NeighbourCache):
         )
         self._open_until = 0.0  # circuit open (Redis skipped) until this monotonic time
         self._last_error: str | None = None
+        # Timeouts since the last answer. Not reset by a trip, so that after `retry_s` a
+        # Redis that is still hung re-opens the breaker on its first timeout.
+        self._timeouts_in_a_row = 0
 
     # --- circuit breaker ----------------------------------------------------------------
 
@@ -200,17 +208,30 @@ class RedisNeighbourCache(NeighbourCache):
         self._open_until = time.monotonic() + self.retry_s
         self._count("error")
 
+    def _timed_out(self, exc: BaseException) -> None:
+        """Slow, perhaps only a busy CPU here: a miss now, an outage only if it persists."""
+        self._timeouts_in_a_row += 1
+        if self._timeouts_in_a_row >= self.timeouts_to_trip:
+            self._trip(exc)
+        else:
+            self._count("timeout")
+
     def _recovered(self) -> None:
         if self._last_error is not None:
             log.info("redis at %s reachable again; cache resumed", self.url)
         self._last_error = None
+        self._timeouts_in_a_row = 0
 
     async def _call(self, make: Callable[[], Awaitable]) -> tuple[bool, object]:
-        """(ok, value). Any failure trips the breaker instead of raising."""
+        """(ok, value). A failure never raises: a timeout counts towards tripping the
+        breaker, any other failure (refused, reset, an error answer) trips it."""
         try:
             # The outer bound covers what socket timeouts do not (e.g. DNS, pool waits).
             value = await asyncio.wait_for(make(), self.timeout_s * 4 + 0.05)
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (RedisTimeoutError, asyncio.TimeoutError) as exc:
+            self._timed_out(exc)
+            return False, None
+        except (RedisError, OSError) as exc:
             self._trip(exc)
             return False, None
         self._recovered()
@@ -295,6 +316,7 @@ def build_cache(
     lru_size: int,
     timeout_s: float,
     retry_s: float,
+    timeouts_to_trip: int = 3,
     lock_ttl_ms: int,
     lock_wait_ms: int,
     metrics: Metrics | None,
@@ -305,6 +327,7 @@ def build_cache(
             ttl_s=ttl_s,
             timeout_s=timeout_s,
             retry_s=retry_s,
+            timeouts_to_trip=timeouts_to_trip,
             lock_ttl_ms=lock_ttl_ms,
             lock_wait_ms=lock_wait_ms,
             metrics=metrics,

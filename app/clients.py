@@ -2,8 +2,8 @@
 
 - `InProcess*Client` calls the service object in the same process (embedded mode).
 - `Http*Client` calls the role's internal routes; the generator client balances across
-  several worker URLs (least in flight, round-robin among ties) and skips a worker that
-  refused a connection for a short while.
+  several worker URLs by readiness, then load, and moves a job on to the next worker
+  when one refuses the connection or answers 503.
 
 Both raise the same `ApiError`s: an upstream error answer is rebuilt (a worker's 429
 stays a 429), an unreachable service is 503, a timeout 504.
@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import httpx
@@ -195,7 +197,10 @@ class _HttpBase:
                 payload: Any = response.json()
             except ValueError:
                 payload = None
-            raise error_from_body(response.status_code, payload, response.headers)
+            err = error_from_body(response.status_code, payload, response.headers)
+            if response.status_code == 503:
+                raise _Unavailable(err.message, code=err.code) from None
+            raise err
         try:
             return model.model_validate_json(response.content)
         except ValidationError:
@@ -214,7 +219,12 @@ class _HttpBase:
         await self.http.aclose()
 
 
-class _Unreachable(DependencyUnavailable):
+class _Unavailable(DependencyUnavailable):
+    """The service answered 503 (loading, or one of its own dependencies is down): it did
+    not take the job, so another replica may."""
+
+
+class _Unreachable(_Unavailable):
     """Connection refused / reset: safe to try another replica (nothing was processed)."""
 
 
@@ -270,41 +280,86 @@ class HttpRetrieverClient(_HttpBase):
         return {"memory": data.get("memory"), "cache": data.get("cache")}
 
 
+@dataclass
+class _Worker:
+    base: str
+    inflight: int = 0
+    ready: bool | None = None  # what its last probe or answer said; None: not asked yet
+    known_at: float = -math.inf  # monotonic time of that
+    probe: asyncio.Task | None = None
+
+
 class HttpGeneratorClient(_HttpBase):
+    """Balances jobs across generator workers by readiness, then load.
+
+    Each worker's readiness comes from its `/readyz`, asked lazily: on first use the
+    caller waits for the answer; afterwards a result older than `readiness_ttl_s` is
+    refreshed in the background while the last one keeps being used. Ready workers are
+    tried first, least in flight first, round-robin among ties. A worker that refuses
+    the connection or answers 503 counts as not ready until its next probe, and the job
+    goes to the next worker: a loading worker answers 503 fast, and would otherwise draw
+    most of the traffic.
+    """
+
     name = "generator"
-    unreachable_backoff_s = 2.0
 
     def __init__(
-        self, base_urls: list[str], timeout_s: float = 65.0, api_key: str | None = None, **kw: Any
+        self,
+        base_urls: list[str],
+        timeout_s: float = 65.0,
+        api_key: str | None = None,
+        readiness_ttl_s: float = 1.0,
+        **kw: Any,
     ) -> None:
         if not base_urls:
             raise ValueError("at least one generator URL is needed")
         super().__init__(timeout_s, api_key, **kw)
-        self.bases = [u.rstrip("/") for u in base_urls]
-        self.inflight = {b: 0 for b in self.bases}
-        self._down_until = {b: 0.0 for b in self.bases}
+        self.workers = [_Worker(u.rstrip("/")) for u in base_urls]
+        self.readiness_ttl_s = readiness_ttl_s
         self._rotation = itertools.count()
 
-    def _order(self) -> list[str]:
-        """Least in flight first; ties in round-robin order; recently refused ones last."""
-        start = next(self._rotation) % len(self.bases)
-        rotated = self.bases[start:] + self.bases[:start]
-        now = time.monotonic()
-        return sorted(rotated, key=lambda b: (self._down_until[b] > now, self.inflight[b]))
+    def _mark(self, worker: _Worker, ready: bool) -> None:
+        worker.ready = ready
+        worker.known_at = time.monotonic()
+
+    async def _probe(self, worker: _Worker) -> ReadyResponse:
+        answer = await self._ready(worker.base)
+        self._mark(worker, answer.status != "not_ready")
+        return answer
+
+    def _refresh(self, worker: _Worker) -> asyncio.Task:
+        """The worker's running probe, or a new one (one probe per worker at a time)."""
+        if worker.probe is None or worker.probe.done():
+            worker.probe = asyncio.create_task(self._probe(worker))
+        return worker.probe
+
+    async def _order(self) -> list[_Worker]:
+        """Ready first; then least in flight; ties in round-robin order."""
+        unknown = [self._refresh(w) for w in self.workers if w.ready is None]
+        if unknown:
+            # `wait`, not `gather`: a caller that is cancelled must not cancel the probes.
+            await asyncio.wait(unknown)
+        stale_before = time.monotonic() - self.readiness_ttl_s
+        for w in self.workers:
+            if w.known_at < stale_before:
+                self._refresh(w)
+        start = next(self._rotation) % len(self.workers)
+        rotated = self.workers[start:] + self.workers[:start]
+        return sorted(rotated, key=lambda w: (not w.ready, w.inflight))
 
     async def _call(self, path: str, body: BaseModel, model: type[M]) -> M:
         last: DependencyUnavailable | None = None
-        for base in self._order():
-            self.inflight[base] += 1
+        for worker in await self._order():
+            worker.inflight += 1
             try:
-                return await self._request("POST", f"{base}{path}", body, model)
-            except _Unreachable as exc:
-                self._down_until[base] = time.monotonic() + self.unreachable_backoff_s
+                return await self._request("POST", f"{worker.base}{path}", body, model)
+            except _Unavailable as exc:
+                self._mark(worker, False)
                 last = exc
             finally:
-                self.inflight[base] -= 1
+                worker.inflight -= 1
         why = last.message if last else "no workers"
-        raise DependencyUnavailable(f"no generator worker reachable ({why})")
+        raise DependencyUnavailable(f"no generator worker is available ({why})")
 
     async def text_to_image(self, job: T2IJob) -> list[GeneratedImage]:
         wire = T2IJobWire.from_job(job)
@@ -326,7 +381,7 @@ class HttpGeneratorClient(_HttpBase):
         return out.to_result()
 
     async def readiness(self) -> ReadyResponse:
-        answers = await asyncio.gather(*(self._ready(b) for b in self.bases))
+        answers = await asyncio.gather(*(self._probe(w) for w in self.workers))
         checks = {
             f"generator[{i}]": a.status if a.status != "not_ready" else _why(a)
             for i, a in enumerate(answers)
@@ -335,14 +390,21 @@ class HttpGeneratorClient(_HttpBase):
         return ReadyResponse(status="ready" if ready else "not_ready", checks=checks)
 
     async def info(self) -> dict[str, Any]:
-        for base in self._order():
+        for worker in await self._order():
             try:
-                response = await self.http.get(f"{base}/v1/info", timeout=2.0)
+                response = await self.http.get(f"{worker.base}/v1/info", timeout=2.0)
                 if response.status_code == 200:
                     return dict(response.json().get("generator") or {})
             except (httpx.HTTPError, ValueError):
                 continue
         return {"state": "unreachable"}
+
+    async def close(self) -> None:
+        probes = [w.probe for w in self.workers if w.probe is not None and not w.probe.done()]
+        for probe in probes:
+            probe.cancel()
+        await asyncio.gather(*probes, return_exceptions=True)
+        await super().close()
 
 
 def _why(answer: ReadyResponse) -> str:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
+import traceback
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -215,12 +218,66 @@ def install_error_handlers(app: FastAPI, on_error: ErrorHook | None = None) -> N
         note(err.error_type, err.status_code)
         return error_response(err)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        err = InternalError("internal server error")
-        note(err.error_type, 500)
-        return error_response(err)
+    # Not `exception_handler(Exception)`: Starlette runs that one in its outermost
+    # middleware, which re-raises after answering, and the server then drops the
+    # keep-alive connection and logs the whole traceback.
+    app.add_middleware(UnexpectedErrorMiddleware, on_error=on_error)
+
+
+class UnexpectedErrorMiddleware:
+    """Answer any exception that no handler took with a JSON 500, and log it on one line.
+
+    The error id in the log line is also in the response (message and `X-Error-Id`), so a
+    client's report leads to the log. The connection stays usable: the exception stops
+    here instead of reaching the server. When the response had already started (a
+    stream), nothing sane can be sent any more; the server then closes the connection.
+    """
+
+    def __init__(self, app: Any, on_error: ErrorHook | None = None) -> None:
+        self.app = app
+        self.on_error = on_error
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracking(message: dict) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking)
+        except Exception as exc:
+            error_id = secrets.token_hex(6)
+            log.error(
+                "unhandled %s on %s %s [error_id=%s]: %s (at %s)",
+                type(exc).__name__, scope.get("method"), scope.get("path"), error_id,
+                _one_line(str(exc)), _where(exc),
+            )
+            if self.on_error is not None:
+                self.on_error(InternalError.error_type, InternalError.status_code)
+            if started:
+                return
+            err = InternalError(f"internal server error (error id {error_id})")
+            err.headers["X-Error-Id"] = error_id
+            await error_response(err)(scope, receive, send)
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    return " ".join(text.split())[:limit]
+
+
+def _where(exc: BaseException) -> str:
+    """file:line in function, of the frame that raised."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "unknown"
+    last = frames[-1]
+    return f"{Path(last.filename).name}:{last.lineno} in {last.name}"
 
 
 class BodyLimitMiddleware:

@@ -39,15 +39,16 @@ from app.generator.protocol import (
 )
 from app.generator.service import run_until_disconnect
 from app.images import (
+    DecodedImage,
+    DecodedMask,
     ImageLimits,
     b64,
     box_mask,
     decode_base64,
-    has_alpha,
-    open_image,
+    decode_image,
+    decode_mask,
+    in_decode_thread,
     png_b64,
-    to_mask,
-    to_rgb,
 )
 from app.metrics import Metrics
 from app.retriever.service import RetrievalQuery
@@ -305,18 +306,17 @@ def _images_response(
 
 
 async def _decode_image(gw: Gateway, data: str, param: str) -> np.ndarray:
-    # Decoding a large image takes a while: keep the event loop free meanwhile.
-    return await asyncio.to_thread(_decode_rgb, gw, data, param)
+    return (await _decode_full(gw, data, param)).rgb
 
 
-def _decode_rgb(gw: Gateway, data: str, param: str) -> np.ndarray:
+async def _decode_full(gw: Gateway, data: str, param: str) -> DecodedImage:
     raw = decode_base64(data, param, gw.settings.max_image_bytes)
-    return to_rgb(open_image(raw, param, gw.image_limits))
+    return await in_decode_thread(decode_image, raw, param, gw.image_limits)
 
 
-async def _open_upload(gw: Gateway, upload: UploadFile, param: str) -> Any:
-    data = await _read_upload(gw, upload, param)
-    return await asyncio.to_thread(open_image, data, param, gw.image_limits)
+async def _decode_mask(gw: Gateway, data: str, param: str) -> DecodedMask:
+    raw = decode_base64(data, param, gw.settings.max_image_bytes)
+    return await in_decode_thread(decode_mask, raw, param, gw.image_limits)
 
 
 async def _read_upload(gw: Gateway, upload: UploadFile, param: str) -> bytes:
@@ -326,22 +326,37 @@ async def _read_upload(gw: Gateway, upload: UploadFile, param: str) -> bytes:
     return data
 
 
-def _mask_for(image_shape: tuple[int, ...], mask: np.ndarray, param: str) -> np.ndarray:
-    if mask.shape != tuple(image_shape[:2]):
-        h, w = image_shape[:2]
-        mh, mw = mask.shape
+def _region(image: DecodedImage, mask: DecodedMask | None, param: str) -> np.ndarray:
+    """The area to regenerate, at the image's working size: the mask's (which must be the
+    image's size, as sent), or without one the image's own transparent area."""
+    if mask is not None and mask.size != image.size:
+        w, h = image.size
+        mw, mh = mask.size
         raise InvalidRequest(
             f"mask is {mw}x{mh} but the image is {w}x{h}; they must be the same size",
             param=param,
             code="mask_size_mismatch",
         )
-    if not mask.any():
+    region = image.transparent if mask is None else mask.mask
+    if region is None or not region.any():
         raise InvalidRequest(
             "mask marks nothing to regenerate (use alpha 0, or white without alpha)",
             param=param,
             code="empty_mask",
         )
-    return mask
+    return region
+
+
+def _box_region(image: DecodedImage, box: tuple[int, int, int, int], param: str) -> np.ndarray:
+    """A box in the image's pixels as sent, as a mask at its working size: every working
+    pixel that the box touches."""
+    w, h = image.size
+    box_mask(box, h, w, param)  # validates against the size as sent
+    s = image.scale
+    x0, y0, x1, y1 = box
+    height, width = image.rgb.shape[:2]
+    scaled = (x0 // s, y0 // s, min(width, -(-x1 // s)), min(height, -(-y1 // s)))
+    return box_mask(scaled, height, width, param)
 
 
 # --- routes --------------------------------------------------------------------------------
@@ -412,13 +427,15 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
             )
         _check_response_format(response_format)
         await _check_size(gw, size)
-        source = await _open_upload(gw, uploads[0], "image")
-        rgb = to_rgb(source)
+        raw = await _read_upload(gw, uploads[0], "image")
+        source = await in_decode_thread(decode_image, raw, "image", gw.image_limits)
+        rgb = source.rgb
         if mask is not None:
-            mask_img = await _open_upload(gw, mask, "mask")
-            region = _mask_for(rgb.shape, to_mask(mask_img), "mask")
-        elif _has_transparency(source):
-            region = _mask_for(rgb.shape, to_mask(source), "image")
+            raw_mask = await _read_upload(gw, mask, "mask")
+            mask_img = await in_decode_thread(decode_mask, raw_mask, "mask", gw.image_limits)
+            region = _region(source, mask_img, "mask")
+        elif source.transparent is not None and source.transparent.any():
+            region = _region(source, None, "image")
         else:
             raise InvalidRequest(
                 "provide a mask, or an image whose transparent area (alpha 0) marks the edit",
@@ -453,14 +470,13 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
         _check_response_format(body.response_format)
         if (body.mask is None) == (body.box is None):
             raise InvalidRequest("give exactly one of mask or box", param="mask")
-        rgb = await _decode_image(gw, body.image, "image")
+        source = await _decode_full(gw, body.image, "image")
+        rgb = source.rgb
         if body.mask is not None:
-            raw_mask = decode_base64(body.mask, "mask", gw.settings.max_image_bytes)
-            mask_img = await asyncio.to_thread(open_image, raw_mask, "mask", gw.image_limits)
-            region = _mask_for(rgb.shape, to_mask(mask_img), "mask")
+            region = _region(source, await _decode_mask(gw, body.mask, "mask"), "mask")
         else:
             assert body.box is not None
-            region = box_mask(body.box, rgb.shape[0], rgb.shape[1], "box")
+            region = _box_region(source, body.box, "box")
         gw.retrieval_k(body.retrieval)
         seed = _seed(body.seed)
         query = RetrievalQuery(text=prompt) if prompt else RetrievalQuery(image=rgb)
@@ -707,7 +723,3 @@ class _FormSampling:
     temperature: float
     top_k: int | None
     top_p: float | None
-
-
-def _has_transparency(img: Any) -> bool:
-    return has_alpha(img) and bool(to_mask(img).any())

@@ -62,7 +62,8 @@ class Metrics:
         )
         self.cache_requests = Counter(
             "racm3_cache_requests_total",
-            "Neighbour cache look-ups by result (hit, miss, error, skipped).",
+            "Neighbour cache look-ups by result: hit, miss, skipped (no cache, or the breaker is "
+            "open), timeout (Redis slow: served without it), error (Redis down: breaker opened).",
             ["backend", "result"],
             registry=r,
         )

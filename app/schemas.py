@@ -30,7 +30,7 @@ from app.generator.protocol import (
     SamplingParams,
     T2IJob,
 )
-from app.images import ImageLimits, b64, decode_base64, decode_rgb_b64, open_image, png_b64
+from app.images import ImageLimits, b64, decode_base64, decode_mask, decode_rgb_b64, png_b64
 
 MAX_SEED = 2**63 - 1
 
@@ -388,10 +388,9 @@ class InfillJobWire(_JobWire):
 
     def to_job(self) -> InfillJob:
         raw = decode_base64(self.mask, "mask", INTERNAL_IMAGE_LIMITS.max_bytes)
-        mask_img = open_image(raw, "mask", INTERNAL_IMAGE_LIMITS)
         return InfillJob(
             image=_rgb(self.image, "image"),
-            mask=np.asarray(mask_img.convert("L")) > 127,
+            mask=decode_mask(raw, "mask", INTERNAL_IMAGE_LIMITS).mask,
             prompt=self.prompt,
             neighbours=[d.to_doc() for d in self.neighbours],
             n=self.n,

@@ -56,9 +56,10 @@ class RetrieverSettings(_Base):
     redis_url: str | None = None
     cache_ttl_s: int = Field(3600, ge=1)
     lru_size: int = Field(10_000, ge=0)
-    # Short timeouts plus a circuit breaker, so a dead Redis costs at most one timeout
-    # per `redis_retry_s` instead of one per request.
-    redis_timeout_s: float = Field(0.1, gt=0)
+    # A circuit breaker, so a dead Redis costs at most one attempt per `redis_retry_s`
+    # instead of one per request. The timeout is generous because a busy CPU here makes
+    # a healthy Redis look slow; a single timeout is a miss, several in a row trip.
+    redis_timeout_s: float = Field(0.5, gt=0)
     redis_retry_s: float = Field(2.0, gt=0)
     lock_ttl_ms: int = Field(2000, ge=1)
     lock_wait_ms: int = Field(200, ge=0)
