@@ -39,13 +39,16 @@ from app.schemas import (
     ClassifyResultWire,
     ImagesResultWire,
     InfillJobWire,
+    InfillStreamJobWire,
     QueryWire,
     ReadyResponse,
     ReloadResponse,
     SearchRequest,
     SearchResponse,
     T2IJobWire,
+    T2IStreamJobWire,
 )
+from app.streaming import GenerationStream, open_http_stream, open_local_stream
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -78,6 +81,12 @@ class GeneratorClient(Protocol):
     async def infill(self, job: InfillJob) -> list[GeneratedImage]: ...
 
     async def classify(self, job: ClassifyJob) -> ClassifyResult: ...
+
+    async def text_to_image_stream(self, job: T2IJob, partial_images: int) -> GenerationStream:
+        """The job submitted, its events to read (app/streaming.py); raises if refused."""
+        ...
+
+    async def infill_stream(self, job: InfillJob, partial_images: int) -> GenerationStream: ...
 
     async def readiness(self) -> ReadyResponse: ...
 
@@ -143,6 +152,12 @@ class InProcessGeneratorClient:
 
     async def classify(self, job: ClassifyJob) -> ClassifyResult:
         return await self.service.classify(job)
+
+    async def text_to_image_stream(self, job: T2IJob, partial_images: int) -> GenerationStream:
+        return await open_local_stream(self.service.text_to_image, job, partial_images)
+
+    async def infill_stream(self, job: InfillJob, partial_images: int) -> GenerationStream:
+        return await open_local_stream(self.service.infill, job, partial_images)
 
     async def readiness(self) -> ReadyResponse:
         return _status(self.service.ready, await self.service.checks())
@@ -324,6 +339,15 @@ class HttpGeneratorClient(_HttpBase):
         wire = ClassifyJobWire.from_job(job)
         out = await self._call("/internal/classify", wire, ClassifyResultWire)
         return out.to_result()
+
+    async def text_to_image_stream(self, job: T2IJob, partial_images: int) -> GenerationStream:
+        wire = T2IStreamJobWire.from_job(job).model_copy(update={"partial_images": partial_images})
+        return await open_http_stream(self, "/internal/text_to_image/stream", wire)
+
+    async def infill_stream(self, job: InfillJob, partial_images: int) -> GenerationStream:
+        wire = InfillStreamJobWire.from_job(job).model_copy(
+            update={"partial_images": partial_images})
+        return await open_http_stream(self, "/internal/infill/stream", wire)
 
     async def readiness(self) -> ReadyResponse:
         answers = await asyncio.gather(*(self._ready(b) for b in self.bases))

@@ -57,6 +57,7 @@ from app.schemas import (
     CaptionResponse,
     ClassifyRequest,
     ClassifyResponse,
+    ExampleIn,
     HealthResponse,
     ImageGenerationRequest,
     ImageObject,
@@ -73,6 +74,14 @@ from app.schemas import (
     RetrieveResponse,
 )
 from app.settings import GatewaySettings
+from app.streaming import (
+    IMAGE_EDIT,
+    IMAGE_GENERATION,
+    GenerationStream,
+    StreamContext,
+    neighbours_event,
+    stream_images,
+)
 
 T = TypeVar("T")
 
@@ -326,6 +335,32 @@ async def _read_upload(gw: Gateway, upload: UploadFile, param: str) -> bytes:
     return data
 
 
+async def _decode_examples(gw: Gateway, examples: list[ExampleIn]) -> list[FewShotExample]:
+    """Demonstrations, checked as /v1/images/classify checks its examples."""
+    if len(examples) > gw.settings.max_examples:
+        raise InvalidRequest(f"at most {gw.settings.max_examples} examples", param="examples")
+    return [
+        FewShotExample(
+            image=await _decode_image(gw, e.image, f"examples.{i}.image"),
+            caption=_check_prompt(gw, e.caption, param=f"examples.{i}.caption"),
+        )
+        for i, e in enumerate(examples)
+    ]
+
+
+async def _size_text(gw: Gateway) -> str:
+    h, w = await gw.image_size()
+    return f"{w}x{h}"
+
+
+def _neighbours_event(
+    docs: list[NeighbourDoc], version: str | None, seed: int, include: bool
+) -> bytes | None:
+    if not include:
+        return None
+    return neighbours_event(_public_neighbours(docs, True) or [], version, seed)
+
+
 def _mask_for(image_shape: tuple[int, ...], mask: np.ndarray, param: str) -> np.ndarray:
     if mask.shape != tuple(image_shape[:2]):
         h, w = image_shape[:2]
@@ -362,18 +397,33 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
         _check_response_format(body.response_format)
         await _check_size(gw, body.size)
         gw.retrieval_k(body.retrieval)
+        examples = await _decode_examples(gw, body.examples)
         seed = _seed(body.seed)
 
-        async def work(ticket: Ticket) -> ImagesResponse:
+        async def job_for(ticket: Ticket) -> tuple[T2IJob, str | None]:
             docs, version = await gw.neighbours(
                 RetrievalQuery(text=prompt), body.retrieval, thumbnails=body.return_neighbours
             )
             sampling = _sampling(body, seed, body.guidance_scale)
-            job = T2IJob(prompt, docs, body.n, candidates, sampling)
             ticket.arrived()  # submitted next: no longer on its way
+            return T2IJob(prompt, docs, body.n, candidates, sampling, examples), version
+
+        if body.stream:
+            async def open_stream(ticket: Ticket) -> tuple[GenerationStream, bytes | None]:
+                job, version = await job_for(ticket)
+                stream = await gw.generator.text_to_image_stream(job, body.partial_images or 0)
+                return stream, _neighbours_event(job.neighbours, version, seed,
+                                                 body.return_neighbours)
+
+            ctx = StreamContext(IMAGE_GENERATION, await _size_text(gw), seed)
+            return await stream_images(gw, request, "text_to_image", ctx, open_stream, _finite)
+
+        async def work(ticket: Ticket) -> ImagesResponse:
+            job, version = await job_for(ticket)
             with gw.metrics.stage("generate"):
                 images = await gw.generator.text_to_image(job)
-            return _images_response(images, seed, docs, body.return_neighbours, version)
+            return _images_response(images, seed, job.neighbours, body.return_neighbours,
+                                    version)
 
         return await gw.generate(request, "text_to_image", work)
 
@@ -398,6 +448,8 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
         num_candidates: Annotated[int | None, Form(ge=1)] = None,
         retrieval_k: Annotated[int | None, Form(ge=0)] = None,
         return_neighbours: Annotated[bool, Form()] = False,
+        stream: Annotated[bool | None, Form()] = False,
+        partial_images: Annotated[int | None, Form(ge=0, le=3)] = None,
     ) -> ImagesResponse:
         uploads = [u for u in ([image] if image is not None else []) + (image_list or [])]
         if not uploads:
@@ -429,7 +481,7 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
         options = RetrievalOptions(k=retrieval_k)
         gw.retrieval_k(options)
 
-        async def work(ticket: Ticket) -> ImagesResponse:
+        async def job_for(ticket: Ticket) -> tuple[InfillJob, str | None]:
             docs, version = await gw.neighbours(
                 RetrievalQuery(text=prompt), options, thumbnails=return_neighbours
             )
@@ -438,9 +490,24 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
                 _sampling(params, the_seed, guidance_scale),
             )
             ticket.arrived()  # submitted next: no longer on its way
+            return job, version
+
+        if stream:
+            async def open_stream(ticket: Ticket) -> tuple[GenerationStream, bytes | None]:
+                job, version = await job_for(ticket)
+                opened = await gw.generator.infill_stream(job, partial_images or 0)
+                return opened, _neighbours_event(job.neighbours, version, the_seed,
+                                                 return_neighbours)
+
+            ctx = StreamContext(IMAGE_EDIT, f"{rgb.shape[1]}x{rgb.shape[0]}", the_seed)
+            return await stream_images(gw, request, "infill", ctx, open_stream, _finite)
+
+        async def work(ticket: Ticket) -> ImagesResponse:
+            job, version = await job_for(ticket)
             with gw.metrics.stage("generate"):
                 images = await gw.generator.infill(job)
-            return _images_response(images, the_seed, docs, return_neighbours, version)
+            return _images_response(images, the_seed, job.neighbours, return_neighbours,
+                                    version)
 
         return await gw.generate(request, "infill", work)
 
@@ -462,6 +529,7 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
             assert body.box is not None
             region = box_mask(body.box, rgb.shape[0], rgb.shape[1], "box")
         gw.retrieval_k(body.retrieval)
+        examples = await _decode_examples(gw, body.examples)
         seed = _seed(body.seed)
         query = RetrievalQuery(text=prompt) if prompt else RetrievalQuery(image=rgb)
 
@@ -471,7 +539,7 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
             )
             job = InfillJob(
                 rgb, region, prompt, docs, body.n, candidates,
-                _sampling(body, seed, body.guidance_scale),
+                _sampling(body, seed, body.guidance_scale), examples,
             )
             ticket.arrived()  # submitted next: no longer on its way
             with gw.metrics.stage("generate"):
@@ -487,13 +555,14 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
         candidates = _check_counts(gw, body.n, body.num_candidates)
         rgb = await _decode_image(gw, body.image, "image")
         gw.retrieval_k(body.retrieval)
+        examples = await _decode_examples(gw, body.examples)
         seed = _seed(body.seed)
 
         async def work(ticket: Ticket) -> CaptionResponse:
             docs, version = await gw.neighbours(
                 RetrievalQuery(image=rgb), body.retrieval, thumbnails=body.return_neighbours
             )
-            job = CaptionJob(rgb, docs, body.n, candidates, _sampling(body, seed))
+            job = CaptionJob(rgb, docs, body.n, candidates, _sampling(body, seed), examples)
             ticket.arrived()  # submitted next: no longer on its way
             with gw.metrics.stage("generate"):
                 caps = await gw.generator.caption(job)
@@ -520,16 +589,8 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
             _check_prompt(gw, label, param=f"labels.{i}")
         if len(set(body.labels)) != len(body.labels):
             raise InvalidRequest("labels must be distinct", param="labels")
-        if len(body.examples) > s.max_examples:
-            raise InvalidRequest(f"at most {s.max_examples} examples", param="examples")
         rgb = await _decode_image(gw, body.image, "image")
-        examples = [
-            FewShotExample(
-                image=await _decode_image(gw, e.image, f"examples.{i}.image"),
-                caption=_check_prompt(gw, e.caption, param=f"examples.{i}.caption"),
-            )
-            for i, e in enumerate(body.examples)
-        ]
+        examples = await _decode_examples(gw, body.examples)
         gw.retrieval_k(body.retrieval)
 
         async def work(ticket: Ticket) -> ClassifyResponse:

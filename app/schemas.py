@@ -58,6 +58,13 @@ class Neighbour(BaseModel):
     thumbnail: str | None = Field(None, description="base64 PNG of the stored image")
 
 
+class ExampleIn(_Strict):
+    """A user-given document: base64 image plus its caption."""
+
+    image: str
+    caption: str = Field(min_length=1)
+
+
 class SamplingFields(_Strict):
     """Decoding extensions shared by the generation endpoints (TGI-style, kept apart)."""
 
@@ -70,6 +77,10 @@ class SamplingFields(_Strict):
     )
     retrieval: RetrievalOptions = Field(default_factory=RetrievalOptions)
     return_neighbours: bool = False
+    examples: list[ExampleIn] = Field(
+        default_factory=list,
+        description="demonstrations: documents in context before the retrieved ones",
+    )
 
 
 class ImageObject(BaseModel):
@@ -98,6 +109,10 @@ class ImageGenerationRequest(SamplingFields):
     size: str | None = Field(None, description="'auto' or the bundle's native 'WxH'")
     response_format: Literal["b64_json", "url"] | None = "b64_json"
     guidance_scale: float = Field(3.0, ge=0, le=30)
+    stream: bool | None = Field(False, description="answer text/event-stream (OpenAI's events)")
+    partial_images: int | None = Field(
+        None, ge=0, le=3, description="partial images to stream while decoding (with stream)"
+    )
     # Accepted for OpenAI-client compatibility; this server has one model and one style.
     model: str | None = None
     quality: str | None = None
@@ -140,11 +155,6 @@ class CaptionResponse(BaseModel):
     seed: int
     neighbours: list[Neighbour] | None = None
     memory_version: str | None = None
-
-
-class ExampleIn(_Strict):
-    image: str
-    caption: str = Field(min_length=1)
 
 
 class ClassifyRequest(_Strict):
@@ -312,15 +322,32 @@ class SamplingWire(_Strict):
         return SamplingParams(**self.model_dump())
 
 
+class ExampleWire(_Strict):
+    image: str
+    caption: str
+
+
 class _JobWire(_Strict):
     neighbours: list[NeighbourWire] = Field(default_factory=list)
     n: int = Field(1, ge=1)
     num_candidates: int = Field(1, ge=1)
     sampling: SamplingWire
+    examples: list[ExampleWire] = Field(default_factory=list)
 
 
 def _rgb(data: str, param: str) -> np.ndarray:
     return decode_rgb_b64(data, param, INTERNAL_IMAGE_LIMITS)
+
+
+def _examples_to_wire(examples: list[FewShotExample]) -> list[ExampleWire]:
+    return [ExampleWire(image=png_b64(e.image), caption=e.caption) for e in examples]
+
+
+def _examples_from_wire(examples: list[ExampleWire]) -> list[FewShotExample]:
+    return [
+        FewShotExample(image=_rgb(e.image, f"examples.{i}.image"), caption=e.caption)
+        for i, e in enumerate(examples)
+    ]
 
 
 class T2IJobWire(_JobWire):
@@ -334,6 +361,7 @@ class T2IJobWire(_JobWire):
             n=job.n,
             num_candidates=job.num_candidates,
             sampling=SamplingWire.from_params(job.sampling),
+            examples=_examples_to_wire(job.examples),
         )
 
     def to_job(self) -> T2IJob:
@@ -343,6 +371,7 @@ class T2IJobWire(_JobWire):
             n=self.n,
             num_candidates=self.num_candidates,
             sampling=self.sampling.to_params(),
+            examples=_examples_from_wire(self.examples),
         )
 
 
@@ -357,6 +386,7 @@ class CaptionJobWire(_JobWire):
             n=job.n,
             num_candidates=job.num_candidates,
             sampling=SamplingWire.from_params(job.sampling),
+            examples=_examples_to_wire(job.examples),
         )
 
     def to_job(self) -> CaptionJob:
@@ -366,6 +396,7 @@ class CaptionJobWire(_JobWire):
             n=self.n,
             num_candidates=self.num_candidates,
             sampling=self.sampling.to_params(),
+            examples=_examples_from_wire(self.examples),
         )
 
 
@@ -384,6 +415,7 @@ class InfillJobWire(_JobWire):
             n=job.n,
             num_candidates=job.num_candidates,
             sampling=SamplingWire.from_params(job.sampling),
+            examples=_examples_to_wire(job.examples),
         )
 
     def to_job(self) -> InfillJob:
@@ -397,12 +429,8 @@ class InfillJobWire(_JobWire):
             n=self.n,
             num_candidates=self.num_candidates,
             sampling=self.sampling.to_params(),
+            examples=_examples_from_wire(self.examples),
         )
-
-
-class ExampleWire(_Strict):
-    image: str
-    caption: str
 
 
 class ClassifyJobWire(_Strict):
@@ -417,7 +445,7 @@ class ClassifyJobWire(_Strict):
             image=png_b64(job.image),
             labels=list(job.labels),
             neighbours=[NeighbourWire.from_doc(d) for d in job.neighbours],
-            examples=[ExampleWire(image=png_b64(e.image), caption=e.caption) for e in job.examples],
+            examples=_examples_to_wire(job.examples),
         )
 
     def to_job(self) -> ClassifyJob:
@@ -425,10 +453,7 @@ class ClassifyJobWire(_Strict):
             image=_rgb(self.image, "image"),
             labels=list(self.labels),
             neighbours=[d.to_doc() for d in self.neighbours],
-            examples=[
-                FewShotExample(image=_rgb(e.image, f"examples.{i}.image"), caption=e.caption)
-                for i, e in enumerate(self.examples)
-            ],
+            examples=_examples_from_wire(self.examples),
         )
 
 
@@ -469,3 +494,33 @@ class ClassifyResultWire(BaseModel):
 
     def to_result(self) -> ClassifyResult:
         return ClassifyResult(label=self.label, scores=dict(self.scores))
+
+
+# --- internal: streamed generation (the worker's NDJSON lines) -------------------------
+
+
+class T2IStreamJobWire(T2IJobWire):
+    partial_images: int = Field(0, ge=0, le=3)
+
+
+class InfillStreamJobWire(InfillJobWire):
+    partial_images: int = Field(0, ge=0, le=3)
+
+
+class UsageWire(BaseModel):
+    text_tokens: int = 0
+    image_tokens: int = 0
+    output_tokens: int = 0
+
+
+class StreamEventWire(BaseModel):
+    """One line of a worker's stream: a partial image, the result, or the error that
+    ended it (with the HTTP status it would have had)."""
+
+    type: Literal["partial_image", "completed", "error"]
+    index: int | None = None
+    image: str | None = None
+    images: list[GeneratedImageWire] | None = None
+    usage: UsageWire | None = None
+    error: dict[str, Any] | None = None
+    status: int | None = None
