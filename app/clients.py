@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import time
 from typing import Any, Protocol, TypeVar
+from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -62,9 +63,10 @@ class RetrieverClient(Protocol):
         *,
         tokens: bool = True,
         thumbnails: bool = False,
+        memory: str | None = None,
     ) -> SearchOutcome: ...
 
-    async def reload(self) -> ReloadResponse: ...
+    async def reload(self, memory: str | None = None) -> ReloadResponse: ...
 
     async def readiness(self) -> ReadyResponse: ...
 
@@ -117,15 +119,16 @@ class InProcessRetrieverClient:
         *,
         tokens: bool = True,
         thumbnails: bool = False,
+        memory: str | None = None,
     ) -> SearchOutcome:
         if not self.service.ready:
             raise DependencyUnavailable(f"retriever is not ready ({self.service.state})")
         return await self.service.search(
-            queries, k, strategy, tokens=tokens, thumbnails=thumbnails
+            queries, k, strategy, tokens=tokens, thumbnails=thumbnails, memory=memory
         )
 
-    async def reload(self) -> ReloadResponse:
-        return await self.service.reload()
+    async def reload(self, memory: str | None = None) -> ReloadResponse:
+        return await self.service.reload(memory)
 
     async def readiness(self) -> ReadyResponse:
         return _status(self.service.ready, await self.service.checks())
@@ -250,6 +253,7 @@ class HttpRetrieverClient(_HttpBase):
         *,
         tokens: bool = True,
         thumbnails: bool = False,
+        memory: str | None = None,
     ) -> SearchOutcome:
         wire = SearchRequest(
             queries=[
@@ -264,14 +268,18 @@ class HttpRetrieverClient(_HttpBase):
             strategy=strategy,  # type: ignore[arg-type]
             tokens=tokens,
             thumbnails=thumbnails,
+            memory=memory,
         )
         out = await self._request("POST", f"{self.base}/internal/search", wire, SearchResponse)
         return SearchOutcome(
-            out.memory_version, [[n.to_doc() for n in docs] for docs in out.results]
+            out.memory_version, [[n.to_doc() for n in docs] for docs in out.results],
+            memory=out.memory,
         )
 
-    async def reload(self) -> ReloadResponse:
-        return await self._request("POST", f"{self.base}/admin/reload", None, ReloadResponse)
+    async def reload(self, memory: str | None = None) -> ReloadResponse:
+        query = "" if memory is None else f"?memory={quote(memory)}"
+        return await self._request("POST", f"{self.base}/admin/reload{query}", None,
+                                   ReloadResponse)
 
     async def readiness(self) -> ReadyResponse:
         return await self._ready(self.base)

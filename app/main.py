@@ -63,7 +63,7 @@ def create_app(components: Components) -> FastAPI:
     if components.gateway is not None:
         app.state.gateway = components.gateway
         app.include_router(build_gateway_router(require_key))
-        app.include_router(build_ops_router())
+        app.include_router(build_ops_router(require_key))
     if components.retriever is not None:
         app.state.retriever_service = components.retriever
         if components.gateway is None:

@@ -49,6 +49,7 @@ class _Lenient(BaseModel):
 class RetrievalOptions(_Strict):
     enabled: bool = True
     k: int | None = Field(None, ge=0, description="documents in context; None: server default")
+    memory: str | None = Field(None, description="a named memory; None: the key's default")
 
 
 class Neighbour(BaseModel):
@@ -183,11 +184,13 @@ class RetrieveRequest(_Strict):
         "rag", description="rag: the paper's rules (modality, diversity); knn: plain top-k"
     )
     return_thumbnails: bool = True
+    memory: str | None = Field(None, description="a named memory; None: the key's default")
 
 
 class RetrieveResponse(BaseModel):
     memory_version: str
     data: list[Neighbour]
+    memory: str | None = None
 
 
 class KnnServiceRequest(_Lenient):
@@ -238,6 +241,8 @@ class InfoResponse(BaseModel):
     memory: dict[str, Any] | None = None
     cache: dict[str, Any] | None = None
     limits: dict[str, Any] = Field(default_factory=dict)
+    memories: dict[str, dict[str, Any]] | None = Field(
+        None, description="the memories this key may use: state, version, documents")
 
 
 class ReloadResponse(BaseModel):
@@ -245,6 +250,7 @@ class ReloadResponse(BaseModel):
     previous_version: str
     changed: bool
     documents: int
+    memory: str | None = None
 
 
 # --- internal: retriever -------------------------------------------------------------------
@@ -262,6 +268,7 @@ class SearchRequest(_Strict):
     strategy: Literal["rag", "knn"] = "rag"
     tokens: bool = True
     thumbnails: bool = False
+    memory: str | None = None
 
 
 class NeighbourWire(BaseModel):
@@ -299,6 +306,7 @@ class NeighbourWire(BaseModel):
 class SearchResponse(BaseModel):
     memory_version: str
     results: list[list[NeighbourWire]]
+    memory: str | None = None
 
 
 # --- internal: generator -------------------------------------------------------------------
