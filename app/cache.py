@@ -1,8 +1,8 @@
 """The neighbour cache: query -> neighbour ids and scores.
 
-The key is `racm3:nb:{memory_version}:{sha256(canonical query)}:{k}:{strategy hash}`, so
-a new memory version never serves stale neighbours. Values are JSON `[[id, score], ...]`;
-the retriever maps ids back to documents from its own store.
+The key is `racm3:nb:{memory}@{version}:{sha256(canonical query)}:{k}:{strategy hash}`,
+so a new memory version never serves stale neighbours, nor one memory another's. Values
+are JSON `[[id, score], ...]`; the retriever maps ids back to documents from its own store.
 
 Two backends share `get_or_compute`:
 - `RedisNeighbourCache` (redis-py asyncio): `SET key value EX ttl NX` in one command, a
@@ -46,9 +46,13 @@ return 0
 """
 
 
-def cache_key(memory_version: str, canonical_query: bytes, k: int, strategy_hash: str) -> str:
+def cache_key(memory_version: str, canonical_query: bytes, k: int, strategy_hash: str,
+              memory: str | None = None) -> str:
+    """With `memory`, the version slot is `name@version`: memories whose version names
+    coincide (every memory starts at v000001) never share an entry."""
     digest = hashlib.sha256(canonical_query).hexdigest()
-    return f"racm3:nb:{memory_version}:{digest}:{k}:{strategy_hash}"
+    version = memory_version if memory is None else f"{memory}@{memory_version}"
+    return f"racm3:nb:{version}:{digest}:{k}:{strategy_hash}"
 
 
 def encode_hits(hits: Hits) -> str:

@@ -251,7 +251,8 @@ def eval_command(
     batch_size: int = typer.Option(16, min=1, help="Jobs per decoder call."),
     device: str = typer.Option("auto", help="cpu, cuda, or auto."),
     threads: int = typer.Option(None, min=1, help="torch CPU threads (default: torch's choice)."),
-    tasks: str = typer.Option("t2i,i2t,entity,infill", help="Comma-separated subset to run."),
+    tasks: str = typer.Option("t2i,i2t,entity,infill", help="Comma-separated subset to run "
+                              "(also: examples, controlled generation by demonstrations)."),
     new_entity: list[str] = typer.Option(
         None, help="Also append 'the flag of NAME' (a flag unlike the world's) to a copy of "
                    "the memory with build-index --append, then ask both decoders for it. "

@@ -17,6 +17,7 @@ import math
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
+from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -41,13 +42,16 @@ from app.schemas import (
     ClassifyResultWire,
     ImagesResultWire,
     InfillJobWire,
+    InfillStreamJobWire,
     QueryWire,
     ReadyResponse,
     ReloadResponse,
     SearchRequest,
     SearchResponse,
     T2IJobWire,
+    T2IStreamJobWire,
 )
+from app.streaming import GenerationStream, open_http_stream, open_local_stream
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -62,9 +66,10 @@ class RetrieverClient(Protocol):
         mode: str | None = None,
         tokens: bool = True,
         thumbnails: bool = False,
+        memory: str | None = None,
     ) -> SearchOutcome: ...
 
-    async def reload(self) -> ReloadResponse: ...
+    async def reload(self, memory: str | None = None) -> ReloadResponse: ...
 
     async def readiness(self) -> ReadyResponse: ...
 
@@ -81,6 +86,12 @@ class GeneratorClient(Protocol):
     async def infill(self, job: InfillJob) -> list[GeneratedImage]: ...
 
     async def classify(self, job: ClassifyJob) -> ClassifyResult: ...
+
+    async def text_to_image_stream(self, job: T2IJob, partial_images: int) -> GenerationStream:
+        """The job submitted, its events to read (app/streaming.py); raises if refused."""
+        ...
+
+    async def infill_stream(self, job: InfillJob, partial_images: int) -> GenerationStream: ...
 
     async def readiness(self) -> ReadyResponse: ...
 
@@ -112,15 +123,17 @@ class InProcessRetrieverClient:
         mode: str | None = None,
         tokens: bool = True,
         thumbnails: bool = False,
+        memory: str | None = None,
     ) -> SearchOutcome:
         if not self.service.ready:
             raise DependencyUnavailable(f"retriever is not ready ({self.service.state})")
         return await self.service.search(
-            queries, k, strategy, mode=mode, tokens=tokens, thumbnails=thumbnails
+            queries, k, strategy, mode=mode, tokens=tokens, thumbnails=thumbnails,
+            memory=memory,
         )
 
-    async def reload(self) -> ReloadResponse:
-        return await self.service.reload()
+    async def reload(self, memory: str | None = None) -> ReloadResponse:
+        return await self.service.reload(memory)
 
     async def readiness(self) -> ReadyResponse:
         return _status(self.service.ready, await self.service.checks())
@@ -147,6 +160,12 @@ class InProcessGeneratorClient:
 
     async def classify(self, job: ClassifyJob) -> ClassifyResult:
         return await self.service.classify(job)
+
+    async def text_to_image_stream(self, job: T2IJob, partial_images: int) -> GenerationStream:
+        return await open_local_stream(self.service.text_to_image, job, partial_images)
+
+    async def infill_stream(self, job: InfillJob, partial_images: int) -> GenerationStream:
+        return await open_local_stream(self.service.infill, job, partial_images)
 
     async def readiness(self) -> ReadyResponse:
         return _status(self.service.ready, await self.service.checks())
@@ -248,6 +267,7 @@ class HttpRetrieverClient(_HttpBase):
         mode: str | None = None,
         tokens: bool = True,
         thumbnails: bool = False,
+        memory: str | None = None,
     ) -> SearchOutcome:
         wire = SearchRequest(
             queries=[
@@ -263,14 +283,18 @@ class HttpRetrieverClient(_HttpBase):
             mode=mode,  # type: ignore[arg-type]
             tokens=tokens,
             thumbnails=thumbnails,
+            memory=memory,
         )
         out = await self._request("POST", f"{self.base}/internal/search", wire, SearchResponse)
         return SearchOutcome(
-            out.memory_version, [[n.to_doc() for n in docs] for docs in out.results]
+            out.memory_version, [[n.to_doc() for n in docs] for docs in out.results],
+            memory=out.memory,
         )
 
-    async def reload(self) -> ReloadResponse:
-        return await self._request("POST", f"{self.base}/admin/reload", None, ReloadResponse)
+    async def reload(self, memory: str | None = None) -> ReloadResponse:
+        query = "" if memory is None else f"?memory={quote(memory)}"
+        return await self._request("POST", f"{self.base}/admin/reload{query}", None,
+                                   ReloadResponse)
 
     async def readiness(self) -> ReadyResponse:
         return await self._ready(self.base)
@@ -383,6 +407,15 @@ class HttpGeneratorClient(_HttpBase):
         wire = ClassifyJobWire.from_job(job)
         out = await self._call("/internal/classify", wire, ClassifyResultWire)
         return out.to_result()
+
+    async def text_to_image_stream(self, job: T2IJob, partial_images: int) -> GenerationStream:
+        wire = T2IStreamJobWire.from_job(job).model_copy(update={"partial_images": partial_images})
+        return await open_http_stream(self, "/internal/text_to_image/stream", wire)
+
+    async def infill_stream(self, job: InfillJob, partial_images: int) -> GenerationStream:
+        wire = InfillStreamJobWire.from_job(job).model_copy(
+            update={"partial_images": partial_images})
+        return await open_http_stream(self, "/internal/infill/stream", wire)
 
     async def readiness(self) -> ReadyResponse:
         answers = await asyncio.gather(*(self._probe(w) for w in self.workers))

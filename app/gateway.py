@@ -50,6 +50,7 @@ from app.images import (
     in_decode_thread,
     png_b64,
 )
+from app.memories import DEFAULT_MEMORY, MemoryAccess, parse_api_key
 from app.metrics import Metrics
 from app.retriever.service import RetrievalQuery
 from app.schemas import (
@@ -58,6 +59,7 @@ from app.schemas import (
     CaptionResponse,
     ClassifyRequest,
     ClassifyResponse,
+    ExampleIn,
     HealthResponse,
     ImageGenerationRequest,
     ImageObject,
@@ -75,6 +77,14 @@ from app.schemas import (
     RetrieveResponse,
 )
 from app.settings import GatewaySettings
+from app.streaming import (
+    IMAGE_EDIT,
+    IMAGE_GENERATION,
+    GenerationStream,
+    StreamContext,
+    neighbours_event,
+    stream_images,
+)
 
 T = TypeVar("T")
 
@@ -83,18 +93,23 @@ T = TypeVar("T")
 
 
 def api_key_checker(keys: list[str]) -> Callable[[Request], None]:
-    """A dependency enforcing `Authorization: Bearer <key>` when keys are configured."""
-    digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+    """A dependency enforcing `Authorization: Bearer <key>` when keys are configured. It
+    leaves the key's memories (None: all) in `request.state.allowed_memories`."""
+    entries = [parse_api_key(k) for k in keys]
+    digests = [(hashlib.sha256(e.key.encode()).digest(), e.memories) for e in entries]
 
     def require_api_key(request: Request) -> None:
+        request.state.allowed_memories = None
         if not digests:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise Unauthorized("missing API key: send Authorization: Bearer <key>")
         given = hashlib.sha256(token.strip().encode()).digest()
-        if not any(hmac.compare_digest(given, d) for d in digests):
+        matched = [memories for d, memories in digests if hmac.compare_digest(given, d)]
+        if not matched:
             raise Unauthorized("invalid API key")
+        request.state.allowed_memories = matched[0]
 
     return require_api_key
 
@@ -113,6 +128,9 @@ class Gateway:
     # Embedded mode: the generator's `batcher.expecting`, so that it knows which jobs are
     # on their way while their neighbours are retrieved (see app/generator/batcher.py).
     announce: Callable[[str], AbstractContextManager[Ticket]] | None = None
+    # The configured memory names (app/memories.py): which one a request may use is
+    # decided here, from configuration alone, before anything is retrieved.
+    access: MemoryAccess = field(default_factory=lambda: MemoryAccess([DEFAULT_MEMORY]))
     _generator_info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -165,19 +183,26 @@ class Gateway:
             return contextlib.nullcontext(_NoTicket())
         return self.announce(task)
 
+    def memory_for(self, request: Request, requested: str | None, param: str) -> str:
+        """The memory this request uses; a forbidden one is 404 exactly as an unknown one."""
+        allowed = getattr(request.state, "allowed_memories", None)
+        return self.access.resolve(requested, allowed, param)
+
     async def neighbours(
         self,
         query: RetrievalQuery,
         options: RetrievalOptions,
         *,
         thumbnails: bool,
+        memory: str | None = None,
     ) -> tuple[list[NeighbourDoc], str | None]:
         if not options.enabled:
             return [], None
         k = self.retrieval_k(options)
         with self.metrics.stage("retrieve"):
             out = await self.retriever.search(
-                [query], k, "rag", mode=options.mode, tokens=True, thumbnails=thumbnails
+                [query], k, "rag", mode=options.mode, tokens=True, thumbnails=thumbnails,
+                memory=memory,
             )
         return out.neighbours[0], out.memory_version
 
@@ -331,6 +356,32 @@ async def _read_upload(gw: Gateway, upload: UploadFile, param: str) -> bytes:
     return data
 
 
+async def _decode_examples(gw: Gateway, examples: list[ExampleIn]) -> list[FewShotExample]:
+    """Demonstrations, checked as /v1/images/classify checks its examples."""
+    if len(examples) > gw.settings.max_examples:
+        raise InvalidRequest(f"at most {gw.settings.max_examples} examples", param="examples")
+    return [
+        FewShotExample(
+            image=await _decode_image(gw, e.image, f"examples.{i}.image"),
+            caption=_check_prompt(gw, e.caption, param=f"examples.{i}.caption"),
+        )
+        for i, e in enumerate(examples)
+    ]
+
+
+async def _size_text(gw: Gateway) -> str:
+    h, w = await gw.image_size()
+    return f"{w}x{h}"
+
+
+def _neighbours_event(
+    docs: list[NeighbourDoc], version: str | None, seed: int, include: bool
+) -> bytes | None:
+    if not include:
+        return None
+    return neighbours_event(_public_neighbours(docs, True) or [], version, seed)
+
+
 def _region(image: DecodedImage, mask: DecodedMask | None, param: str) -> np.ndarray:
     """The area to regenerate, at the image's working size: the mask's (which must be the
     image's size, as sent), or without one the image's own transparent area."""
@@ -382,18 +433,35 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
         _check_response_format(body.response_format)
         await _check_size(gw, body.size)
         gw.retrieval_k(body.retrieval)
+        memory = gw.memory_for(request, body.retrieval.memory, "retrieval.memory")
+        examples = await _decode_examples(gw, body.examples)
         seed = _seed(body.seed)
 
-        async def work(ticket: Ticket) -> ImagesResponse:
+        async def job_for(ticket: Ticket) -> tuple[T2IJob, str | None]:
             docs, version = await gw.neighbours(
-                RetrievalQuery(text=prompt), body.retrieval, thumbnails=body.return_neighbours
+                RetrievalQuery(text=prompt), body.retrieval, thumbnails=body.return_neighbours,
+                memory=memory,
             )
             sampling = _sampling(body, seed, body.guidance_scale)
-            job = T2IJob(prompt, docs, body.n, candidates, sampling)
             ticket.arrived()  # submitted next: no longer on its way
+            return T2IJob(prompt, docs, body.n, candidates, sampling, examples), version
+
+        if body.stream:
+            async def open_stream(ticket: Ticket) -> tuple[GenerationStream, bytes | None]:
+                job, version = await job_for(ticket)
+                stream = await gw.generator.text_to_image_stream(job, body.partial_images or 0)
+                return stream, _neighbours_event(job.neighbours, version, seed,
+                                                 body.return_neighbours)
+
+            ctx = StreamContext(IMAGE_GENERATION, await _size_text(gw), seed)
+            return await stream_images(gw, request, "text_to_image", ctx, open_stream, _finite)
+
+        async def work(ticket: Ticket) -> ImagesResponse:
+            job, version = await job_for(ticket)
             with gw.metrics.stage("generate"):
                 images = await gw.generator.text_to_image(job)
-            return _images_response(images, seed, docs, body.return_neighbours, version)
+            return _images_response(images, seed, job.neighbours, body.return_neighbours,
+                                    version)
 
         return await gw.generate(request, "text_to_image", work)
 
@@ -418,7 +486,10 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
         num_candidates: Annotated[int | None, Form(ge=1)] = None,
         retrieval_k: Annotated[int | None, Form(ge=0)] = None,
         retrieval_mode: Annotated[RetrievalModeName | None, Form()] = None,
+        retrieval_memory: Annotated[str | None, Form()] = None,
         return_neighbours: Annotated[bool, Form()] = False,
+        stream: Annotated[bool | None, Form()] = False,
+        partial_images: Annotated[int | None, Form(ge=0, le=3)] = None,
     ) -> ImagesResponse:
         uploads = [u for u in ([image] if image is not None else []) + (image_list or [])]
         if not uploads:
@@ -451,19 +522,35 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
         the_seed = _seed(seed)
         options = RetrievalOptions(k=retrieval_k, mode=retrieval_mode)
         gw.retrieval_k(options)
+        memory = gw.memory_for(request, retrieval_memory, "retrieval_memory")
 
-        async def work(ticket: Ticket) -> ImagesResponse:
+        async def job_for(ticket: Ticket) -> tuple[InfillJob, str | None]:
             docs, version = await gw.neighbours(
-                RetrievalQuery(text=prompt), options, thumbnails=return_neighbours
+                RetrievalQuery(text=prompt), options, thumbnails=return_neighbours, memory=memory
             )
             job = InfillJob(
                 rgb, region, prompt, docs, n, candidates,
                 _sampling(params, the_seed, guidance_scale),
             )
             ticket.arrived()  # submitted next: no longer on its way
+            return job, version
+
+        if stream:
+            async def open_stream(ticket: Ticket) -> tuple[GenerationStream, bytes | None]:
+                job, version = await job_for(ticket)
+                opened = await gw.generator.infill_stream(job, partial_images or 0)
+                return opened, _neighbours_event(job.neighbours, version, the_seed,
+                                                 return_neighbours)
+
+            ctx = StreamContext(IMAGE_EDIT, f"{rgb.shape[1]}x{rgb.shape[0]}", the_seed)
+            return await stream_images(gw, request, "infill", ctx, open_stream, _finite)
+
+        async def work(ticket: Ticket) -> ImagesResponse:
+            job, version = await job_for(ticket)
             with gw.metrics.stage("generate"):
                 images = await gw.generator.infill(job)
-            return _images_response(images, the_seed, docs, return_neighbours, version)
+            return _images_response(images, the_seed, job.neighbours, return_neighbours,
+                                    version)
 
         return await gw.generate(request, "infill", work)
 
@@ -484,16 +571,18 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
             assert body.box is not None
             region = _box_region(source, body.box, "box")
         gw.retrieval_k(body.retrieval)
+        memory = gw.memory_for(request, body.retrieval.memory, "retrieval.memory")
+        examples = await _decode_examples(gw, body.examples)
         seed = _seed(body.seed)
         query = RetrievalQuery(text=prompt) if prompt else RetrievalQuery(image=rgb)
 
         async def work(ticket: Ticket) -> ImagesResponse:
             docs, version = await gw.neighbours(
-                query, body.retrieval, thumbnails=body.return_neighbours
+                query, body.retrieval, thumbnails=body.return_neighbours, memory=memory
             )
             job = InfillJob(
                 rgb, region, prompt, docs, body.n, candidates,
-                _sampling(body, seed, body.guidance_scale),
+                _sampling(body, seed, body.guidance_scale), examples,
             )
             ticket.arrived()  # submitted next: no longer on its way
             with gw.metrics.stage("generate"):
@@ -509,13 +598,16 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
         candidates = _check_counts(gw, body.n, body.num_candidates)
         rgb = await _decode_image(gw, body.image, "image")
         gw.retrieval_k(body.retrieval)
+        memory = gw.memory_for(request, body.retrieval.memory, "retrieval.memory")
+        examples = await _decode_examples(gw, body.examples)
         seed = _seed(body.seed)
 
         async def work(ticket: Ticket) -> CaptionResponse:
             docs, version = await gw.neighbours(
-                RetrievalQuery(image=rgb), body.retrieval, thumbnails=body.return_neighbours
+                RetrievalQuery(image=rgb), body.retrieval, thumbnails=body.return_neighbours,
+                memory=memory,
             )
-            job = CaptionJob(rgb, docs, body.n, candidates, _sampling(body, seed))
+            job = CaptionJob(rgb, docs, body.n, candidates, _sampling(body, seed), examples)
             ticket.arrived()  # submitted next: no longer on its way
             with gw.metrics.stage("generate"):
                 caps = await gw.generator.caption(job)
@@ -542,21 +634,15 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
             _check_prompt(gw, label, param=f"labels.{i}")
         if len(set(body.labels)) != len(body.labels):
             raise InvalidRequest("labels must be distinct", param="labels")
-        if len(body.examples) > s.max_examples:
-            raise InvalidRequest(f"at most {s.max_examples} examples", param="examples")
         rgb = await _decode_image(gw, body.image, "image")
-        examples = [
-            FewShotExample(
-                image=await _decode_image(gw, e.image, f"examples.{i}.image"),
-                caption=_check_prompt(gw, e.caption, param=f"examples.{i}.caption"),
-            )
-            for i, e in enumerate(body.examples)
-        ]
+        examples = await _decode_examples(gw, body.examples)
         gw.retrieval_k(body.retrieval)
+        memory = gw.memory_for(request, body.retrieval.memory, "retrieval.memory")
 
         async def work(ticket: Ticket) -> ClassifyResponse:
             docs, version = await gw.neighbours(
-                RetrievalQuery(image=rgb), body.retrieval, thumbnails=body.return_neighbours
+                RetrievalQuery(image=rgb), body.retrieval, thumbnails=body.return_neighbours,
+                memory=memory,
             )
             job = ClassifyJob(rgb, list(body.labels), docs, examples)
             ticket.arrived()  # submitted next: no longer on its way
@@ -578,6 +664,7 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
         text = _check_prompt(gw, body.text, param="text") if body.text is not None else None
         if body.k > gw.settings.max_knn_results:
             raise InvalidRequest(f"k must be <= {gw.settings.max_knn_results}", param="k")
+        memory = gw.memory_for(request, body.memory, "memory")
         image = None if body.image is None else await _decode_image(gw, body.image, "image")
         query = RetrievalQuery(text=text, image=image)
 
@@ -585,10 +672,11 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
             with gw.metrics.stage("retrieve"):
                 out = await gw.retriever.search(
                     [query], body.k, body.strategy, mode=body.mode, tokens=False,
-                    thumbnails=body.return_thumbnails,
+                    thumbnails=body.return_thumbnails, memory=memory,
                 )
             neighbours = _public_neighbours(out.neighbours[0], True) or []
-            return RetrieveResponse(memory_version=out.memory_version, data=neighbours)
+            return RetrieveResponse(memory_version=out.memory_version, data=neighbours,
+                                    memory=memory)
 
         return await gw.run(request, work())
 
@@ -612,6 +700,10 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
             raise InvalidRequest(
                 "give exactly one of text, image or embedding_input", param="text"
             )
+        # With one unnamed memory `indice_name` is ignored, so that clip-retrieval's
+        # ClipClient keeps working with its default index name; named memories check it.
+        named = gw.settings.memories is not None
+        memory = gw.memory_for(request, body.indice_name if named else None, "indice_name")
         limit = gw.settings.max_knn_results
         if body.num_images > limit or (body.num_result_ids or 0) > limit:
             raise InvalidRequest(f"num_images must be <= {limit}", param="num_images")
@@ -631,7 +723,7 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
                 # clip-retrieval's contract is CLIP similarity order: dense unless asked
                 out = await gw.retriever.search(
                     [query], body.num_images, "knn", mode=body.mode or "dense", tokens=False,
-                    thumbnails=True,
+                    thumbnails=True, memory=memory,
                 )
             results: list[KnnResult] = []
             seen: set[bytes] = set()
@@ -660,20 +752,29 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
 def build_admin_router(require_key: Callable[..., Any]) -> APIRouter:
     router = APIRouter(dependencies=[Depends(require_key)])
 
-    @router.post("/admin/reload", response_model=ReloadResponse)
-    async def reload(gw: GatewayDep) -> ReloadResponse:
-        return await gw.retriever.reload()
+    @router.post("/admin/reload", response_model=ReloadResponse,
+                 response_model_exclude_none=True)
+    async def reload(request: Request, gw: GatewayDep, memory: str | None = None
+                     ) -> ReloadResponse:
+        return await gw.retriever.reload(gw.memory_for(request, memory, "memory"))
 
     return router
 
 
-def build_ops_router() -> APIRouter:
-    """Health, readiness, metrics and info: no API key (probes and scrapers)."""
+def build_ops_router(require_key: Callable[[Request], None]) -> APIRouter:
+    """Info: no API key needed, but with keys configured it shows a caller only the
+    memories its key may use (none without a valid key)."""
     router = APIRouter()
 
     @router.get("/v1/info", response_model=InfoResponse, response_model_exclude_none=True)
     async def info(request: Request, gw: GatewayDep) -> InfoResponse:
+        try:
+            require_key(request)
+            allowed = request.state.allowed_memories
+        except Unauthorized:
+            allowed = frozenset()
         retriever = await gw.retriever.info()
+        memory, memories = _visible_memories(gw, retriever.get("memory"), allowed)
         limits = gw.settings.model_dump(
             include={
                 "max_body_bytes", "max_image_bytes", "max_image_pixels", "max_image_side",
@@ -685,12 +786,28 @@ def build_ops_router() -> APIRouter:
             version=request.app.version,
             role=gw.role,
             generator=await gw.generator_info(),
-            memory=retriever.get("memory"),
+            memory=memory,
             cache=retriever.get("cache"),
             limits=limits,
+            memories=memories,
         )
 
     return router
+
+
+def _visible_memories(
+    gw: Gateway, described: dict[str, Any] | None, allowed: frozenset[str] | None
+) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
+    """(the caller's default memory in full, {name: summary} of the memories it may use)."""
+    described = dict(described or {})
+    every = described.pop("memories", None) or {}
+    names = gw.access.visible(allowed)
+    memories = {n: every.get(n, {"state": "unknown"}) for n in names}
+    if not names:
+        return None, memories
+    if described.get("name", names[0]) == names[0]:
+        return described, memories
+    return {"name": names[0], **memories[names[0]]}, memories
 
 
 def build_health_router(readiness: Callable[[], Awaitable[ReadyResponse]]) -> APIRouter:

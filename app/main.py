@@ -21,6 +21,7 @@ from app.generator.service import build_router as build_generator_router
 from app.metrics import RequestMetricsMiddleware
 from app.retriever.service import build_router as build_retriever_router
 from app.serve import Components
+from app.streaming import build_worker_router as build_worker_stream_router
 
 VERSION = "0.1.0"
 
@@ -62,7 +63,7 @@ def create_app(components: Components) -> FastAPI:
     if components.gateway is not None:
         app.state.gateway = components.gateway
         app.include_router(build_gateway_router(require_key))
-        app.include_router(build_ops_router())
+        app.include_router(build_ops_router(require_key))
     if components.retriever is not None:
         app.state.retriever_service = components.retriever
         if components.gateway is None:
@@ -74,5 +75,6 @@ def create_app(components: Components) -> FastAPI:
         app.state.generator_service = components.generator
         if components.gateway is None:
             app.include_router(build_generator_router(require_key))
+            app.include_router(build_worker_stream_router(require_key))
             app.include_router(build_generator_info_router())
     return app

@@ -67,6 +67,16 @@ class Metrics:
             ["backend", "result"],
             registry=r,
         )
+        # Labelled by configured memory names only (a request naming another is refused
+        # before it counts), so the label set is as small as the configuration.
+        self.memory_searches = Counter(
+            "racm3_memory_searches_total", "Neighbour searches (queries) by memory.",
+            ["memory"], registry=r,
+        )
+        self.memory_cache_hits = Counter(
+            "racm3_memory_cache_hits_total", "Queries answered from the neighbour cache, by "
+            "memory.", ["memory"], registry=r,
+        )
         self.cancelled = Counter(
             "racm3_jobs_cancelled_total",
             "Jobs dropped before running because their client went away or timed out.",

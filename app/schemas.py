@@ -58,6 +58,7 @@ class RetrievalOptions(_Strict):
     enabled: bool = True
     k: int | None = Field(None, ge=0, description="documents in context; None: server default")
     mode: RetrievalModeName | None = Field(None, description=_MODE_DESCRIPTION)
+    memory: str | None = Field(None, description="a named memory; None: the key's default")
 
 
 class Neighbour(BaseModel):
@@ -69,6 +70,13 @@ class Neighbour(BaseModel):
         None, description="BM25 of the caption for the query's words (text queries)")
     name_match: bool | None = Field(
         None, description="the caption holds every rare word (a name) of the query")
+
+
+class ExampleIn(_Strict):
+    """A user-given document: base64 image plus its caption."""
+
+    image: str
+    caption: str = Field(min_length=1)
 
 
 class SamplingFields(_Strict):
@@ -83,6 +91,10 @@ class SamplingFields(_Strict):
     )
     retrieval: RetrievalOptions = Field(default_factory=RetrievalOptions)
     return_neighbours: bool = False
+    examples: list[ExampleIn] = Field(
+        default_factory=list,
+        description="demonstrations: documents in context before the retrieved ones",
+    )
 
 
 class ImageObject(BaseModel):
@@ -111,6 +123,10 @@ class ImageGenerationRequest(SamplingFields):
     size: str | None = Field(None, description="'auto' or the bundle's native 'WxH'")
     response_format: Literal["b64_json", "url"] | None = "b64_json"
     guidance_scale: float = Field(3.0, ge=0, le=30)
+    stream: bool | None = Field(False, description="answer text/event-stream (OpenAI's events)")
+    partial_images: int | None = Field(
+        None, ge=0, le=3, description="partial images to stream while decoding (with stream)"
+    )
     # Accepted for OpenAI-client compatibility; this server has one model and one style.
     model: str | None = None
     quality: str | None = None
@@ -155,11 +171,6 @@ class CaptionResponse(BaseModel):
     memory_version: str | None = None
 
 
-class ExampleIn(_Strict):
-    image: str
-    caption: str = Field(min_length=1)
-
-
 class ClassifyRequest(_Strict):
     image: str = Field(description="base64 image (or a data: URL)")
     labels: list[str] = Field(min_length=1)
@@ -187,11 +198,13 @@ class RetrieveRequest(_Strict):
     )
     mode: RetrievalModeName | None = Field(None, description=_MODE_DESCRIPTION)
     return_thumbnails: bool = True
+    memory: str | None = Field(None, description="a named memory; None: the key's default")
 
 
 class RetrieveResponse(BaseModel):
     memory_version: str
     data: list[Neighbour]
+    memory: str | None = None
 
 
 class KnnServiceRequest(_Lenient):
@@ -245,6 +258,8 @@ class InfoResponse(BaseModel):
     memory: dict[str, Any] | None = None
     cache: dict[str, Any] | None = None
     limits: dict[str, Any] = Field(default_factory=dict)
+    memories: dict[str, dict[str, Any]] | None = Field(
+        None, description="the memories this key may use: state, version, documents")
 
 
 class ReloadResponse(BaseModel):
@@ -252,6 +267,7 @@ class ReloadResponse(BaseModel):
     previous_version: str | None  # None: no version was served (the start-up had failed)
     changed: bool
     documents: int
+    memory: str | None = None
 
 
 # --- internal: retriever -------------------------------------------------------------------
@@ -270,6 +286,7 @@ class SearchRequest(_Strict):
     mode: RetrievalModeName | None = None  # None: the retriever's default
     tokens: bool = True
     thumbnails: bool = False
+    memory: str | None = None
 
 
 class NeighbourWire(BaseModel):
@@ -313,6 +330,7 @@ class NeighbourWire(BaseModel):
 class SearchResponse(BaseModel):
     memory_version: str
     results: list[list[NeighbourWire]]
+    memory: str | None = None
 
 
 # --- internal: generator -------------------------------------------------------------------
@@ -336,15 +354,32 @@ class SamplingWire(_Strict):
         return SamplingParams(**self.model_dump())
 
 
+class ExampleWire(_Strict):
+    image: str
+    caption: str
+
+
 class _JobWire(_Strict):
     neighbours: list[NeighbourWire] = Field(default_factory=list)
     n: int = Field(1, ge=1)
     num_candidates: int = Field(1, ge=1)
     sampling: SamplingWire
+    examples: list[ExampleWire] = Field(default_factory=list)
 
 
 def _rgb(data: str, param: str) -> np.ndarray:
     return decode_rgb_b64(data, param, INTERNAL_IMAGE_LIMITS)
+
+
+def _examples_to_wire(examples: list[FewShotExample]) -> list[ExampleWire]:
+    return [ExampleWire(image=png_b64(e.image), caption=e.caption) for e in examples]
+
+
+def _examples_from_wire(examples: list[ExampleWire]) -> list[FewShotExample]:
+    return [
+        FewShotExample(image=_rgb(e.image, f"examples.{i}.image"), caption=e.caption)
+        for i, e in enumerate(examples)
+    ]
 
 
 class T2IJobWire(_JobWire):
@@ -358,6 +393,7 @@ class T2IJobWire(_JobWire):
             n=job.n,
             num_candidates=job.num_candidates,
             sampling=SamplingWire.from_params(job.sampling),
+            examples=_examples_to_wire(job.examples),
         )
 
     def to_job(self) -> T2IJob:
@@ -367,6 +403,7 @@ class T2IJobWire(_JobWire):
             n=self.n,
             num_candidates=self.num_candidates,
             sampling=self.sampling.to_params(),
+            examples=_examples_from_wire(self.examples),
         )
 
 
@@ -381,6 +418,7 @@ class CaptionJobWire(_JobWire):
             n=job.n,
             num_candidates=job.num_candidates,
             sampling=SamplingWire.from_params(job.sampling),
+            examples=_examples_to_wire(job.examples),
         )
 
     def to_job(self) -> CaptionJob:
@@ -390,6 +428,7 @@ class CaptionJobWire(_JobWire):
             n=self.n,
             num_candidates=self.num_candidates,
             sampling=self.sampling.to_params(),
+            examples=_examples_from_wire(self.examples),
         )
 
 
@@ -408,6 +447,7 @@ class InfillJobWire(_JobWire):
             n=job.n,
             num_candidates=job.num_candidates,
             sampling=SamplingWire.from_params(job.sampling),
+            examples=_examples_to_wire(job.examples),
         )
 
     def to_job(self) -> InfillJob:
@@ -420,12 +460,8 @@ class InfillJobWire(_JobWire):
             n=self.n,
             num_candidates=self.num_candidates,
             sampling=self.sampling.to_params(),
+            examples=_examples_from_wire(self.examples),
         )
-
-
-class ExampleWire(_Strict):
-    image: str
-    caption: str
 
 
 class ClassifyJobWire(_Strict):
@@ -440,7 +476,7 @@ class ClassifyJobWire(_Strict):
             image=png_b64(job.image),
             labels=list(job.labels),
             neighbours=[NeighbourWire.from_doc(d) for d in job.neighbours],
-            examples=[ExampleWire(image=png_b64(e.image), caption=e.caption) for e in job.examples],
+            examples=_examples_to_wire(job.examples),
         )
 
     def to_job(self) -> ClassifyJob:
@@ -448,10 +484,7 @@ class ClassifyJobWire(_Strict):
             image=_rgb(self.image, "image"),
             labels=list(self.labels),
             neighbours=[d.to_doc() for d in self.neighbours],
-            examples=[
-                FewShotExample(image=_rgb(e.image, f"examples.{i}.image"), caption=e.caption)
-                for i, e in enumerate(self.examples)
-            ],
+            examples=_examples_from_wire(self.examples),
         )
 
 
@@ -492,3 +525,33 @@ class ClassifyResultWire(BaseModel):
 
     def to_result(self) -> ClassifyResult:
         return ClassifyResult(label=self.label, scores=dict(self.scores))
+
+
+# --- internal: streamed generation (the worker's NDJSON lines) -------------------------
+
+
+class T2IStreamJobWire(T2IJobWire):
+    partial_images: int = Field(0, ge=0, le=3)
+
+
+class InfillStreamJobWire(InfillJobWire):
+    partial_images: int = Field(0, ge=0, le=3)
+
+
+class UsageWire(BaseModel):
+    text_tokens: int = 0
+    image_tokens: int = 0
+    output_tokens: int = 0
+
+
+class StreamEventWire(BaseModel):
+    """One line of a worker's stream: a partial image, the result, or the error that
+    ended it (with the HTTP status it would have had)."""
+
+    type: Literal["partial_image", "completed", "error"]
+    index: int | None = None
+    image: str | None = None
+    images: list[GeneratedImageWire] | None = None
+    usage: UsageWire | None = None
+    error: dict[str, Any] | None = None
+    status: int | None = None

@@ -27,6 +27,7 @@ from app.clients import (
 )
 from app.gateway import Gateway
 from app.generator.service import EngineFactory, GeneratorService
+from app.memories import MemoryAccess, bare_key
 from app.metrics import Metrics
 from app.retriever.service import BackendFactory, RetrieverService
 from app.schemas import ReadyResponse
@@ -152,14 +153,16 @@ def preflight(role: str) -> None:
     if role in ("embedded", "retriever"):
         rs = get_retriever_settings()
         needed.setdefault(rs.bundle_dir, set()).add("clip")
+        default_name, default_dir = rs.named_memories[0]
         # A CURRENT that is damaged, or missing beside published versions, is recovered
         # at start-up (the retriever serves the newest valid version and says so).
-        if not (rs.memory_dir / "CURRENT").is_file() and not list_versions(rs.memory_dir):
+        if not (default_dir / "CURRENT").is_file() and not list_versions(default_dir):
             problems.append(
-                f"no memory at {rs.memory_dir}/ (it has no CURRENT file). Build it with:\n"
-                f"    racm3 build-index --source world --input memory --out {rs.memory_dir} "
+                f"no memory at {default_dir}/ (it has no CURRENT file). Build it with:\n"
+                f"    racm3 build-index --source world --input memory --out {default_dir} "
                 f"--bundle {rs.bundle_dir}\n"
-                "  (`make serve` does this for you), or set RACM3_MEMORY_DIR to a built memory."
+                "  (`make serve` does this for you), or set RACM3_MEMORY_DIR (or "
+                "RACM3_MEMORIES) to a built memory."
             )
     if role in ("embedded", "generator"):
         needed.setdefault(get_generator_settings().bundle_dir, set()).update(
@@ -209,13 +212,14 @@ def build_components(
             rc: Any = InProcessRetrieverClient(retriever)
             gc: Any = InProcessGeneratorClient(generator)
         else:
-            key = ws.api_keys[0] if ws.api_keys else None
+            key = bare_key(ws.api_keys[0]) if ws.api_keys else None
             rc = HttpRetrieverClient(ws.retriever_url, ws.request_timeout_s, key)
             gc = HttpGeneratorClient(ws.generator_urls, ws.request_timeout_s + 5, key)
             closers += [rc.close, gc.close]
         # Embedded: the gateway tells the generator's batcher which jobs are on their way.
         announce = generator.batcher.expecting if generator is not None else None
-        gateway = Gateway(ws, rc, gc, metrics, role=role, announce=announce)
+        access = MemoryAccess([name for name, _ in ws.named_memories])
+        gateway = Gateway(ws, rc, gc, metrics, role=role, announce=announce, access=access)
     api_keys = (gateway_settings or retriever_settings or generator_settings or _any(role)).api_keys
     max_body = gateway.settings.max_body_bytes if gateway is not None else INTERNAL_MAX_BODY_BYTES
     return Components(

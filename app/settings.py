@@ -38,19 +38,43 @@ class _Base(BaseSettings):
 
     # Bearer keys for inference and admin routes; empty means no authentication. The
     # HTTP clients send the first key to the internal services, which check the same list.
+    # `key:mem1+mem2` limits a key to those memories (see app/memories.py).
     api_keys: StrList = Field(default_factory=list)
     log_level: str = "info"
+    # Named memories, `name=path,name=path` (the first is the default); None: one memory,
+    # `default`, at RACM3_MEMORY_DIR. The gateway and the retriever need the same value.
+    memories: str | None = None
+    memory_dir: Path = Path("memory")
 
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, v: Any) -> Any:
-        return _split_list(v)
+        keys = _split_list(v)
+        if isinstance(keys, list):
+            from app.memories import parse_api_key
+
+            for entry in keys:
+                parse_api_key(str(entry))  # raises on a malformed memory list
+        return keys
+
+    @field_validator("memories")
+    @classmethod
+    def _check_memories(cls, v: str | None) -> str | None:
+        from app.memories import parse_memories
+
+        parse_memories(v, Path("memory"))
+        return v
+
+    @property
+    def named_memories(self) -> list[tuple[str, Path]]:
+        from app.memories import parse_memories
+
+        return parse_memories(self.memories, self.memory_dir)
 
 
 class RetrieverSettings(_Base):
     """The retriever role: CLIP query encoders, the memory-mapped memory and the cache."""
 
-    memory_dir: Path = Path("memory")
     bundle_dir: Path = Path("bundles/demo")  # the CLIP query encoders come from the bundle
     # None: an in-process LRU cache. Set, e.g. redis://127.0.0.1:6379/0: a shared cache.
     redis_url: str | None = None

@@ -18,7 +18,7 @@ model/sampling.py; `CM3Decoder.generate` is the loop that joins the two.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -35,6 +35,9 @@ from model.sampling import (
     sample,
 )
 from model.tokens import EOS_ID, PAD_ID, TokenSpace
+
+# Called after each decoding step with (step, tokens so far); returns rows to stop, or None.
+StepHook = Callable[[int, Tensor], "Tensor | None"]
 
 IGNORE_INDEX = -100  # target id that carries no loss (padding); F.cross_entropy's default
 
@@ -481,6 +484,7 @@ class CM3Decoder(nn.Module):
         constraints: Sequence[Constraint | None] | None = None,
         generator: Generators = None,
         eos_id: int | None = EOS_ID,
+        step_hook: StepHook | None = None,
     ) -> Tensor:
         """Sample up to `params.max_new_tokens` after left-padded prompts idx (B, T).
 
@@ -489,6 +493,8 @@ class CM3Decoder(nn.Module):
         have. With `uncond_idx` and a guidance scale != 1, an unconditional stream runs
         beside the prompts and logits = uncond + s·(cond − uncond). `constraints` hold
         one entry per output row. The prompt is prefilled once, then expanded.
+        `step_hook(t, tokens)` sees the (rows, t + 1) tokens so far after each step; it may
+        return a (rows,) bool tensor of rows to stop (they emit `<pad>` from then on).
         """
         guided = uncond_idx is not None and params.guidance_scale != 1.0
         if guided:
@@ -518,6 +524,12 @@ class CM3Decoder(nn.Module):
                 for c, token in zip(constraints, tok.tolist(), strict=True):
                     if c is not None:
                         c.advance(token)
+            if step_hook is not None:
+                stop = step_hook(t, out[:, : t + 1])
+                if stop is not None:
+                    done |= stop.to(done.device)
+                    if bool(done.all()):
+                        return out[:, : t + 1]
             if eos_id is not None:
                 done |= tok == eos_id
                 if bool(done.all()):

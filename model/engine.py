@@ -24,7 +24,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import replace
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ from app.generator.protocol import (
 from app.generator.protocol import SamplingParams as RequestSampling
 from model.decoder import CM3Decoder, left_pad
 from model.masking import infill_prompt_from_runs
+from model.partial import ProgressHook
 from model.sampling import (
     DocState,
     InfillSpan,
@@ -62,6 +64,7 @@ from model.tokens import (
 )
 
 MAX_CAPTION_TOKENS = 32
+J = TypeVar("J", T2IJob, CaptionJob, InfillJob)
 # Weight of the VQ-code agreement with the retrieved images in the t2i ranking
 # (`rerank_scores`). Chosen on prompts and seeds outside the eval's (demo bundle, RA-CM3,
 # 8 candidates, 100 memory-only entity prompts / 100 object and pair prompts): judged
@@ -152,6 +155,23 @@ class Engine:
             ids += [*self.doc_ids(text, codes), BREAK_ID]
         return ids
 
+    def with_examples(self, jobs: list[J]) -> list[J]:
+        """Jobs whose demonstrations (`examples`) lead their neighbours as documents in
+        context: the same layout, placed first, so the model reads them as it reads
+        retrieved documents, and the ranking compares candidates with them too."""
+        images = [e.image for j in jobs for e in j.examples]
+        if not images:
+            return jobs
+        codes = iter(self.encode_images(images))
+        return [
+            replace(j, examples=[], neighbours=[
+                *(NeighbourDoc(-1, 1.0, e.caption, self.tokenizer.encode(e.caption), next(codes))
+                  for e in j.examples),
+                *j.neighbours,
+            ])
+            for j in jobs
+        ]
+
     def encode_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
         batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255.0)
         return self.vq.encode(batch.to(self.vq.device)).cpu().numpy()
@@ -172,7 +192,8 @@ class Engine:
         )
 
     def _generate(self, prompts, params: SamplingParams, generators, constraints,
-                  uncond=None, num_samples: int = 1) -> torch.Tensor:
+                  uncond=None, num_samples: int = 1,
+                  progress: ProgressHook | None = None) -> torch.Tensor:
         idx, mask = left_pad(prompts, device=self.device)
         u_idx = u_mask = None
         if uncond is not None:
@@ -181,9 +202,11 @@ class Engine:
             out = self.decoder.generate(
                 idx, params, attention_mask=mask, uncond_idx=u_idx, uncond_mask=u_mask,
                 num_samples=num_samples, constraints=constraints, generator=generators,
+                step_hook=progress,
             )
         self._tokens += int((out != PAD_ID).sum())
-        return out.cpu()
+        out = out.cpu()
+        return out if progress is None else progress.settle(out, params.max_new_tokens)
 
     @staticmethod
     def _group(jobs: Sequence[Any]) -> dict[tuple, list[int]]:
@@ -224,6 +247,7 @@ class Engine:
     # --- tasks -------------------------------------------------------------------------
 
     def text_to_image(self, jobs: list[T2IJob]) -> list[list[GeneratedImage]]:
+        jobs = self.with_examples(jobs)
         results: list[list[GeneratedImage]] = [[] for _ in jobs]
         for key, members in self._group(jobs).items():
             n_cand = key[-1]
@@ -242,6 +266,8 @@ class Engine:
                 prompts, params, self._row_generators([j.sampling.seed for j in group], n_cand),
                 constraints, uncond=uncond if params.guidance_scale != 1.0 else None,
                 num_samples=n_cand,
+                progress=ProgressHook.for_images(
+                    self.space, self.decode_codes, group, prompts, n_cand),
             )
             codes = self.space.ids_to_codes(out[:, : self.space.image_len].reshape(-1)).reshape(
                 len(group) * n_cand, *self.space.image_grid)
@@ -302,6 +328,7 @@ class Engine:
                 IMG_CLOSE_ID, mask_id(0)]
 
     def caption(self, jobs: list[CaptionJob]) -> list[list[GeneratedCaption]]:
+        jobs = self.with_examples(jobs)
         results: list[list[GeneratedCaption]] = [[] for _ in jobs]
         all_codes = self.encode_images([j.image for j in jobs])
         for key, members in self._group(jobs).items():
@@ -339,6 +366,7 @@ class Engine:
         return mask.reshape(h, H // h, w, W // w).any(axis=(1, 3))
 
     def infill(self, jobs: list[InfillJob]) -> list[list[GeneratedImage]]:
+        jobs = self.with_examples(jobs)
         results: list[list[GeneratedImage]] = [[] for _ in jobs]
         all_codes = self.encode_images([j.image for j in jobs])
         for key, members in self._group(jobs).items():
@@ -364,6 +392,9 @@ class Engine:
             out = self._generate(
                 prompts, params, self._row_generators([j.sampling.seed for j in group], n_cand),
                 constraints, num_samples=n_cand,
+                progress=ProgressHook.for_infill(
+                    self.space, self.decode_codes, group, prompts, infills,
+                    [all_codes[i] for i in members], n_cand),
             )
             all_codes_out = []
             for g, ip in enumerate(infills):

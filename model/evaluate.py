@@ -53,6 +53,8 @@ from app.generator.protocol import (
 )
 from model.bundle import bundle_diversity_threshold, write_manifest
 from model.engine import Engine
+from model.eval_examples import TASK_DESCRIPTION as EXAMPLES_TASK
+from model.eval_examples import eval_examples
 from model.metrics import attribute_match, bleu4, caption_attribute_accuracy, frechet_distance
 from model.report import GridRow, save_example_grid, write_markdown
 from model.world import ENTITY_HEAD, Attributes, World, WorldConfig, WorldItem, n_templates
@@ -108,10 +110,10 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.n < 2:
             raise ValueError("n must be at least 2 (FID needs two samples per side)")
-        unknown = set(self.tasks) - {"t2i", "i2t", "entity", "infill"}
+        unknown = set(self.tasks) - set(TASKS)
         if unknown or not self.tasks:
-            raise ValueError(f"unknown tasks {sorted(unknown)}; choose from t2i, i2t, "
-                             "entity, infill")
+            raise ValueError(f"unknown tasks {sorted(unknown)}; choose from "
+                             f"{', '.join(TASKS)}")
 
 
 TASKS = {
@@ -119,6 +121,7 @@ TASKS = {
     "i2t": "eval-split items, captions parsed; BLEU-4 against every template",
     "entity": "'flag of X' prompts for memory-only entities, judge's entity head",
     "infill": "eval object items, object box masked, caption as prompt, judged",
+    "examples": EXAMPLES_TASK,  # opt-in: --tasks examples (model/eval_examples.py)
 }
 
 
@@ -444,7 +447,8 @@ class Evaluator:
         systems: dict[str, dict[str, float]] = {s: {} for s in SYSTEMS}
         task_wall: dict[str, float] = {}
         tasks = (("t2i", self.eval_t2i), ("i2t", self.eval_i2t),
-                 ("entity", self.eval_entity), ("infill", self.eval_infill))
+                 ("entity", self.eval_entity), ("infill", self.eval_infill),
+                 ("examples", lambda: eval_examples(self, self._seed("examples"))))
         for name, run_task in tasks:
             if name not in self.config.tasks:
                 continue

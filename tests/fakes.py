@@ -63,3 +63,23 @@ class SlowEngine:
     def classify(self, jobs: list[ClassifyJob]) -> list[ClassifyResult]:
         self._batch("classify", len(jobs))
         return self.engine.classify(jobs)
+
+
+def slow_step_engine(engine: Any, delay_s: float) -> Any:
+    """The real engine on a copy of its decoder that sleeps `delay_s` before each forward
+    pass, i.e. per decoding step (the shared engine is left untouched).
+
+    Why: streaming tests need an image that takes seconds to decode, as a real-size model's
+    does, so that partial images arrive visibly before the final one and a client can
+    leave halfway; the smoke decoder finishes an image in a fraction of a second. Every
+    token is still the real decoder's.
+    """
+    import copy
+
+    from model.engine import Engine
+
+    decoder = copy.deepcopy(engine.decoder)
+    decoder.register_forward_pre_hook(lambda module, args: time.sleep(delay_s))
+    return Engine(decoder, engine.space, engine.tokenizer, engine.vq, engine.clip,
+                  manifest=engine.manifest, image_size=engine.image_size,
+                  device=engine.device, name=engine.name)

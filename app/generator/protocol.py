@@ -47,12 +47,45 @@ class NeighbourDoc:
 
 
 @dataclass
+class FewShotExample:
+    """A user-given document (image + caption) placed in context."""
+
+    image: np.ndarray  # (H, W, 3) uint8
+    caption: str
+
+
+class Progress(Protocol):
+    """Where a streamed job's progress goes. The engine calls it from its own thread."""
+
+    @property
+    def partial_images(self) -> int:
+        """How many partial images to report while decoding (0-3)."""
+        ...
+
+    @property
+    def cancelled(self) -> bool:
+        """True once nobody wants the result: the engine stops decoding the job."""
+        ...
+
+    def partial(self, index: int, image: np.ndarray) -> None:
+        """Partial image `index`: (H, W, 3) uint8, cells not yet generated in gray."""
+        ...
+
+    def usage(self, text_tokens: int, image_tokens: int, output_tokens: int) -> None:
+        """The job's prompt tokens (text, image) and the tokens sampled for it."""
+        ...
+
+
+@dataclass
 class T2IJob:
     prompt: str
     neighbours: list[NeighbourDoc]
     n: int
     num_candidates: int  # sample this many, keep the best `n` by CLIP score
     sampling: SamplingParams
+    # Demonstrations: documents in context before the neighbours (controlled generation).
+    examples: list[FewShotExample] = field(default_factory=list)
+    progress: Progress | None = None  # set for a streamed job
 
 
 @dataclass
@@ -62,6 +95,7 @@ class CaptionJob:
     n: int
     num_candidates: int  # sample this many, keep the best `n` by likelihood
     sampling: SamplingParams
+    examples: list[FewShotExample] = field(default_factory=list)
 
 
 @dataclass
@@ -75,12 +109,8 @@ class InfillJob:
     n: int
     num_candidates: int
     sampling: SamplingParams
-
-
-@dataclass
-class FewShotExample:
-    image: np.ndarray  # (H, W, 3) uint8
-    caption: str
+    examples: list[FewShotExample] = field(default_factory=list)
+    progress: Progress | None = None  # set for a streamed job
 
 
 @dataclass

@@ -25,6 +25,7 @@ from app.generator.protocol import (
     ClassifyJob,
     ClassifyResult,
     Engine,
+    FewShotExample,
     GeneratedCaption,
     GeneratedImage,
     InfillJob,
@@ -155,22 +156,28 @@ class GeneratorService:
             raise NotReady(f"generator is not ready ({self.state})")
         return await self.batcher.submit(task, job, self.settings.request_timeout_s)
 
+    def _fit_examples(self, examples: Sequence[FewShotExample]) -> None:
+        for example in examples:
+            example.image = resize_rgb(example.image, self.image_size)
+
     async def text_to_image(self, job: T2IJob) -> list[GeneratedImage]:
+        self._fit_examples(job.examples)
         return await self._submit("text_to_image", job)
 
     async def caption(self, job: CaptionJob) -> list[GeneratedCaption]:
         job.image = resize_rgb(job.image, self.image_size)
+        self._fit_examples(job.examples)
         return await self._submit("caption", job)
 
     async def infill(self, job: InfillJob) -> list[GeneratedImage]:
         job.image = resize_rgb(job.image, self.image_size)
         job.mask = resize_mask(job.mask, self.image_size)
+        self._fit_examples(job.examples)
         return await self._submit("infill", job)
 
     async def classify(self, job: ClassifyJob) -> ClassifyResult:
         job.image = resize_rgb(job.image, self.image_size)
-        for example in job.examples:
-            example.image = resize_rgb(example.image, self.image_size)
+        self._fit_examples(job.examples)
         return await self._submit("classify", job)
 
     def _run_batch(self, task: Any, jobs: Sequence[Any]) -> list[Any]:

@@ -31,6 +31,7 @@ from app.errors import ApiError, InvalidRequest
 from app.generator.batcher import DynamicBatcher
 from app.generator.protocol import NeighbourDoc
 from app.images import decode_rgb_b64
+from app.memories import MemoryNotFound, MemorySet
 from app.metrics import Metrics
 from app.retriever.search import RETRIEVAL_MODES
 from app.schemas import (
@@ -110,11 +111,14 @@ class MemorySnapshot(Protocol):
 
 
 class RetrieverBackend(Protocol):
-    """Query encoders plus the current memory. Synchronous; called off the event loop."""
+    """Query encoders plus the named memories (app/memories.py). Synchronous; called off
+    the event loop. `memory=None` is the default memory, the first name."""
 
-    def current(self) -> MemorySnapshot: ...
+    def memory_names(self) -> list[str]: ...
 
-    def reload(self) -> MemorySnapshot:
+    def current(self, memory: str | None = None) -> MemorySnapshot: ...
+
+    def reload(self, memory: str | None = None) -> MemorySnapshot:
         """Load the published version and swap it in; raise (old one kept) if refused."""
         ...
 
@@ -160,7 +164,7 @@ class RetrievalQuery:
 
 @dataclass
 class _SearchJob:
-    snapshot: MemorySnapshot
+    snapshot: MemorySnapshot  # a batch shares one memory: its key carries the memory name
     query: RetrievalQuery
     k: int
     strategy: RetrievalStrategy
@@ -179,6 +183,7 @@ class SearchOutcome:
     memory_version: str
     neighbours: list[list[NeighbourDoc]]
     cache_hits: list[bool] = field(default_factory=list)
+    memory: str | None = None  # the memory's name
 
 
 class RetrieverService:
@@ -231,7 +236,8 @@ class RetrieverService:
             log.exception("retriever failed to start")
             self.state = f"failed: {type(exc).__name__}: {exc}"[:300]
             return
-        log.info("retriever ready: memory %s", self.snapshot().version)
+        log.info("retriever ready: memory %s (%s)", self.snapshot().version,
+                 ", ".join(self.memory_names()))
 
     async def _load(self) -> None:
         """Load the backend (query encoders and memory) and warm up. Also how a retriever
@@ -250,10 +256,21 @@ class RetrieverService:
         await self.batcher.stop()
         await self.cache.close()
 
-    def snapshot(self) -> MemorySnapshot:
+    def snapshot(self, memory: str | None = None) -> MemorySnapshot:
         if self.backend is None:
             raise ApiError("retriever is not loaded")
-        return self.backend.current()
+        return self.backend.current(memory)
+
+    def memory_names(self) -> list[str]:
+        return [] if self.backend is None else self.backend.memory_names()
+
+    def _memory_name(self, memory: str | None) -> str:
+        names = self.memory_names()
+        if memory is None:
+            return names[0]
+        if memory not in names:
+            raise MemoryNotFound(memory, "memory")
+        return memory
 
     @property
     def ready(self) -> bool:
@@ -263,22 +280,38 @@ class RetrieverService:
         return self.backend.warning() if self.backend is not None else None
 
     async def checks(self) -> dict[str, str]:
+        memory = self.state
+        down = getattr(getattr(self.backend, "memories", None), "unavailable", 0)
         # Serving, but not what CURRENT names: degraded (still serving), never plain ready.
         warning = self.warning() if self.ready else None
-        memory = f"degraded: {warning}" if warning else self.state
+        if warning:
+            memory = f"degraded: {warning}"
+        elif self.ready and down:
+            # no names: /readyz is unauthenticated, and names are for keys that may use them
+            memory = f"degraded: {down} of {len(self.memory_names())} memories unavailable"
         return {"memory": memory, "cache": await self.cache.check()}
 
     def describe(self) -> dict[str, Any]:
+        """The default memory in full, and every memory's version and size (`memories`)."""
         out: dict[str, Any] = {"state": self.state}
         if self.backend is not None:
             snap = self.snapshot()
-            out.update({"version": snap.version, "documents": snap.size, **snap.describe()})
+            out.update({"name": self.memory_names()[0], "version": snap.version,
+                        "documents": snap.size, **snap.describe()})
+            out["memories"] = {name: self._summary(name) for name in self.memory_names()}
             if warning := self.warning():
                 out["warning"] = warning
         out["strategies"] = {k: asdict(v) for k, v in self.strategies.items()}
         out["retrieval_modes"] = list(RETRIEVAL_MODES)
         out["default_retrieval_mode"] = self.default_mode
         return out
+
+    def _summary(self, name: str) -> dict[str, Any]:
+        try:
+            snap = self.snapshot(name)
+        except ApiError:
+            return {"state": "unavailable"}
+        return {"state": "ready", "version": snap.version, "documents": snap.size}
 
     # --- search --------------------------------------------------------------------------
 
@@ -292,13 +325,15 @@ class RetrieverService:
         tokens: bool = True,
         thumbnails: bool = False,
         use_cache: bool = True,
+        memory: str | None = None,
     ) -> SearchOutcome:
         """`mode`: "dense" or "hybrid"; None: the served default (`retrieval_mode`)."""
         mode = mode or self.default_mode
         if mode not in RETRIEVAL_MODES:
             raise InvalidRequest(f"retrieval mode must be one of {list(RETRIEVAL_MODES)}, "
                                  f"got {mode!r}", param="retrieval.mode")
-        snap = self.snapshot()
+        name = self._memory_name(memory)
+        snap = self.snapshot(name)
         for q in queries:
             if q.embedding is not None and q.embedding.shape != (snap.dim,):
                 raise InvalidRequest(
@@ -306,20 +341,25 @@ class RetrieverService:
                     param="embedding_input",
                 )
         if k <= 0:
-            return SearchOutcome(snap.version, [[] for _ in queries], [False] * len(queries))
+            return SearchOutcome(snap.version, [[] for _ in queries], [False] * len(queries),
+                                 name)
         chosen = replace(self.strategies[strategy], mode=mode)
         results = await asyncio.gather(
-            *(self._one(snap, q, k, chosen, use_cache) for q in queries)
+            *(self._one(name, snap, q, k, chosen, use_cache) for q in queries)
         )
         with self.metrics.stage("map_to_documents"):
             neighbours = [
                 self._map_to_documents(snap, hits, q.text, tokens, thumbnails)
                 for q, (hits, _) in zip(queries, results, strict=True)
             ]
-        return SearchOutcome(snap.version, neighbours, [hit for _, hit in results])
+        hits = [hit for _, hit in results]
+        self.metrics.memory_searches.labels(name).inc(len(queries))
+        self.metrics.memory_cache_hits.labels(name).inc(sum(hits))
+        return SearchOutcome(snap.version, neighbours, hits, name)
 
     async def _one(
         self,
+        name: str,
         snap: MemorySnapshot,
         query: RetrievalQuery,
         k: int,
@@ -328,11 +368,11 @@ class RetrieverService:
     ) -> tuple[list[tuple[int, float]], bool]:
         async def compute() -> list[tuple[int, float]]:
             job = _SearchJob(snap, query, k, strategy)
-            return await self.batcher.submit((snap.version, k, strategy), job)
+            return await self.batcher.submit((name, snap.version, k, strategy), job)
 
         if not use_cache:
             return await compute(), False
-        key = cache_key(snap.version, query.canonical(), k, strategy.cache_hash())
+        key = cache_key(snap.version, query.canonical(), k, strategy.cache_hash(), memory=name)
         with self.metrics.stage("cache_lookup_or_search"):
             return await self.cache.get_or_compute(key, compute)
 
@@ -392,28 +432,33 @@ class RetrieverService:
 
     # --- reload --------------------------------------------------------------------------
 
-    async def reload(self) -> ReloadResponse:
-        async with self._reload_lock:
-            if self.backend is None:
+    async def reload(self, memory: str | None = None) -> ReloadResponse:
+        if self.backend is None:
+            async with self._reload_lock:
                 return await self._load_after_failed_start()
-            previous = self.snapshot().version
+        name = self._memory_name(memory)
+        async with self._reload_lock:
+            try:
+                previous = self.snapshot(name).version
+            except ApiError:
+                previous = None  # unavailable since start: this reload retries it
             start = time.perf_counter()
             try:
-                snap = await asyncio.to_thread(self.backend.reload)
+                snap = await asyncio.to_thread(self.backend.reload, name)
             except Exception as exc:
                 log.warning("memory reload refused: %s", exc)
                 raise _reload_refused(
                     f"memory reload refused, still serving {previous}: "
                     f"{self.warning() or exc}") from None
             self.metrics.stage_latency.labels("memory_reload").observe(time.perf_counter() - start)
-        log.info("memory reloaded: %s -> %s", previous, snap.version)
+        log.info("memory %s reloaded: %s -> %s", name, previous, snap.version)
         return ReloadResponse(
             memory_version=snap.version,
             previous_version=previous,
             changed=snap.version != previous,
             documents=snap.size,
+            memory=name,
         )
-
 
     async def _load_after_failed_start(self) -> ReloadResponse:
         try:
@@ -471,18 +516,21 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
         ]
         out = await svc.search(
             queries, body.k, body.strategy, mode=body.mode, tokens=body.tokens,
-            thumbnails=body.thumbnails,
+            thumbnails=body.thumbnails, memory=body.memory,
         )
         return SearchResponse(
             memory_version=out.memory_version,
+            memory=out.memory,
             results=[[NeighbourWire.from_doc(d) for d in docs] for docs in out.neighbours],
         )
 
     @router.post(
         "/admin/reload", response_model=ReloadResponse, dependencies=[Depends(require_key)]
     )
-    async def admin_reload(svc: RetrieverService = Depends(_service)) -> ReloadResponse:
-        return await svc.reload()
+    async def admin_reload(
+        memory: str | None = None, svc: RetrieverService = Depends(_service)
+    ) -> ReloadResponse:
+        return await svc.reload(memory)
 
     @router.get("/v1/info", response_model=InfoResponse, response_model_exclude_none=True)
     async def info(request: Request, svc: RetrieverService = Depends(_service)) -> InfoResponse:
@@ -505,12 +553,9 @@ class CoreRetrieverBackend:
     versions atomically), `app.retriever.search.search` applies the paper's rules."""
 
     def __init__(self, settings: RetrieverSettings, clip: Any) -> None:
-        from app.retriever.memory import Retriever
-
         self.settings = settings
         self.clip = clip
-        self.retriever = Retriever(settings.memory_dir)
-        self._current = _CoreSnapshot(self.retriever.memory)
+        self.memories = MemorySet(settings.named_memories, "auto", _CoreSnapshot)
 
     @classmethod
     def load(cls, settings: RetrieverSettings, clip: Any = None) -> CoreRetrieverBackend:
@@ -520,19 +565,19 @@ class CoreRetrieverBackend:
             clip = Bundle(settings.bundle_dir, device=settings.device).clip
         return cls(settings, clip)
 
-    def current(self) -> MemorySnapshot:
-        return self._current
+    def memory_names(self) -> list[str]:
+        return list(self.memories.names)
 
-    def reload(self) -> MemorySnapshot:
+    def current(self, memory: str | None = None) -> MemorySnapshot:
+        return self.memories.current(memory)
+
+    def reload(self, memory: str | None = None) -> MemorySnapshot:
         # Raises MemoryLoadError for a corrupt or half-written version; the old one keeps
         # serving. The same version again is a no-op (the loaded snapshot is kept).
-        memory = self.retriever.reload()
-        if memory is not self._current.memory:
-            self._current = _CoreSnapshot(memory)
-        return self._current
+        return self.memories.reload(memory)
 
     def warning(self) -> str | None:
-        return self.retriever.warning
+        return self.memories.warning()
 
     def encode_text(self, texts: list[str]) -> np.ndarray:
         return self.clip.encode_text(texts)
