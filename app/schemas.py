@@ -237,6 +237,14 @@ class ReloadResponse(BaseModel):
     documents: int
 
 
+class DocumentsResponse(BaseModel):
+    memory_version: str = Field(description="the new version, now being served")
+    previous_version: str
+    documents: int = Field(description="documents in the new version")
+    added: int
+    ids: list[int] = Field(description="the new documents' ids, in the order they were sent")
+
+
 # --- internal: retriever -------------------------------------------------------------------
 
 
