@@ -19,9 +19,11 @@ from app.gateway import build_router as build_gateway_router
 from app.generator.service import build_info_router as build_generator_info_router
 from app.generator.service import build_router as build_generator_router
 from app.metrics import RequestMetricsMiddleware
+from app.retriever.documents import DocumentAppender, build_documents_router
 from app.retriever.service import build_router as build_retriever_router
 from app.serve import Components
 from app.streaming import build_worker_router as build_worker_stream_router
+from app.studio import build_studio_router
 
 VERSION = "0.1.0"
 
@@ -71,6 +73,12 @@ def create_app(components: Components) -> FastAPI:
     if components.gateway is not None:
         # In embedded mode the gateway's reload reaches the in-process retriever.
         app.include_router(build_admin_router(require_key))
+        app.include_router(build_studio_router())
+    if components.retriever is not None:
+        app.state.document_appender = DocumentAppender(components.retriever)
+    if components.retriever is not None or components.gateway is not None:
+        # Where the memory is, the route builds; a gateway alone forwards to the retriever.
+        app.include_router(build_documents_router(require_key))
     if components.generator is not None:
         app.state.generator_service = components.generator
         if components.gateway is None:

@@ -270,6 +270,14 @@ class ReloadResponse(BaseModel):
     memory: str | None = None
 
 
+class DocumentsResponse(BaseModel):
+    memory_version: str = Field(description="the new version, now being served")
+    previous_version: str
+    documents: int = Field(description="documents in the new version")
+    added: int
+    ids: list[int] = Field(description="the new documents' ids, in the order they were sent")
+
+
 # --- internal: retriever -------------------------------------------------------------------
 
 
