@@ -369,7 +369,8 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
                 RetrievalQuery(text=prompt), body.retrieval, thumbnails=body.return_neighbours
             )
             sampling = _sampling(body, seed, body.guidance_scale)
-            job = T2IJob(prompt, docs, body.n, candidates, sampling)
+            job = T2IJob(prompt, docs, body.n, candidates, sampling,
+                         retrieval_guidance=body.retrieval_guidance)
             ticket.arrived()  # submitted next: no longer on its way
             with gw.metrics.stage("generate"):
                 images = await gw.generator.text_to_image(job)
@@ -493,7 +494,8 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
             docs, version = await gw.neighbours(
                 RetrievalQuery(image=rgb), body.retrieval, thumbnails=body.return_neighbours
             )
-            job = CaptionJob(rgb, docs, body.n, candidates, _sampling(body, seed))
+            job = CaptionJob(rgb, docs, body.n, candidates, _sampling(body, seed),
+                             retrieval_guidance=body.retrieval_guidance)
             ticket.arrived()  # submitted next: no longer on its way
             with gw.metrics.stage("generate"):
                 caps = await gw.generator.caption(job)

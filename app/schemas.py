@@ -72,6 +72,17 @@ class SamplingFields(_Strict):
     return_neighbours: bool = False
 
 
+RETRIEVAL_GUIDANCE_DESCRIPTION = (
+    "retrieval-guided decoding: how strongly what the relevant neighbours hold (their image "
+    "codes; for captions, the names in neighbours whose image matches) is mixed into "
+    "sampling, 0..1; 0 is the paper's decoding; None: the server's default, reported by "
+    "GET /v1/info under generator.retrieval_guidance")
+
+
+def _retrieval_guidance() -> Any:
+    return Field(None, ge=0, le=1, description=RETRIEVAL_GUIDANCE_DESCRIPTION)
+
+
 class ImageObject(BaseModel):
     b64_json: str
     revised_prompt: str | None = None
@@ -98,6 +109,7 @@ class ImageGenerationRequest(SamplingFields):
     size: str | None = Field(None, description="'auto' or the bundle's native 'WxH'")
     response_format: Literal["b64_json", "url"] | None = "b64_json"
     guidance_scale: float = Field(3.0, ge=0, le=30)
+    retrieval_guidance: float | None = _retrieval_guidance()
     # Accepted for OpenAI-client compatibility; this server has one model and one style.
     model: str | None = None
     quality: str | None = None
@@ -127,6 +139,7 @@ class InfillRequest(SamplingFields):
 class CaptionRequest(SamplingFields):
     image: str = Field(description="base64 image (or a data: URL)")
     n: int = Field(1, ge=1)
+    retrieval_guidance: float | None = _retrieval_guidance()
 
 
 class CaptionObject(BaseModel):
@@ -325,6 +338,7 @@ def _rgb(data: str, param: str) -> np.ndarray:
 
 class T2IJobWire(_JobWire):
     prompt: str
+    retrieval_guidance: float | None = Field(None, ge=0, le=1)
 
     @classmethod
     def from_job(cls, job: T2IJob) -> T2IJobWire:
@@ -334,6 +348,7 @@ class T2IJobWire(_JobWire):
             n=job.n,
             num_candidates=job.num_candidates,
             sampling=SamplingWire.from_params(job.sampling),
+            retrieval_guidance=job.retrieval_guidance,
         )
 
     def to_job(self) -> T2IJob:
@@ -343,11 +358,13 @@ class T2IJobWire(_JobWire):
             n=self.n,
             num_candidates=self.num_candidates,
             sampling=self.sampling.to_params(),
+            retrieval_guidance=self.retrieval_guidance,
         )
 
 
 class CaptionJobWire(_JobWire):
     image: str
+    retrieval_guidance: float | None = Field(None, ge=0, le=1)
 
     @classmethod
     def from_job(cls, job: CaptionJob) -> CaptionJobWire:
@@ -357,6 +374,7 @@ class CaptionJobWire(_JobWire):
             n=job.n,
             num_candidates=job.num_candidates,
             sampling=SamplingWire.from_params(job.sampling),
+            retrieval_guidance=job.retrieval_guidance,
         )
 
     def to_job(self) -> CaptionJob:
@@ -366,6 +384,7 @@ class CaptionJobWire(_JobWire):
             n=self.n,
             num_candidates=self.num_candidates,
             sampling=self.sampling.to_params(),
+            retrieval_guidance=self.retrieval_guidance,
         )
 
 

@@ -49,6 +49,9 @@ class T2IJob:
     n: int
     num_candidates: int  # sample this many, keep the best `n` by CLIP score
     sampling: SamplingParams
+    # Weight of the relevant neighbours' codes mixed into sampling (retrieval-guided
+    # decoding); 0: the paper's decoding; None: the engine's default.
+    retrieval_guidance: float | None = None
 
 
 @dataclass
@@ -58,6 +61,9 @@ class CaptionJob:
     n: int
     num_candidates: int  # sample this many, keep the best `n` by likelihood
     sampling: SamplingParams
+    # Weight of the pointer to names in neighbours whose image matches; 0: the paper's
+    # decoding; None: the engine's default.
+    retrieval_guidance: float | None = None
 
 
 @dataclass
