@@ -104,6 +104,30 @@ def bench_service(
     )
 
 
+@bench_app.command("guidance")
+def bench_guidance(
+    memory: Path = typer.Option(..., help="The bundle's memory (appended to only in a copy)."),
+    bundle: Path = typer.Option(None, help="Bundle (default: the shipped demo bundle)."),
+    weights: str = typer.Option("0,0.5,0.9", help="Comma-separated retrieval_guidance values."),
+    n: int = typer.Option(100, min=2, help="Prompts per measure (none of them the eval's)."),
+    novel: int = typer.Option(12, min=0, help="Flags the world never makes to append (0: skip)."),
+    novel_samples: int = typer.Option(2, min=1, help="Samples per flag and phrasing."),
+    threads: int = typer.Option(1, min=1, help="torch CPU threads"),
+    json_path: Path | None = typer.Option(None, "--json", help="write the results here"),
+) -> None:
+    """Retrieval guidance weights on prompts and seeds outside the eval's: t2i, entities,
+    appended out-of-distribution flags (API defaults), entity captions."""
+    from benchmarks.guidance import main as run_guidance_bench
+    from model.bundle import DEFAULT_BUNDLE
+
+    try:
+        values = [float(w) for w in weights.split(",") if w.strip()]
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--weights") from exc
+    run_guidance_bench(bundle or DEFAULT_BUNDLE, memory, values, n, threads, json_path,
+                       novel, novel_samples)
+
+
 @bench_app.command("retriever")
 def bench_retriever(
     n: int = typer.Option(100_000, min=1_000, help="vectors in the memory"),
@@ -258,6 +282,11 @@ def eval_command(
                    "the memory with build-index --append, then ask both decoders for it. "
                    "Repeat for several names (each its own flag and memory copy)."),
     new_entity_samples: int = typer.Option(8, min=1, help="Samples per decoder for that."),
+    novel_flags: int = typer.Option(
+        12, min=0, help="With --new-entity: also append this many flags of kinds the world "
+                        "never makes (checkerboards, discs, chevrons...) and ask for each "
+                        "with the API's default settings, retrieval on and off (0: skip)."),
+    novel_flag_samples: int = typer.Option(4, min=1, help="Samples per flag and phrasing."),
     record: bool = typer.Option(
         False, help="Also write the systems' metrics into the bundle's manifest.json (under "
                     "`eval`), as the committed demo bundle carries them."),
@@ -297,6 +326,10 @@ def eval_command(
             for i, name in enumerate(new_entity)]
         for check in output.result["new_entity"]:
             typer.echo(f"new entity: {check}")
+        if novel_flags:
+            output.result["novel_flags"] = _novel_flags(b, memory, novel_flags,
+                                                        novel_flag_samples, seed)
+            typer.echo(f"novel flags drawn: {output.result['novel_flags']['drawn']}")
     paths = write_reports(output, report_dir, json_path)
     if record:
         paths["manifest"] = record_in_manifest(output, b.path)
@@ -328,6 +361,19 @@ def _new_entity(bundle, memory: Path, name: str, samples: int, seed: int) -> dic
         check = new_entity_check(bundle, copy, name, novel_flag(world, seed),
                                  samples=samples, seed=seed)
     return {**asdict(check), "passed": check.passed}
+
+
+def _novel_flags(bundle, memory: Path, n_flags: int, samples: int, seed: int) -> dict:
+    """`novel_flags_check` on a copy of the memory: the real one is never appended to."""
+    import shutil
+    import tempfile
+
+    from model.evaluate import novel_flags_check
+
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "memory"
+        shutil.copytree(memory, copy)
+        return novel_flags_check(bundle, copy, n_flags, samples=samples, seed=seed)
 
 
 # --- serve / generate ------------------------------------------------------------------

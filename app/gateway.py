@@ -444,7 +444,8 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
             )
             sampling = _sampling(body, seed, body.guidance_scale)
             ticket.arrived()  # submitted next: no longer on its way
-            return T2IJob(prompt, docs, body.n, candidates, sampling, examples), version
+            return T2IJob(prompt, docs, body.n, candidates, sampling, examples,
+                          retrieval_guidance=body.retrieval_guidance), version
 
         if body.stream:
             async def open_stream(ticket: Ticket) -> tuple[GenerationStream, bytes | None]:
@@ -607,7 +608,8 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
                 RetrievalQuery(image=rgb), body.retrieval, thumbnails=body.return_neighbours,
                 memory=memory,
             )
-            job = CaptionJob(rgb, docs, body.n, candidates, _sampling(body, seed), examples)
+            job = CaptionJob(rgb, docs, body.n, candidates, _sampling(body, seed), examples,
+                             retrieval_guidance=body.retrieval_guidance)
             ticket.arrived()  # submitted next: no longer on its way
             with gw.metrics.stage("generate"):
                 caps = await gw.generator.caption(job)

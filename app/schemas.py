@@ -97,6 +97,17 @@ class SamplingFields(_Strict):
     )
 
 
+RETRIEVAL_GUIDANCE_DESCRIPTION = (
+    "retrieval-guided decoding: how strongly what the relevant neighbours hold (their image "
+    "codes; for captions, the names in neighbours whose image matches) is mixed into "
+    "sampling, 0..1; 0 is the paper's decoding; None: the server's default, reported by "
+    "GET /v1/info under generator.retrieval_guidance")
+
+
+def _retrieval_guidance() -> Any:
+    return Field(None, ge=0, le=1, description=RETRIEVAL_GUIDANCE_DESCRIPTION)
+
+
 class ImageObject(BaseModel):
     b64_json: str
     revised_prompt: str | None = None
@@ -127,6 +138,7 @@ class ImageGenerationRequest(SamplingFields):
     partial_images: int | None = Field(
         None, ge=0, le=3, description="partial images to stream while decoding (with stream)"
     )
+    retrieval_guidance: float | None = _retrieval_guidance()
     # Accepted for OpenAI-client compatibility; this server has one model and one style.
     model: str | None = None
     quality: str | None = None
@@ -156,6 +168,7 @@ class InfillRequest(SamplingFields):
 class CaptionRequest(SamplingFields):
     image: str = Field(description="base64 image (or a data: URL)")
     n: int = Field(1, ge=1)
+    retrieval_guidance: float | None = _retrieval_guidance()
 
 
 class CaptionObject(BaseModel):
@@ -392,6 +405,7 @@ def _examples_from_wire(examples: list[ExampleWire]) -> list[FewShotExample]:
 
 class T2IJobWire(_JobWire):
     prompt: str
+    retrieval_guidance: float | None = Field(None, ge=0, le=1)
 
     @classmethod
     def from_job(cls, job: T2IJob) -> T2IJobWire:
@@ -402,6 +416,7 @@ class T2IJobWire(_JobWire):
             num_candidates=job.num_candidates,
             sampling=SamplingWire.from_params(job.sampling),
             examples=_examples_to_wire(job.examples),
+            retrieval_guidance=job.retrieval_guidance,
         )
 
     def to_job(self) -> T2IJob:
@@ -412,11 +427,13 @@ class T2IJobWire(_JobWire):
             num_candidates=self.num_candidates,
             sampling=self.sampling.to_params(),
             examples=_examples_from_wire(self.examples),
+            retrieval_guidance=self.retrieval_guidance,
         )
 
 
 class CaptionJobWire(_JobWire):
     image: str
+    retrieval_guidance: float | None = Field(None, ge=0, le=1)
 
     @classmethod
     def from_job(cls, job: CaptionJob) -> CaptionJobWire:
@@ -427,6 +444,7 @@ class CaptionJobWire(_JobWire):
             num_candidates=job.num_candidates,
             sampling=SamplingWire.from_params(job.sampling),
             examples=_examples_to_wire(job.examples),
+            retrieval_guidance=job.retrieval_guidance,
         )
 
     def to_job(self) -> CaptionJob:
@@ -437,6 +455,7 @@ class CaptionJobWire(_JobWire):
             num_candidates=self.num_candidates,
             sampling=self.sampling.to_params(),
             examples=_examples_from_wire(self.examples),
+            retrieval_guidance=self.retrieval_guidance,
         )
 
 

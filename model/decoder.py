@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from model.sampling import (
     Constraint,
     Generators,
+    LogitsProcessor,
     SamplingParams,
     batch_allowed_mask,
     cfg_combine,
@@ -485,6 +486,7 @@ class CM3Decoder(nn.Module):
         generator: Generators = None,
         eos_id: int | None = EOS_ID,
         step_hook: StepHook | None = None,
+        logits_processor: LogitsProcessor | None = None,
     ) -> Tensor:
         """Sample up to `params.max_new_tokens` after left-padded prompts idx (B, T).
 
@@ -492,7 +494,8 @@ class CM3Decoder(nn.Module):
         a row that emitted `eos_id` is `<pad>` afterwards, and decoding stops when all
         have. With `uncond_idx` and a guidance scale != 1, an unconditional stream runs
         beside the prompts and logits = uncond + s·(cond − uncond). `constraints` hold
-        one entry per output row. The prompt is prefilled once, then expanded.
+        one entry per output row; `logits_processor` sees every step's masked logits of
+        all output rows. The prompt is prefilled once, then expanded.
         `step_hook(t, tokens)` sees the (rows, t + 1) tokens so far after each step; it may
         return a (rows,) bool tensor of rows to stop (they emit `<pad>` from then on).
         """
@@ -518,8 +521,12 @@ class CM3Decoder(nn.Module):
             if constraints is not None:
                 allowed = batch_allowed_mask(constraints, step.size(-1), step.device)
                 step = step.masked_fill(~allowed, float("-inf"))
+            if logits_processor is not None:
+                step = logits_processor(step)
             tok = sample(step, params, generator).masked_fill_(done, PAD_ID)
             out[:, t] = tok
+            if logits_processor is not None:
+                logits_processor.advance(tok)
             if constraints is not None:
                 for c, token in zip(constraints, tok.tolist(), strict=True):
                     if c is not None:

@@ -22,6 +22,7 @@ which other jobs were batched with it.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import replace
@@ -41,6 +42,7 @@ from app.generator.protocol import (
     T2IJob,
 )
 from app.generator.protocol import SamplingParams as RequestSampling
+from model import retrieval_guidance as guidance
 from model.decoder import CM3Decoder, left_pad
 from model.masking import infill_prompt_from_runs
 from model.partial import ProgressHook
@@ -128,6 +130,8 @@ class Engine:
             "decoder": self.name,
             "decoder_params": self.decoder.num_params(),
             "device": self.device,
+            "retrieval_guidance": {"default": guidance.DEFAULT_WEIGHT,
+                                   "range": [0.0, guidance.MAX_WEIGHT]},
             "manifest": self.manifest,
         }
 
@@ -192,7 +196,7 @@ class Engine:
         )
 
     def _generate(self, prompts, params: SamplingParams, generators, constraints,
-                  uncond=None, num_samples: int = 1,
+                  uncond=None, num_samples: int = 1, logits_processor=None,
                   progress: ProgressHook | None = None) -> torch.Tensor:
         idx, mask = left_pad(prompts, device=self.device)
         u_idx = u_mask = None
@@ -203,6 +207,7 @@ class Engine:
                 idx, params, attention_mask=mask, uncond_idx=u_idx, uncond_mask=u_mask,
                 num_samples=num_samples, constraints=constraints, generator=generators,
                 step_hook=progress,
+                logits_processor=logits_processor,
             )
         self._tokens += int((out != PAD_ID).sum())
         out = out.cpu()
@@ -214,7 +219,8 @@ class Engine:
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, job in enumerate(jobs):
             s = job.sampling
-            key = (s.temperature, s.top_k, s.top_p, s.guidance_scale, job.num_candidates)
+            key = (s.temperature, s.top_k, s.top_p, s.guidance_scale,
+                   getattr(job, "retrieval_guidance", None), job.num_candidates)
             groups[key].append(i)
         return groups
 
@@ -265,7 +271,7 @@ class Engine:
             out = self._generate(
                 prompts, params, self._row_generators([j.sampling.seed for j in group], n_cand),
                 constraints, uncond=uncond if params.guidance_scale != 1.0 else None,
-                num_samples=n_cand,
+                num_samples=n_cand, logits_processor=self._image_copy(group, n_cand),
                 progress=ProgressHook.for_images(
                     self.space, self.decode_codes, group, prompts, n_cand),
             )
@@ -278,6 +284,34 @@ class Engine:
                 best = sorted(rows, key=lambda r: -ranks[r])[: job.n]
                 results[i] = [GeneratedImage(images[r], float(scores[r]), codes[r]) for r in best]
         return results
+
+    @functools.cached_property
+    def rarity(self) -> guidance.WordRarity:
+        return guidance.WordRarity(self.tokenizer)
+
+    def _image_copy(self, jobs: Sequence[T2IJob], per_job: int) -> guidance.ImageCopy | None:
+        """The neighbours' codes to mix into each row's sampling; None when nothing is
+        relevant (then decoding is exactly the paper's)."""
+        sources = [guidance.image_copy_source(self.space, j.prompt, j.neighbours, self.rarity,
+                                              _guidance_weight(j)) for j in jobs]
+        if not any(sources):
+            return None
+        return guidance.ImageCopy([s for s in sources for _ in range(per_job)],
+                                  self.space.image_len, self.device)
+
+    def _caption_pointer(self, jobs: Sequence[CaptionJob], codes: np.ndarray, per_job: int,
+                         ) -> guidance.CaptionPointer | None:
+        weights = {_guidance_weight(j) for j in jobs}  # one per group (see `_group`)
+        weight = weights.pop()
+        if weight <= 0:
+            return None
+        words = [guidance.pointed_words(self.space, c, j.neighbours, self.rarity)
+                 for j, c in zip(jobs, codes, strict=True)]
+        if not any(words):
+            return None
+        return guidance.CaptionPointer(
+            [w for w in words for _ in range(per_job)], weight,
+            self.rarity.rare_token_mask(self.space, self.decoder.config.vocab_size))
 
     def clip_scores(self, prompts: Sequence[str], images: np.ndarray) -> np.ndarray:
         text = self.clip.encode_text(list(prompts))
@@ -343,6 +377,7 @@ class Engine:
             out = self._generate(
                 prompts, params, self._row_generators([j.sampling.seed for j in group], n_cand),
                 constraints, num_samples=n_cand,
+                logits_processor=self._caption_pointer(group, all_codes[members], n_cand),
             )
             texts_ids = [[int(t) for t in row if self.space.is_text(int(t))] for row in out]
             row_prompts = [p for p in prompts for _ in range(n_cand)]
@@ -445,6 +480,11 @@ class Engine:
                                           {lbl: float(p) for lbl, p in zip(job.labels, probs,
                                                                            strict=True)}))
         return results
+
+
+def _guidance_weight(job: Any) -> float:
+    w = getattr(job, "retrieval_guidance", None)
+    return guidance.DEFAULT_WEIGHT if w is None else float(w)
 
 
 def _mix(seed: int, j: int) -> int:

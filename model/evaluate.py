@@ -1,11 +1,14 @@
 """`racm3 eval`: RA-CM3 against CM3 and against retrieval alone, on the held-out eval split.
 
-Three systems answer the same prompts with the same seeds:
+Four systems answer the same prompts with the same seeds:
 
-- `ra_cm3`: the retrieval-augmented decoder with K neighbours in context, retrieved from
-  the memory exactly as the service retrieves them (CLIP text embedding of the prompt,
-  or CLIP image embedding for captioning; the paper's rules: relevance, modality,
-  diversity 0.9);
+- `ra_cm3`: the retrieval-augmented decoder as served by default: K neighbours in
+  context, retrieved from the memory exactly as the service retrieves them (CLIP text
+  embedding of the prompt, or CLIP image embedding for captioning; the paper's rules:
+  relevance, modality, diversity), and retrieval-guided decoding at the served weight
+  (model/retrieval_guidance.py);
+- `ra_cm3_paper`: the same decoder and neighbours, decoded as the paper does (retrieval
+  guidance 0): every gain of `ra_cm3` over it comes from decoding;
 - `cm3`: the same decoder architecture trained without retrieval, with no neighbours;
 - `retrieval_only`: no decoder at all: the top neighbour's image (VQ-decoded from its
   codes, so it passes through the same image tokenizer as the generated images) or
@@ -22,6 +25,9 @@ Tasks and metrics (DESIGN §3; the shape of the paper's tables on the demo world
   back to attributes; BLEU-4 references are the item's captions under every template.
 - `entity_acc`: "the flag of X" for the memory-only entities; right when the judge's
   entity head names X. Without retrieval the model cannot know these.
+- `i2t_entity_named`: of the i2t items that are flags, the share whose caption has the
+  entity's name; `i2t_entity_retrieved`: the share whose neighbours hold it;
+  `i2t_entity_named_retrieved`: named, among those.
 - `*_prompt_rerank` (t2i accuracy, entity): the same samples, but the candidate kept is
   the one CLIP scores best against the prompt alone, without the retrieved images' vote
   in the ranking: how much of RA-CM3's score the reranking adds.
@@ -62,9 +68,15 @@ from model.world.captions import caption as render_caption
 
 log = logging.getLogger(__name__)
 
-SYSTEMS = ("ra_cm3", "cm3", "retrieval_only")
+SYSTEMS = ("ra_cm3", "ra_cm3_paper", "cm3", "retrieval_only")
 METRICS = ("t2i_attr_acc", "t2i_fid", "i2t_attr_acc", "i2t_bleu4", "entity_acc", "infill_acc")
 DECODERS = ("ra_cm3", "cm3")
+# system -> (decoder, retrieval guidance: None is the engine's served default)
+GENERATIVE: dict[str, tuple[str, float | None]] = {
+    "ra_cm3": ("ra_cm3", None),
+    "ra_cm3_paper": ("ra_cm3", 0.0),
+    "cm3": ("cm3", 0.0),
+}
 
 
 @dataclass(frozen=True)
@@ -205,10 +217,12 @@ class Evaluator:
             images = np.stack([self.top_image(nbs) for nbs in neighbours])
             return images, images
         d = self.config.t2i
+        decoder, weight = GENERATIVE[system]
         jobs = [T2IJob(p, self._context(system, nbs), n=d.num_candidates,
-                       num_candidates=d.num_candidates, sampling=d.sampling(seed + i))
+                       num_candidates=d.num_candidates, sampling=d.sampling(seed + i),
+                       retrieval_guidance=weight)
                 for i, (p, nbs) in enumerate(zip(prompts, neighbours, strict=True))]
-        results = self._batched(self.engines[system].text_to_image, jobs)
+        results = self._batched(self.engines[decoder].text_to_image, jobs)
         return (np.stack([r[0].image for r in results]),
                 np.stack([max(r, key=lambda c: c.score).image for r in results]))
 
@@ -217,10 +231,12 @@ class Evaluator:
         if system == "retrieval_only":
             return [self.neighbour_caption(nbs[0]) if nbs else "" for nbs in neighbours]
         d = self.config.caption
+        decoder, weight = GENERATIVE[system]
         jobs = [CaptionJob(img, self._context(system, nbs), n=1,
-                           num_candidates=d.num_candidates, sampling=d.sampling(seed + i))
+                           num_candidates=d.num_candidates, sampling=d.sampling(seed + i),
+                           retrieval_guidance=weight)
                 for i, (img, nbs) in enumerate(zip(images, neighbours, strict=True))]
-        results = self._batched(self.engines[system].caption, jobs)
+        results = self._batched(self.engines[decoder].caption, jobs)
         return [r[0].text for r in results]
 
     def infill(self, system: str, images: np.ndarray, masks: np.ndarray, prompts: Sequence[str],
@@ -235,12 +251,12 @@ class Evaluator:
                           num_candidates=d.num_candidates, sampling=d.sampling(seed + i))
                 for i, (img, m, p, nbs) in enumerate(zip(images, masks, prompts, neighbours,
                                                          strict=True))]
-        results = self._batched(self.engines[system].infill, jobs)
+        results = self._batched(self.engines[GENERATIVE[system][0]].infill, jobs)
         return np.stack([r[0].image for r in results])
 
     @staticmethod
     def _context(system: str, neighbours: list[NeighbourDoc]) -> list[NeighbourDoc]:
-        return neighbours if system == "ra_cm3" else []
+        return neighbours if GENERATIVE[system][0] == "ra_cm3" else []
 
     def top_image(self, neighbours: list[NeighbourDoc]) -> np.ndarray:
         for doc in neighbours:
@@ -337,12 +353,24 @@ class Evaluator:
                       for a in targets]
         neighbours = self.retrieve_for_images(images)
         seed = self._seed("i2t")
+        names = [a.get("entity") for a in targets]
+        found = np.array([bool(n) and any(n.lower() in self.neighbour_caption(d).lower()
+                                          for d in nbs)
+                          for n, nbs in zip(names, neighbours, strict=True)])
+        flags = np.array([bool(n) for n in names])
         out = {}
         for system in SYSTEMS:
             captions = self.caption(system, images, neighbours, seed)
             match = caption_attribute_accuracy(captions, targets)
+            named = np.array([bool(n) and n.lower() in c.lower()
+                              for n, c in zip(names, captions, strict=True)])
             out[system] = {"i2t_attr_acc": match["attribute"], "i2t_exact": match["exact"],
                            "i2t_bleu4": bleu4(captions, references)}
+            if flags.any():
+                out[system]["i2t_entity_named"] = float(named[flags].mean())
+                out[system]["i2t_entity_retrieved"] = float(found[flags].mean())
+                if found.any():
+                    out[system]["i2t_entity_named_retrieved"] = float(named[found].mean())
         return out
 
     def eval_entity(self) -> dict[str, dict[str, float]]:
@@ -438,6 +466,7 @@ class Evaluator:
                 neighbour_captions=[self.neighbour_caption(d) for d in neighbours[i]],
                 ra_cm3=images["ra_cm3"][i],
                 cm3=images["cm3"][i],
+                ra_cm3_paper=images["ra_cm3_paper"][i],
             ))
 
     # --- all -----------------------------------------------------------------------------
@@ -595,6 +624,118 @@ def new_entity_check(bundle: Any, memory_dir: str | Path, name: str, flag_image:
                           ra_cm3_match=out["ra_cm3"][0], cm3_match=out["cm3"][0],
                           ra_cm3_distance=out["ra_cm3"][1], cm3_distance=out["cm3"][1],
                           samples=samples)
+
+
+def append_to_memory(bundle_dir: str | Path, memory_dir: str | Path,
+                     documents: Sequence[tuple[np.ndarray, str]]) -> None:
+    """Append (image, caption) documents as a user would: write them to a folder and run
+    `racm3 build-index --source folder --append` in its own process."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from PIL import Image
+
+    root = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory() as folder:
+        for i, (image, text) in enumerate(documents):
+            Image.fromarray(np.asarray(image, dtype=np.uint8)).save(Path(folder) / f"{i:05d}.png")
+            (Path(folder) / f"{i:05d}.txt").write_text(text)
+        cmd = [sys.executable, "-m", "app.cli", "build-index", "--source", "folder",
+               "--input", folder, "--out", str(Path(memory_dir).resolve()),
+               "--bundle", str(Path(bundle_dir).resolve()), "--append"]
+        done = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"build-index --append failed: {done.stderr[-2000:]}")
+
+
+def api_default_job(prompt: str, neighbours: list[NeighbourDoc], seed: int) -> T2IJob:
+    """The job `/v1/images/generations` submits for a request that sets only the prompt
+    (and the seed): every other setting is the API's default."""
+    from app.schemas import ImageGenerationRequest
+
+    body = ImageGenerationRequest(prompt=prompt, seed=seed)
+    sampling = SamplingParams(seed=seed, temperature=body.temperature, top_k=body.top_k,
+                              top_p=body.top_p, guidance_scale=body.guidance_scale)
+    return T2IJob(prompt, neighbours, body.n, body.num_candidates or body.n, sampling,
+                  retrieval_guidance=body.retrieval_guidance)
+
+
+def api_default_k() -> int:
+    from app.settings import GatewaySettings
+
+    return int(GatewaySettings.model_fields["default_k"].default)
+
+
+DRAWN_MAX_DIFFERENCE = 40.0  # mean |pixel - flag| (0..255) under which a sample is the flag
+
+
+def novel_flags_check(bundle: Any, memory_dir: str | Path, n_flags: int = 12,
+                      samples: int = 4, seed: int = 0) -> dict[str, Any]:
+    """Flags of kinds the world never makes (model/world/novel_flags.py), appended to
+    `memory_dir` with `build-index --append`, then asked for under two phrasings each
+    through the engine call the API makes, with the API's default settings.
+
+    A sample is the flag when its mean absolute pixel difference to it is under
+    `DRAWN_MAX_DIFFERENCE`. Three ways of asking: `ra_cm3` (the API's defaults,
+    retrieval on), `ra_cm3_paper` (retrieval on, guidance 0), `retrieval_off` (the
+    API's `retrieval.enabled: false`). `vq_drawable`: the share of flags the image
+    tokenizer itself reproduces under the threshold, the ceiling of any decoder.
+
+    This publishes a new version of `memory_dir`: run it on a copy.
+    """
+    from app.retriever.memory import Memory
+    from model.world.novel_flags import novel_flags
+
+    world = World(WorldConfig.from_dict(bundle.manifest["world"]))
+    flags = novel_flags(world, n_flags, seed)
+    append_to_memory(bundle.path, memory_dir,
+                     [(f.image, c) for f in flags for c in f.captions])
+    evaluator = Evaluator(bundle, Memory.load(memory_dir),
+                          EvalConfig(n=2, k=api_default_k()))
+    engine = evaluator.engine
+    images = np.stack([f.image for f in flags])
+    vq_distance = np.abs(engine.decode_codes(engine.encode_images(list(images)))
+                         .astype(np.float32) - images).mean(axis=(1, 2, 3))
+    asks = [(f, i, p) for i, f in enumerate(flags) for p in f.prompts]
+    prompts = [p for _, _, p in asks for _ in range(samples)]
+    targets = np.stack([images[i] for _, i, _ in asks for _ in range(samples)]).astype(np.float32)
+    neighbours = evaluator.retrieve_for_texts(prompts)
+    retrieved = [bool(nbs) and f.name.lower() in evaluator.neighbour_caption(nbs[0]).lower()
+                 for (f, _, _), nbs in zip(asks, neighbours[::samples], strict=True)]
+    base = 7_000_000 + seed * 10_000
+    ways = {"ra_cm3": (neighbours, None), "ra_cm3_paper": (neighbours, 0.0),
+            "retrieval_off": ([[] for _ in prompts], None)}
+    distance: dict[str, np.ndarray] = {}
+    for way, (context, weight) in ways.items():
+        jobs = []
+        for j, (p, nbs) in enumerate(zip(prompts, context, strict=True)):
+            job = api_default_job(p, nbs, base + j)
+            if weight is not None:
+                job.retrieval_guidance = weight
+            jobs.append(job)
+        results = evaluator._batched(engine.text_to_image, jobs)
+        out = np.stack([r[0].image for r in results]).astype(np.float32)
+        distance[way] = np.abs(out - targets).mean(axis=(1, 2, 3))
+    drawn = {w: d < DRAWN_MAX_DIFFERENCE for w, d in distance.items()}
+    rows = []
+    for a, (f, i, p) in enumerate(asks):
+        part = slice(a * samples, (a + 1) * samples)
+        rows.append({"name": f.name, "layout": f.layout, "prompt": p,
+                     "retrieved_first": retrieved[a],
+                     "vq_distance": float(vq_distance[i]),
+                     **{f"{w}_drawn": float(drawn[w][part].mean()) for w in ways},
+                     **{f"{w}_distance": float(distance[w][part].mean()) for w in ways}})
+    return {
+        "drawn": {w: float(d.mean()) for w, d in drawn.items()},
+        "retrieved_first": float(np.mean(retrieved)),
+        "vq_drawable": float((vq_distance < DRAWN_MAX_DIFFERENCE).mean()),
+        "flags": len(flags), "layouts": len({f.layout for f in flags}),
+        "prompts_per_flag": len(flags[0].prompts) if flags else 0,
+        "samples": samples, "threshold": DRAWN_MAX_DIFFERENCE,
+        "settings": "API defaults (ImageGenerationRequest with only prompt and seed)",
+        "rows": rows,
+    }
 
 
 def novel_flag(world: World, seed: int = 0) -> np.ndarray:

@@ -3,8 +3,8 @@
 `racm3 eval` hands this module finished numbers and images; nothing here runs a model.
 
 The grid has one row per example prompt: the prompt as text, the two retrieved
-neighbours, then the RA-CM3 and the CM3 outputs for that prompt, so a reader sees what
-retrieval put in context and what each decoder made of it.
+neighbours, then RA-CM3 as served, RA-CM3 with the paper's decoding and CM3 for that
+prompt, so a reader sees what retrieval put in context and what each made of it.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ METRIC_COLUMNS: tuple[tuple[str, str, bool], ...] = (
     ("entity_acc", "entity acc", True),
     ("infill_acc", "infill acc", True),
 )
-SYSTEM_TITLES = {"ra_cm3": "RA-CM3", "cm3": "CM3 (no retrieval)",
-                 "retrieval_only": "retrieval only"}
+SYSTEM_TITLES = {"ra_cm3": "RA-CM3 (served default)",
+                 "ra_cm3_paper": "RA-CM3, paper's decoding",
+                 "cm3": "CM3 (no retrieval)", "retrieval_only": "retrieval only"}
 
 SCALE = 3  # 32 px images are unreadable at 1:1
 LABEL_WIDTH = 240
@@ -44,6 +45,7 @@ class GridRow:
     neighbour_captions: list[str] = field(default_factory=list)
     ra_cm3: np.ndarray | None = None
     cm3: np.ndarray | None = None
+    ra_cm3_paper: np.ndarray | None = None
 
 
 def markdown_table(result: Mapping[str, Any]) -> str:
@@ -82,7 +84,11 @@ def write_markdown(result: Mapping[str, Any], path: str | Path,
         "better); accuracies are judged by the bundle's attribute classifier (images) or "
         "by parsing the caption (text). `*_prompt_rerank`: the same samples, but the "
         "candidate kept is the one CLIP scores best against the prompt alone, without the "
-        "retrieved images' vote in the ranking.",
+        "retrieved images' vote in the ranking. RA-CM3 (served default) decodes with "
+        "retrieval guidance at the served weight; the paper's decoding is the same decoder "
+        "and neighbours with guidance 0. `i2t_entity_named`: flag images whose caption has "
+        "the entity's name (`_retrieved`: the share whose neighbours hold the name, and "
+        "named among those).",
         "",
         "## How it was measured",
         "",
@@ -120,9 +126,13 @@ def write_markdown(result: Mapping[str, Any], path: str | Path,
                 f"| {c['name']} | {'yes' if c['retrieved'] else 'no: ' + c['top_caption']} | "
                 f"{c['ra_cm3_match']:.3f} | {c['cm3_match']:.3f} | "
                 f"{c['ra_cm3_distance']:.1f} | {c['cm3_distance']:.1f} |")
+    novel = result.get("novel_flags")
+    if novel:
+        parts += _novel_flags_section(novel)
     if grid_name and grid_rows:
         parts += ["", "## Examples", "", f"![examples]({grid_name})", "",
-                  "Columns: prompt, neighbour 1, neighbour 2, RA-CM3, CM3. Rows:", ""]
+                  "Columns: prompt, neighbour 1, neighbour 2, RA-CM3 (served default), "
+                  "RA-CM3 with the paper's decoding, CM3. Rows:", ""]
         for i, row in enumerate(grid_rows, 1):
             nbs = "; ".join(f"“{c}”" for c in row.neighbour_captions) or "none"
             parts.append(f"{i}. “{row.prompt}” (neighbours: {nbs})")
@@ -132,12 +142,47 @@ def write_markdown(result: Mapping[str, Any], path: str | Path,
     return path
 
 
+def _novel_flags_section(novel: Mapping[str, Any]) -> list[str]:
+    drawn = novel.get("drawn", {})
+    parts = ["", "## Flags the world never makes, appended to the memory", "",
+             f"{novel.get('flags')} flags of {novel.get('layouts')} layouts outside the "
+             f"world's flag grammar, each stored under two captions and appended with "
+             f"`build-index --source folder --append`, asked for under "
+             f"{novel.get('prompts_per_flag')} phrasings, {novel.get('samples')} samples "
+             f"each, with {novel.get('settings')}. Drawn: mean absolute pixel difference "
+             f"to the flag below {novel.get('threshold')}.", "",
+             "| | drawn |", "|---|---|"]
+    for way, title in (("ra_cm3", "retrieval on, API defaults"),
+                       ("ra_cm3_paper", "retrieval on, paper's decoding (guidance 0)"),
+                       ("retrieval_off", "retrieval off")):
+        if way in drawn:
+            parts.append(f"| {title} | {_fmt(drawn[way])} |")
+    parts += [f"| new flag retrieved first | {_fmt(novel.get('retrieved_first'))} |",
+              f"| the VQ alone reproduces the flag | {_fmt(novel.get('vq_drawable'))} |"]
+    rows = novel.get("rows") or []
+    if rows:
+        parts += ["", "| name | layout | prompt | retrieved first | drawn (on / paper / off) "
+                  "| distance (on / paper / off) | VQ distance |", "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            parts.append(
+                f"| {r['name']} | {r['layout']} | {r['prompt']} | "
+                f"{'yes' if r['retrieved_first'] else 'no'} | "
+                f"{r['ra_cm3_drawn']:.2f} / {r['ra_cm3_paper_drawn']:.2f} / "
+                f"{r['retrieval_off_drawn']:.2f} | {r['ra_cm3_distance']:.1f} / "
+                f"{r['ra_cm3_paper_distance']:.1f} / {r['retrieval_off_distance']:.1f} | "
+                f"{r['vq_distance']:.1f} |")
+    return parts
+
+
 def save_example_grid(rows: Sequence[GridRow], path: str | Path, k: int = 2) -> Path:
-    """One row per example: label | neighbour 1..k | RA-CM3 | CM3, images enlarged ×SCALE."""
+    """One row per example: label | neighbour 1..k | RA-CM3 | RA-CM3 paper | CM3, images
+    enlarged ×SCALE (the paper column only when the rows carry it)."""
     if not rows:
         raise ValueError("save_example_grid needs at least one row")
     side = _image_side(rows) * SCALE
-    columns = [f"neighbour {i + 1}" for i in range(k)] + ["RA-CM3", "CM3"]
+    paper = any(row.ra_cm3_paper is not None for row in rows)
+    columns = ([f"neighbour {i + 1}" for i in range(k)] + ["RA-CM3"]
+               + (["RA-CM3 paper"] if paper else []) + ["CM3"])
     font = ImageFont.load_default()
     header_h = 18
     width = LABEL_WIDTH + len(columns) * (side + PAD) + PAD
@@ -152,7 +197,7 @@ def save_example_grid(rows: Sequence[GridRow], path: str | Path, k: int = 2) -> 
         label = "\n".join(textwrap.wrap(f"{r + 1}. {row.prompt}", chars)[: max(1, side // 14)])
         draw.multiline_text((PAD, y), label, fill=(0, 0, 0), font=font, spacing=2)
         cells = [*row.neighbours[:k], *[None] * (k - len(row.neighbours[:k])), row.ra_cm3,
-                 row.cm3]
+                 *([row.ra_cm3_paper] if paper else []), row.cm3]
         for c, image in enumerate(cells):
             x = LABEL_WIDTH + c * (side + PAD) + PAD
             if image is None:  # no neighbour found: a grey placeholder, not a gap

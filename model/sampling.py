@@ -10,6 +10,9 @@
   `space.image_len` codes in `src`; `SpanConstraint` drives CM3 infilling, one
   `<mask:i>` span after another. A decoding loop asks each row's constraint for
   `allowed_mask(device)`, masks the logits, samples, and calls `advance(token)`.
+- A `LogitsProcessor` rewrites the masked (B, V) logits of a whole batch before the
+  draw (retrieval-guided decoding, model/retrieval_guidance.py) and is told the drawn
+  tokens.
 """
 
 from __future__ import annotations
@@ -130,6 +133,14 @@ def sample(logits: Tensor, params: SamplingParams, generator: Generators = None)
 def cfg_combine(cond_logits: Tensor, uncond_logits: Tensor, scale: float) -> Tensor:
     """Classifier-free guidance: uncond + s·(cond − uncond); s = 1 returns cond."""
     return uncond_logits + scale * (cond_logits - uncond_logits)
+
+
+class LogitsProcessor(Protocol):
+    """Rewrites a batch's next-token logits after guidance and constraints."""
+
+    def __call__(self, logits: Tensor) -> Tensor: ...  # (B, V) -> (B, V)
+
+    def advance(self, tokens: Tensor) -> None: ...  # (B,) the tokens just drawn
 
 
 # --- constraints ----------------------------------------------------------------------

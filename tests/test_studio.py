@@ -478,7 +478,8 @@ def test_streamed_partial_images_are_shown_forming(browser, server, api):
         expect(page.locator("#gen-stream-note")).to_contain_text("2 per image")
         page.evaluate("""() => { window.partialsSeen = [];
             new MutationObserver(() => document.querySelectorAll('[data-testid=partial] img')
-                .forEach(i => window.partialsSeen.includes(i.src) || window.partialsSeen.push(i.src)))
+                .forEach(i => window.partialsSeen.includes(i.src)
+                              || window.partialsSeen.push(i.src)))
               .observe(document.body, {subtree: true, childList: true}); }""")
         page.locator("#gen-n").fill("1")
         page.click("#gen-submit")

@@ -86,6 +86,9 @@ class T2IJob:
     # Demonstrations: documents in context before the neighbours (controlled generation).
     examples: list[FewShotExample] = field(default_factory=list)
     progress: Progress | None = None  # set for a streamed job
+    # Weight of the relevant neighbours' codes mixed into sampling (retrieval-guided
+    # decoding); 0: the paper's decoding; None: the engine's default.
+    retrieval_guidance: float | None = None
 
 
 @dataclass
@@ -96,6 +99,9 @@ class CaptionJob:
     num_candidates: int  # sample this many, keep the best `n` by likelihood
     sampling: SamplingParams
     examples: list[FewShotExample] = field(default_factory=list)
+    # Weight of the pointer to names in neighbours whose image matches; 0: the paper's
+    # decoding; None: the engine's default.
+    retrieval_guidance: float | None = None
 
 
 @dataclass

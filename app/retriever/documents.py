@@ -32,7 +32,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from PIL import Image
 
 from app.errors import ApiError, DependencyUnavailable, InvalidRequest, error_from_body
-from app.images import ImageLimits, encode_png, open_image, to_rgb
+from app.images import ImageLimits, decode_image, encode_png, in_decode_thread
 from app.retriever.service import RetrieverService
 from app.schemas import DocumentsResponse
 
@@ -159,8 +159,8 @@ async def _validated(
         data = await upload.read(limits.max_bytes + 1)
         if not data:
             raise InvalidRequest(f"image {i} is empty", param=f"image.{i}", code="invalid_image")
-        img = await asyncio.to_thread(open_image, data, f"image.{i}", limits)
-        docs.append(NewDocument(to_rgb(img), text, _safe_stem(upload.filename or f"image{i}")))
+        img = await in_decode_thread(decode_image, data, f"image.{i}", limits)
+        docs.append(NewDocument(img.rgb, text, _safe_stem(upload.filename or f"image{i}")))
     return docs
 
 
