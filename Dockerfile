@@ -16,7 +16,7 @@ RUN pip install torch==2.14.1 torchvision==0.29.1
 COPY pyproject.toml README* ./
 COPY app ./app
 COPY model ./model
-COPY index_builder ./index_builder
+COPY retrieval ./retrieval
 COPY benchmarks ./benchmarks
 # Checked from / so that the installed package is imported, not the sources in /app.
 RUN pip install . && cd / && python -c "import app.serve"

@@ -23,15 +23,6 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from app.errors import DependencyUnavailable, RequestTimeout, error_from_body
-from app.generator.protocol import (
-    CaptionJob,
-    ClassifyJob,
-    ClassifyResult,
-    GeneratedCaption,
-    GeneratedImage,
-    InfillJob,
-    T2IJob,
-)
 from app.generator.service import GeneratorService
 from app.images import png_b64
 from app.retriever.service import RetrievalQuery, RetrieverService, SearchOutcome
@@ -52,6 +43,15 @@ from app.schemas import (
     T2IStreamJobWire,
 )
 from app.streaming import GenerationStream, open_http_stream, open_local_stream
+from model.jobs import (
+    CaptionJob,
+    ClassifyJob,
+    ClassifyResult,
+    GeneratedCaption,
+    GeneratedImage,
+    InfillJob,
+    T2IJob,
+)
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -1,4 +1,4 @@
-"""The public API (DESIGN §4): validate, authenticate, bound the load, orchestrate.
+"""The public API (docs/architecture.md, "The request path"): validate, authenticate, bound the load, orchestrate.
 
 Every request is validated completely before any model sees it (TGI's rule): pydantic
 for shapes, then the configured limits here. Then: retrieve neighbours (retriever
@@ -24,19 +24,9 @@ import numpy as np
 from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from fastapi.responses import PlainTextResponse
 
+from app.batching import Ticket
 from app.clients import GeneratorClient, RetrieverClient
 from app.errors import InvalidRequest, QueueFull, RequestTimeout, Unauthorized
-from app.generator.batcher import Ticket
-from app.generator.protocol import (
-    CaptionJob,
-    ClassifyJob,
-    FewShotExample,
-    GeneratedImage,
-    InfillJob,
-    NeighbourDoc,
-    SamplingParams,
-    T2IJob,
-)
 from app.generator.service import run_until_disconnect
 from app.images import (
     DecodedImage,
@@ -85,6 +75,16 @@ from app.streaming import (
     neighbours_event,
     stream_images,
 )
+from model.jobs import (
+    CaptionJob,
+    ClassifyJob,
+    FewShotExample,
+    GeneratedImage,
+    InfillJob,
+    NeighbourDoc,
+    SamplingParams,
+    T2IJob,
+)
 
 T = TypeVar("T")
 
@@ -126,7 +126,7 @@ class Gateway:
     role: str = "gateway"
     inflight: int = 0
     # Embedded mode: the generator's `batcher.expecting`, so that it knows which jobs are
-    # on their way while their neighbours are retrieved (see app/generator/batcher.py).
+    # on their way while their neighbours are retrieved (see app/batching.py).
     announce: Callable[[str], AbstractContextManager[Ticket]] | None = None
     # The configured memory names (app/memories.py): which one a request may use is
     # decided here, from configuration alone, before anything is retrieved.
@@ -174,7 +174,7 @@ class Gateway:
         """`run` for a request that will submit one `task` job to the generator: in embedded
         mode the generator hears of the job now, while its neighbours are retrieved, until
         `work` calls `ticket.arrived()` right before submitting; its batcher then waits for
-        that job instead of blindly (app/generator/batcher.py)."""
+        that job instead of blindly (app/batching.py)."""
         with self.expecting(task) as ticket:
             return await self.run(request, work(ticket))
 

@@ -132,11 +132,11 @@ class MemoryAccess:
 
 
 class MemorySet:
-    """Named `Retriever`s (app/retriever/memory.py), each with its current snapshot."""
+    """Named `Retriever`s (retrieval/memory.py), each with its current snapshot."""
 
     def __init__(self, specs: Iterable[tuple[str, Path]], verify: str,
                  snapshot_of: Callable[[Any], Any]) -> None:
-        from app.retriever.memory import MemoryLoadError, Retriever
+        from retrieval.memory import MemoryLoadError, Retriever
 
         self.snapshot_of = snapshot_of
         self.verify = verify
@@ -184,7 +184,7 @@ class MemorySet:
     def reload(self, name: str | None = None) -> Any:
         """Load what `CURRENT` names now and serve it; raises MemoryLoadError (the old
         version keeps serving). Names on the same directory all see the new version."""
-        from app.retriever.memory import Retriever
+        from retrieval.memory import Retriever
 
         name = self._name(name)
         with self._lock:

@@ -18,7 +18,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.generator.protocol import (
+from app.images import ImageLimits, b64, decode_base64, decode_mask, decode_rgb_b64, png_b64
+from model.jobs import (
     CaptionJob,
     ClassifyJob,
     ClassifyResult,
@@ -30,7 +31,6 @@ from app.generator.protocol import (
     SamplingParams,
     T2IJob,
 )
-from app.images import ImageLimits, b64, decode_base64, decode_mask, decode_rgb_b64, png_b64
 
 MAX_SEED = 2**63 - 1
 

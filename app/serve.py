@@ -40,7 +40,7 @@ from app.settings import (
     get_generator_settings,
     get_retriever_settings,
 )
-from index_builder.publish import list_versions
+from retrieval.publish import list_versions
 
 if TYPE_CHECKING:
     from fastapi import FastAPI

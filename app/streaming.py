@@ -46,7 +46,6 @@ from app.errors import (
     RequestTimeout,
     error_from_body,
 )
-from app.generator.protocol import GeneratedImage
 from app.images import decode_rgb_b64, png_b64
 from app.schemas import (
     INTERNAL_IMAGE_LIMITS,
@@ -57,6 +56,7 @@ from app.schemas import (
     T2IStreamJobWire,
     UsageWire,
 )
+from model.jobs import GeneratedImage
 
 log = logging.getLogger(__name__)
 

@@ -29,13 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.retriever.memory import Memory
 from benchmarks.machine import cpu_name
+from evaluation.evaluate import DRAWN_MAX_DIFFERENCE, EvalConfig, Evaluator, api_default_job
+from evaluation.metrics import attribute_match, frechet_distance
 from model.bundle import Bundle
-from model.evaluate import DRAWN_MAX_DIFFERENCE, EvalConfig, Evaluator, api_default_job
-from model.metrics import attribute_match, frechet_distance
-from model.world import ENTITY_HEAD
-from model.world.captions import caption as render_caption
+from retrieval.memory import Memory
+from world import ENTITY_HEAD
+from world.captions import caption as render_caption
 
 ENTITY_TEMPLATES = (2, 3, 4)
 ENTITY_SEED = 50_000
@@ -88,7 +88,7 @@ def run(bundle: Bundle, memory_dir: Path, weights: list[float], n: int, eval_n: 
 
 
 def _t2i(ev: Evaluator, prompts: list[str], neighbours, seed: int, weight: float) -> np.ndarray:
-    from app.generator.protocol import T2IJob
+    from model.jobs import T2IJob
 
     d = ev.config.t2i
     jobs = [T2IJob(p, nbs, n=1, num_candidates=d.num_candidates, sampling=d.sampling(seed + i),
@@ -98,7 +98,7 @@ def _t2i(ev: Evaluator, prompts: list[str], neighbours, seed: int, weight: float
 
 
 def _captions(ev: Evaluator, items, neighbours, weight: float) -> list[str]:
-    from app.generator.protocol import CaptionJob
+    from model.jobs import CaptionJob
 
     d = ev.config.caption
     jobs = [CaptionJob(it.image, nbs, n=1, num_candidates=1, sampling=d.sampling(i),
@@ -108,9 +108,9 @@ def _captions(ev: Evaluator, items, neighbours, weight: float) -> list[str]:
 
 
 def _novel_memory(bundle: Bundle, memory_dir: Path, n_flags: int) -> Path:
-    from model.evaluate import append_to_memory
-    from model.world import World, WorldConfig
-    from model.world.novel_flags import novel_flags
+    from evaluation.evaluate import append_to_memory
+    from world import World, WorldConfig
+    from world.novel_flags import novel_flags
 
     world = World(WorldConfig.from_dict(bundle.manifest["world"]))
     copy = Path(tempfile.mkdtemp()) / "memory"
@@ -124,7 +124,7 @@ def _novel_asks(bundle: Bundle, memory_dir: Path, n_flags: int, samples: int,
                 ) -> tuple[list[str], list, np.ndarray]:
     """Prompts (each phrasing `samples` times), their neighbours in the appended memory,
     and the flag each asks for."""
-    from model.world.novel_flags import novel_flags
+    from world.novel_flags import novel_flags
 
     ev = Evaluator(bundle, Memory.load(memory_dir), EvalConfig(n=2))
     flags = novel_flags(ev.world, n_flags, NOVEL_SEED)

@@ -4,7 +4,7 @@
 For each of flat, hnsw, ivf, ivfpq and auto, over the same n x dim clustered unit
 vectors (an `.npy` on disk, as a memory version keeps them):
 - build_s: train + add + build-time tuning (recall@10 >= 0.95), from the memory-mapped
-  vectors, as `index_builder.build` does;
+  vectors, as `retrieval.build` does;
 - load_ms: memory-mapped load of the saved index (page cache warm: it was just written);
 - p50_ms / p99_ms: single-query latency, k=10;
 - qps_batch: queries per second for one batch of all queries;
@@ -48,7 +48,7 @@ K = 10
 def write_vectors(path: Path, n: int, dim: int, seed: int = 0, centers: int = 256,
                   spread: float = 0.6, chunk: int = 100_000) -> None:
     """Unit vectors around random centres (like CLIP vectors, they cluster), to disk."""
-    from index_builder.store import EmbeddingsWriter
+    from retrieval.store import EmbeddingsWriter
 
     rng = np.random.default_rng(seed)
     c = rng.standard_normal((centers, dim)).astype(np.float32)
@@ -81,8 +81,8 @@ def _set_threads(threads: int) -> None:
 
 
 def build_phase(vectors: str, family: str, out: str, threads: int) -> dict[str, Any]:
-    from index_builder.faiss_index import build_index, write_index
-    from index_builder.store import open_embeddings
+    from retrieval.faiss_index import build_index, write_index
+    from retrieval.store import open_embeddings
 
     _set_threads(threads)
     emb = open_embeddings(vectors)
@@ -97,8 +97,8 @@ def build_phase(vectors: str, family: str, out: str, threads: int) -> dict[str, 
 def serve_phase(vectors: str, index_path: str | None, params: dict[str, int], queries: str,
                 truth: str, threads: int, single: int) -> dict[str, Any]:
     """Load (index or, for the numpy peer, just the vectors) and query."""
-    from index_builder.faiss_index import VectorIndex, recall_at
-    from index_builder.store import open_embeddings
+    from retrieval.faiss_index import VectorIndex, recall_at
+    from retrieval.store import open_embeddings
 
     _set_threads(threads)
     q, exact = np.load(queries), np.load(truth)
@@ -178,8 +178,8 @@ def run(n: int = 100_000, dim: int = 128, families: tuple[str, ...] = FAMILIES,
         workdir: Path | None = None, seed: int = 0) -> dict[str, Any]:
     import faiss
 
-    from index_builder.faiss_index import exact_search, tuning_queries
-    from index_builder.store import open_embeddings
+    from retrieval.faiss_index import exact_search, tuning_queries
+    from retrieval.store import open_embeddings
 
     with _child_threads(threads), tempfile.TemporaryDirectory(dir=workdir) as tmp:
         root = Path(tmp)

@@ -161,7 +161,7 @@ def engine_batch_scaling(app: Any, repeats: int = 5) -> dict[str, float]:
     """The engine alone, called directly (no HTTP, no retrieval, no queue): text-to-image
     with 1 job vs 8 jobs in one call, default sampling, two neighbours in context. This is
     the ceiling for what dynamic batching can gain in the service."""
-    from app.generator.protocol import NeighbourDoc, SamplingParams, T2IJob
+    from model.jobs import NeighbourDoc, SamplingParams, T2IJob
 
     engine = app.state.components.generator.engine
     snap = app.state.components.retriever.snapshot()
@@ -306,7 +306,7 @@ async def retrieval_http(url: str, n: int) -> dict[str, float]:
 
 def _caption_bodies(memory_dir: Path, start: int, n: int) -> list[dict]:
     """Stored memory images, base64 PNG, one per request (distinct: each a retrieval miss)."""
-    from app.retriever.memory import Memory
+    from retrieval.memory import Memory
 
     memory = Memory.load(memory_dir)
     ids = [(start + i) % len(memory) for i in range(n)]

@@ -29,7 +29,12 @@ from benchmarks.machine import cpu_name
 from model.bundle import DEFAULT_BUNDLE, Bundle
 from model.decoder import CM3Decoder, DecoderConfig
 from model.tokens import IMG_CLOSE_ID, IMG_OPEN_ID, PAD_ID, SRC_ID, TokenSpace
-from model.train_generator import GeneratorTrainConfig, TrainingCorpus, build_batch, train_generator
+from training.train_generator import (
+    GeneratorTrainConfig,
+    TrainingCorpus,
+    build_batch,
+    train_generator,
+)
 
 
 def demo_shapes(path: Path = DEFAULT_BUNDLE) -> tuple[DecoderConfig, TokenSpace, int]:

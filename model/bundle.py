@@ -6,7 +6,7 @@
     clip.safetensors       CLIP (+ clip.json sidecar: the open_clip config name)
     ra_cm3.json/.safetensors   the retrieval-augmented decoder
     cm3.json/.safetensors      the same decoder trained without retrieval (baseline)
-    judge.json/.safetensors    the attribute classifier used by evaluation
+    judge.json/.safetensors    the attribute classifier (evaluation/judge.py loads it)
 
 Components load lazily, so a retriever process never loads the decoder and vice versa.
 Everything is safetensors + JSON: loading a bundle never unpickles anything.
@@ -85,12 +85,6 @@ class Bundle:
         from model.clip import ClipEncoder
 
         return ClipEncoder.load(self.path / "clip.safetensors", device=self.device)
-
-    @functools.cached_property
-    def judge(self):
-        from model.judge import Judge
-
-        return Judge.load(self.path, "judge", device=self.device)
 
     def decoder(self, name: str = "ra_cm3") -> torch.nn.Module:
         from model.checkpoint import load_module

@@ -1,7 +1,7 @@
 """The generation engine: RA-CM3 inference for every task, batch-oriented.
 
-Every task is one prompt form (DESIGN §1), decoded with the KV cache and a modality
-constraint, with the retrieved documents in context:
+Every task is one prompt form (docs/architecture.md, "The method"), decoded with the KV
+cache and a modality constraint, with the retrieved documents in context:
 
 - caption→image: `[nb, <break>]* <img alt="caption" src="` → exactly grid-size codes.
   Classifier-free guidance runs an unconditional stream beside it, CM3Leon style: the
@@ -31,7 +31,9 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from app.generator.protocol import (
+from model import retrieval_guidance as guidance
+from model.decoder import CM3Decoder, left_pad
+from model.jobs import (
     CaptionJob,
     ClassifyJob,
     ClassifyResult,
@@ -41,9 +43,7 @@ from app.generator.protocol import (
     NeighbourDoc,
     T2IJob,
 )
-from app.generator.protocol import SamplingParams as RequestSampling
-from model import retrieval_guidance as guidance
-from model.decoder import CM3Decoder, left_pad
+from model.jobs import SamplingParams as RequestSampling
 from model.masking import infill_prompt_from_runs
 from model.partial import ProgressHook
 from model.sampling import (

@@ -42,7 +42,7 @@ def partial_steps(total: int, count: int) -> list[int]:
 
 @dataclass
 class _Watched:
-    progress: Any  # app.generator.protocol.Progress
+    progress: Any  # model.jobs.Progress
     rows: range  # the job's output rows, one per candidate
     cells: np.ndarray  # flat grid cells the job generates, in generation order
     base: np.ndarray  # (h*w,) codes shown where nothing is generated (the kept image)

@@ -49,7 +49,7 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def smoke_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from model.pipeline import RECIPES, Pipeline
+    from training.pipeline import RECIPES, Pipeline
 
     root = Path(os.environ.get("RACM3_SMOKE_DIR") or tmp_path_factory.mktemp("smoke"))
     pipe = Pipeline(RECIPES["smoke"], root / "bundle", root / "work", device="cpu",

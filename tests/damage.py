@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from index_builder.manifest import MANIFEST_NAME, file_entry, read_manifest
+from retrieval.manifest import MANIFEST_NAME, file_entry, read_manifest
 
 
 def overwrite_image_code(store_path: Path, row: int, value: int) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from app.generator.protocol import (
+from model.jobs import (
     CaptionJob,
     ClassifyJob,
     ClassifyResult,

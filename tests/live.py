@@ -116,7 +116,7 @@ class RealModels:
         )
 
     def memory(self) -> Any:
-        from app.retriever.memory import Memory
+        from retrieval.memory import Memory
 
         return Memory.load(self.memory_dir)
 
@@ -136,7 +136,7 @@ def append_documents(models: RealModels, memory_dir: Path, captions: list[str],
                      colours: list[str], workdir: Path) -> str:
     """Publish a new memory version: the current one plus these image+caption documents,
     built by the real index builder (`racm3 build-index --append`). Returns its name."""
-    from index_builder.from_bundle import build_from_bundle
+    from retrieval.from_bundle import build_from_bundle
 
     workdir.mkdir(parents=True, exist_ok=True)
     for i, (caption, colour) in enumerate(zip(captions, colours, strict=True)):

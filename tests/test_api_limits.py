@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from app.generator.batcher import DynamicBatcher
+from app.batching import DynamicBatcher
 from tests.fakes import SlowEngine
 from tests.live import live_app, real_models  # noqa: F401 - fixture
 

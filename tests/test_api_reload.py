@@ -11,8 +11,8 @@ import time
 import httpx
 import numpy as np
 
-from app.retriever.memory import Memory
-from index_builder import publish as pub
+from retrieval import publish as pub
+from retrieval.memory import Memory
 from tests.live import append_documents, live_app, real_models  # noqa: F401 - fixture
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from app.cli import app
+from racm3.cli import app
 
 
 def test_bench_train_compares_the_two_k_draws(tmp_path: Path):

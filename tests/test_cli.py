@@ -12,8 +12,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from app.cli import app, default_memory_dir
-from index_builder import publish as pub
+from racm3.cli import app, default_memory_dir
+from retrieval import publish as pub
 from tests.conftest import torch_threads
 from tests.damage import overwrite_image_code
 from tests.live import png_bytes, solid_image

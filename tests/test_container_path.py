@@ -38,7 +38,7 @@ import pytest
 import typer
 import yaml
 
-from app.cli import app as cli_app
+from racm3.cli import app as cli_app
 from tests.live import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from evaluation.judge import load_judge
 from model.bundle import DEFAULT_BUNDLE, Bundle, bundle_diversity_threshold
 
 pytestmark = pytest.mark.skipif(
@@ -30,18 +31,18 @@ def test_every_component_loads(bundle: Bundle):
     for name in ("ra_cm3", "cm3"):
         assert bundle.decoder(name).config.vocab_size == space.padded_vocab_size
     assert bundle.clip.embed_dim > 0
-    assert bundle.judge is not None
+    assert load_judge(bundle) is not None
     sizes = sum(p.stat().st_size for p in Path(DEFAULT_BUNDLE).iterdir())
     assert sizes <= 40 * 2**20
 
 
 def test_simple_prompts_are_drawn_right(bundle: Bundle, tmp_path: Path):
-    from app.generator.protocol import NeighbourDoc, SamplingParams, T2IJob
-    from app.retriever.memory import Memory
-    from app.retriever.search import SearchStrategy, search
-    from index_builder.from_bundle import build_from_bundle
     from model.engine import Engine
-    from model.world import World, WorldConfig
+    from model.jobs import NeighbourDoc, SamplingParams, T2IJob
+    from retrieval.from_bundle import build_from_bundle
+    from retrieval.memory import Memory
+    from retrieval.search import SearchStrategy, search
+    from world import World, WorldConfig
 
     world = World(WorldConfig.from_dict(bundle.manifest["world"]))
     build_from_bundle(bundle, "world", "memory", tmp_path / "memory", limit=2000,
@@ -59,7 +60,7 @@ def test_simple_prompts_are_drawn_right(bundle: Bundle, tmp_path: Path):
         for i, (p, nbs) in enumerate(zip(prompts, neighbours, strict=True))
     ]
     images = np.stack([r[0].image for r in engine.text_to_image(jobs)])
-    predicted = bundle.judge.predict_attributes(images, world)
+    predicted = load_judge(bundle).predict_attributes(images, world)
     right = [all(pred.get(k) == v for k, v in p.attributes.items())
              for pred, p in zip(predicted, prompts, strict=True)]
     assert sum(right) >= 7, f"{sum(right)}/10 prompts judged right"
@@ -71,9 +72,9 @@ def test_candidates_that_agree_with_the_retrieved_images_rank_first(bundle: Bund
     embedding and, given the candidates' codes, how many of its codes they share."""
     import torch
 
-    from app.generator.protocol import NeighbourDoc, SamplingParams, T2IJob
     from model.engine import CODE_AGREEMENT_WEIGHT, Engine
-    from model.world import World, WorldConfig
+    from model.jobs import NeighbourDoc, SamplingParams, T2IJob
+    from world import World, WorldConfig
 
     world = World(WorldConfig.from_dict(bundle.manifest["world"]))
     engine = Engine.from_bundle(bundle)

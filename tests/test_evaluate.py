@@ -16,8 +16,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from app.cli import app
-from model.evaluate import (
+from evaluation.evaluate import (
     METRICS,
     SYSTEMS,
     T2I_DECODING,
@@ -27,16 +26,17 @@ from model.evaluate import (
     novel_flag,
     object_box_mask,
 )
-from model.world import World, WorldConfig, n_templates
+from racm3.cli import app
 from tests.conftest import torch_threads
+from world import World, WorldConfig, n_templates
 
 N = 3
 
 
 @pytest.fixture(scope="module")
 def evaluator(smoke_bundle) -> Evaluator:
-    from app.retriever.memory import Memory
     from model.bundle import Bundle
+    from retrieval.memory import Memory
 
     bundle_dir, memory_dir = smoke_bundle
     return Evaluator(Bundle(bundle_dir), Memory.load(memory_dir), EvalConfig(n=2))
@@ -142,8 +142,8 @@ def test_eval_config_refuses_fewer_than_two_prompts() -> None:
 
 def test_new_entity_check_appends_the_flag_and_scores_both_decoders(
         smoke_bundle, tmp_path: Path) -> None:
-    from app.retriever.memory import Memory
     from model.bundle import Bundle
+    from retrieval.memory import Memory
 
     bundle_dir, memory_dir = smoke_bundle
     memory_copy = tmp_path / "memory"  # the check publishes a new version: not the shared one

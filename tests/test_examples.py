@@ -9,9 +9,9 @@ import httpx
 import numpy as np
 import pytest
 
-from app.generator.protocol import FewShotExample, NeighbourDoc, SamplingParams, T2IJob
 from app.images import png_b64
 from app.schemas import T2IJobWire
+from model.jobs import FewShotExample, NeighbourDoc, SamplingParams, T2IJob
 from tests.live import live_app, real_models, solid_image  # noqa: F401 - fixture
 
 GEN = "/v1/images/generations"

@@ -9,7 +9,7 @@ import faiss
 import numpy as np
 import pytest
 
-from index_builder.faiss_index import (
+from retrieval.faiss_index import (
     MMAP,
     VectorIndex,
     build_index,

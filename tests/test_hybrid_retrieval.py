@@ -18,13 +18,13 @@ import httpx
 import numpy as np
 import pytest
 
-from app.generator.protocol import NeighbourDoc
-from app.retriever.memory import Memory, MemoryLoadError, Retriever
-from app.retriever.search import SearchStrategy, fuse, search
 from app.retriever.service import RetrievalStrategy
 from app.schemas import NeighbourWire
-from index_builder.lexical_index import LEXICAL_DIR, LEXICAL_FILES, LexicalIndex, tokenize
-from index_builder.manifest import MANIFEST_NAME
+from model.jobs import NeighbourDoc
+from retrieval.lexical_index import LEXICAL_DIR, LEXICAL_FILES, LexicalIndex, tokenize
+from retrieval.manifest import MANIFEST_NAME
+from retrieval.memory import Memory, MemoryLoadError, Retriever
+from retrieval.search import SearchStrategy, fuse, search
 from tests.live import append_documents, live_app, real_models  # noqa: F401 - fixture
 from tests.test_memory import build_demo_memory, doc_vector
 
@@ -159,7 +159,7 @@ def test_a_memory_built_before_the_lexical_index_gets_one_at_load(
     for name in LEXICAL_FILES:
         (vdir / name).unlink()
     (vdir / LEXICAL_DIR).rmdir()
-    with caplog.at_level("INFO", logger="app.retriever.memory"):
+    with caplog.at_level("INFO", logger="retrieval.memory"):
         memory = Memory.load(tmp_path)
     assert "has no lexical index" in caplog.text
     assert len(memory.lexical) == 120 and not (vdir / LEXICAL_DIR).exists()  # read-only

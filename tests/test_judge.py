@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.judge import (
+from evaluation.judge import (
     Judge,
     JudgeConfig,
     JudgeHistory,
@@ -16,7 +16,7 @@ from model.judge import (
     SceneSampler,
     train_judge,
 )
-from model.world import IGNORE, World, WorldConfig
+from world import IGNORE, World, WorldConfig
 
 
 @pytest.fixture(scope="module")

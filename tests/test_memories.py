@@ -18,7 +18,7 @@ import redis
 from app.images import png_b64
 from app.serve import create_role_app
 from app.settings import GatewaySettings
-from index_builder import publish as pub
+from retrieval import publish as pub
 from tests.live import (  # noqa: F401 - fixture
     LiveServer,
     append_documents,

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.retriever.memory import Memory, MemoryLoadError, Retriever
-from app.retriever.search import SearchStrategy, search
-from index_builder import publish as pub
-from index_builder.build import AppendRefused, build_memory
-from index_builder.lexical_index import LEXICAL_FILES
-from index_builder.manifest import MANIFEST_NAME, STORE_FILE
-from index_builder.sources import SkipReport, SourceItem
+from retrieval import publish as pub
+from retrieval.build import AppendRefused, build_memory
+from retrieval.lexical_index import LEXICAL_FILES
+from retrieval.manifest import MANIFEST_NAME, STORE_FILE
+from retrieval.memory import Memory, MemoryLoadError, Retriever
+from retrieval.search import SearchStrategy, search
+from retrieval.sources import SkipReport, SourceItem
 from tests.damage import overwrite_image_code, reseal
 
 DIM = 32

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from app.serve import create_role_app
-from index_builder import publish as pub
+from retrieval import publish as pub
 from tests.live import (  # noqa: F401 - fixture
     LiveServer,
     append_documents,
@@ -66,7 +66,7 @@ def test_unreadable_current_starts_on_the_newest_valid_version_until_fixed(
         real_models, memory, caplog):  # noqa: F811
     root, v1, v2 = memory
     (root / "CURRENT").write_bytes(b"v0\x00\xff garbage")
-    caplog.set_level(logging.WARNING, logger="app.retriever.memory")
+    caplog.set_level(logging.WARNING, logger="retrieval.memory")
 
     with live_app(real_models.app(memory_dir=root)) as server:
         ready, info = status(server.url)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from model.metrics import (
+from evaluation.metrics import (
     attribute_accuracy,
     attribute_match,
     bleu4,
@@ -15,7 +15,7 @@ from model.metrics import (
     caption_attribute_accuracy,
     frechet_distance,
 )
-from model.world import IGNORE
+from world import IGNORE
 
 # --- Fréchet distance --------------------------------------------------------------------
 

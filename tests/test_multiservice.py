@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from app.images import png_b64
-from index_builder import publish as pub
+from retrieval import publish as pub
 from tests.live import (  # noqa: F401 - fixture
     append_documents,
     free_port,
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def spawn(role: str, port: int, log: Path, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--role", role, "--port", str(port)],
+        [sys.executable, "-m", "racm3.cli", "serve", "--role", role, "--port", str(port)],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT), "RACM3_LOG_LEVEL": "warning", **env},
         stdout=subprocess.DEVNULL,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from model.pipeline import STAGES
+from training.pipeline import STAGES
 
 
 def test_smoke_recipe_trains_every_stage_and_each_loss_goes_down(smoke_bundle):
@@ -29,7 +29,7 @@ def test_side_by_side_trains_the_baseline_in_a_second_process(smoke_bundle, tmp_
     """`racm3 train all` on a CPU trains CM3 in another process beside RA-CM3."""
     import shutil
 
-    from model.pipeline import RECIPES, Pipeline
+    from training.pipeline import RECIPES, Pipeline
 
     bundle_dir, memory_dir = smoke_bundle
     out, work = tmp_path / "bundle", tmp_path / "work"
@@ -60,8 +60,8 @@ def test_training_takes_the_core_back_once_the_process_beside_has_finished(tmp_p
 
     import torch
 
-    from model.pipeline import RECIPES, Pipeline
     from tests.conftest import torch_threads
+    from training.pipeline import RECIPES, Pipeline
 
     with torch_threads(2):
         pipe = Pipeline(RECIPES["smoke"], tmp_path / "bundle", tmp_path / "work",

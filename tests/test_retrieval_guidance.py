@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from app.generator.protocol import CaptionJob, NeighbourDoc, SamplingParams, T2IJob
+from evaluation.judge import load_judge
 from model.bundle import DEFAULT_BUNDLE, Bundle
+from model.jobs import CaptionJob, NeighbourDoc, SamplingParams, T2IJob
 from model.retrieval_guidance import (
     DEFAULT_WEIGHT,
     ImageCopy,
@@ -20,9 +21,9 @@ from model.retrieval_guidance import (
     WordRarity,
     copy_gate,
 )
-from model.world import ENTITY_HEAD, World, WorldConfig
-from model.world.captions import caption
 from tests.conftest import torch_threads
+from world import ENTITY_HEAD, World, WorldConfig
+from world.captions import caption
 
 pytestmark = pytest.mark.skipif(
     not (DEFAULT_BUNDLE / "ra_cm3.safetensors").is_file(), reason="demo bundle not committed"
@@ -110,6 +111,7 @@ def test_an_entity_only_the_memory_knows_is_drawn_with_the_default_weight(engine
     heads = world.label_heads[ENTITY_HEAD]
     names = list(world.memory_only_entities[:6])
     drawn = {None: 0, 0.0: 0}
+    judge = load_judge(bundle)
     for i, name in enumerate(names):
         attrs = {"kind": "entity", "entity": name}
         other = {"kind": "entity", "entity": world.memory_only_entities[-1 - i]}
@@ -118,7 +120,7 @@ def test_an_entity_only_the_memory_knows_is_drawn_with_the_default_weight(engine
         for weight in drawn:
             codes = _t2i(engine, caption(attrs, 3), neighbours, 100 + i, weight)
             image = engine.decode_codes(codes[None])
-            drawn[weight] += int(bundle.judge.predict(image)[ENTITY_HEAD][0] == heads.index(name))
+            drawn[weight] += int(judge.predict(image)[ENTITY_HEAD][0] == heads.index(name))
     assert drawn[None] >= 5, drawn  # the better-scored neighbour is another flag: not copied
     assert drawn[None] > drawn[0.0], drawn
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.retriever.memory import Memory
-from app.retriever.search import SearchStrategy, apply_rules, drop_tokens, search
-from index_builder.build import build_memory
-from index_builder.sources import SourceItem
+from retrieval.build import build_memory
+from retrieval.memory import Memory
+from retrieval.search import SearchStrategy, apply_rules, drop_tokens, search
+from retrieval.sources import SourceItem
 from tests.test_memory import build_demo_memory, tokenize, unit, vq_encode
 
 D = 8

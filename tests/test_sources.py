@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from index_builder.images import ImageError, encode_png, load_image
-from index_builder.sources import (
+from retrieval.images import ImageError, encode_png, load_image
+from retrieval.sources import (
     REMOTE_URL,
     SOURCES,
     SkipReport,

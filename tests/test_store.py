@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index_builder.store import (
+from retrieval.store import (
     DocumentStore,
     EmbeddingsWriter,
     StoreWriter,

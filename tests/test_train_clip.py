@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.clip import ClipEncoder
-from model.train_clip import (
+from training.train_clip import (
     ClipTrainConfig,
     InventedNames,
     WorldPairs,
@@ -16,7 +16,7 @@ from model.train_clip import (
     train_clip,
     world_heldout,
 )
-from model.world import World, WorldConfig, parse_caption
+from world import World, WorldConfig, parse_caption
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

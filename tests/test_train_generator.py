@@ -20,7 +20,7 @@ from model.tokens import (
     SRC_ID,
     TokenSpace,
 )
-from model.train_generator import (
+from training.train_generator import (
     GeneratorTrainConfig,
     TrainingCorpus,
     build_batch,
@@ -183,8 +183,8 @@ def test_ddp_two_processes_match_one_process_first_step_loss(tmp_path):
 def test_sample_weights_set_the_share_of_each_kind_of_document():
     from dataclasses import replace
 
-    from model.pipeline import entity_weights
-    from model.train_generator import global_batch_indices
+    from training.pipeline import entity_weights
+    from training.train_generator import global_batch_indices
 
     kinds = ["object"] * 24 + ["entity"] * 8  # 25% entities in the data
     corpus = replace(_corpus(), sample_weights=entity_weights(kinds, 0.5))

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from safetensors import safe_open
 
 from model.vq import EMAQuantizer, VQConfig, VQModel
-from model.vq_train import train_vq
+from training.train_vq import train_vq
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

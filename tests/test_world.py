@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.world import (
+from world import (
     ATTRIBUTE_HEADS,
     COLOURS,
     IGNORE,
@@ -25,7 +25,7 @@ from model.world import (
     parse_caption,
     save_grid,
 )
-from model.world.entities import MIN_FLAG_DIFFERENCE
+from world.entities import MIN_FLAG_DIFFERENCE
 
 SMALL = WorldConfig(seed=7, n_train=4000, n_memory=4000, n_eval=2000)
 

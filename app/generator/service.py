@@ -5,7 +5,7 @@ run on one engine thread. The queue is bounded (429 beyond it), every job has a 
 (504), and a job whose client disconnected is dropped before its batch runs.
 
 Images are resized to the engine's native size here, so every engine call sees one
-size (see `app.generator.protocol`).
+size (see `model.jobs`).
 """
 
 from __future__ import annotations
@@ -18,19 +18,8 @@ from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 
+from app.batching import DynamicBatcher
 from app.errors import ApiError, NotReady
-from app.generator.batcher import DynamicBatcher
-from app.generator.protocol import (
-    CaptionJob,
-    ClassifyJob,
-    ClassifyResult,
-    Engine,
-    FewShotExample,
-    GeneratedCaption,
-    GeneratedImage,
-    InfillJob,
-    T2IJob,
-)
 from app.images import resize_mask, resize_rgb
 from app.metrics import Metrics
 from app.schemas import (
@@ -46,6 +35,17 @@ from app.schemas import (
     T2IJobWire,
 )
 from app.settings import GeneratorSettings
+from model.jobs import (
+    CaptionJob,
+    ClassifyJob,
+    ClassifyResult,
+    Engine,
+    FewShotExample,
+    GeneratedCaption,
+    GeneratedImage,
+    InfillJob,
+    T2IJob,
+)
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
-"""The retriever: a versioned, memory-mapped memory (`memory.py`: FAISS index + document
-store, verified at load, swapped atomically) and the paper's retrieval rules over it
-(`search.py`). The service that exposes them over HTTP is `service.py`.
+"""The retriever role: query -> neighbours over HTTP (`service.py`), and the admin path
+that appends documents to a memory (`documents.py`). The memory itself, its loading and
+the paper's retrieval rules are the `retrieval` library.
 
 Nothing is imported here, so that the gateway can import the service's wire types
 without loading FAISS.

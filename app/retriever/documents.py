@@ -95,8 +95,8 @@ class DocumentAppender:
         )
 
     def _build(self, docs: list[NewDocument]) -> Any:
-        from index_builder import publish as pub
-        from index_builder.from_bundle import build_from_bundle
+        from retrieval import publish as pub
+        from retrieval.from_bundle import build_from_bundle
 
         if self._bundle is None:
             self._bundle = self._load_bundle()

@@ -26,14 +26,12 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 
+from app.batching import DynamicBatcher
 from app.cache import NeighbourCache, build_cache, cache_key
 from app.errors import ApiError, InvalidRequest
-from app.generator.batcher import DynamicBatcher
-from app.generator.protocol import NeighbourDoc
 from app.images import decode_rgb_b64
 from app.memories import MemoryNotFound, MemorySet
 from app.metrics import Metrics
-from app.retriever.search import RETRIEVAL_MODES
 from app.schemas import (
     INTERNAL_IMAGE_LIMITS,
     InfoResponse,
@@ -43,6 +41,8 @@ from app.schemas import (
     SearchResponse,
 )
 from app.settings import RetrieverSettings
+from model.jobs import NeighbourDoc
+from retrieval.search import RETRIEVAL_MODES
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +54,9 @@ StrategyName = Literal["rag", "knn"]
 
 @dataclass(frozen=True)
 class RetrievalStrategy:
-    """The paper's retrieval rules (DESIGN §1); `knn` is plain top-k by score. `mode`:
+    """The paper's retrieval rules (docs/architecture.md, "The method"); `knn` is plain top-k by score. `mode`:
     "dense" ranks by CLIP alone (the paper), "hybrid" fuses CLIP with BM25 over the
-    captions (app/retriever/search.py). It is part of the cache key."""
+    captions (retrieval/search.py). It is part of the cache key."""
 
     name: StrategyName
     prefer_multimodal: bool
@@ -549,8 +549,8 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
 
 class CoreRetrieverBackend:
     """Adapts the retriever core to `RetrieverBackend`: the bundle's CLIP encodes queries,
-    `app.retriever.memory.Retriever` holds the verified, memory-mapped memory (and swaps
-    versions atomically), `app.retriever.search.search` applies the paper's rules."""
+    `retrieval.memory.Retriever` holds the verified, memory-mapped memory (and swaps
+    versions atomically), `retrieval.search.search` applies the paper's rules."""
 
     def __init__(self, settings: RetrieverSettings, clip: Any) -> None:
         self.settings = settings
@@ -599,7 +599,7 @@ class _CoreSnapshot:
         self, vectors: np.ndarray, k: int, strategy: RetrievalStrategy,
         texts: Sequence[str | None],
     ) -> list[list[tuple[int, float]]]:
-        from app.retriever.search import search
+        from retrieval.search import search
 
         rows = search(self.memory, vectors, k, strategy, texts=texts)
         return [[(int(n.id), float(n.score)) for n in row] for row in rows]

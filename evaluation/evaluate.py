@@ -14,7 +14,7 @@ Four systems answer the same prompts with the same seeds:
   codes, so it passes through the same image tokenizer as the generated images) or
   caption; for infilling, the masked region pasted from that image.
 
-Tasks and metrics (DESIGN §3; the shape of the paper's tables on the demo world):
+Tasks and metrics (docs/architecture.md, "The demo world"; the shape of the paper's tables on the demo world):
 
 - `t2i_attr_acc` / `t2i_fid`: caption→image on the eval object and pair prompts
   (held-out combinations included). The judge reads the generated image's attributes;
@@ -50,21 +50,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.generator.protocol import (
+from evaluation.examples import TASK_DESCRIPTION as EXAMPLES_TASK
+from evaluation.examples import eval_examples
+from evaluation.judge import load_judge
+from evaluation.metrics import attribute_match, bleu4, caption_attribute_accuracy, frechet_distance
+from evaluation.report import GridRow, save_example_grid, write_markdown
+from model.bundle import bundle_diversity_threshold, write_manifest
+from model.engine import Engine
+from model.jobs import (
     CaptionJob,
     InfillJob,
     NeighbourDoc,
     SamplingParams,
     T2IJob,
 )
-from model.bundle import bundle_diversity_threshold, write_manifest
-from model.engine import Engine
-from model.eval_examples import TASK_DESCRIPTION as EXAMPLES_TASK
-from model.eval_examples import eval_examples
-from model.metrics import attribute_match, bleu4, caption_attribute_accuracy, frechet_distance
-from model.report import GridRow, save_example_grid, write_markdown
-from model.world import ENTITY_HEAD, Attributes, World, WorldConfig, WorldItem, n_templates
-from model.world.captions import caption as render_caption
+from world import ENTITY_HEAD, Attributes, World, WorldConfig, WorldItem, n_templates
+from world.captions import caption as render_caption
 
 log = logging.getLogger(__name__)
 
@@ -147,14 +148,14 @@ class Evaluator:
     """Runs every task for every system; one instance per (bundle, memory)."""
 
     def __init__(self, bundle: Any, memory: Any, config: EvalConfig | None = None) -> None:
-        from app.retriever.search import SearchStrategy
+        from retrieval.search import SearchStrategy
 
         self.bundle = bundle
         self.memory = memory
         self.config = config or EvalConfig()
         self.world = World(WorldConfig.from_dict(bundle.manifest["world"]))
         self.engines = {name: Engine.from_bundle(bundle, name) for name in DECODERS}
-        self.judge = bundle.judge
+        self.judge = load_judge(bundle)
         self.clip = bundle.clip
         self.diversity_threshold = bundle_diversity_threshold(
             bundle.manifest, self.config.diversity_threshold)
@@ -176,7 +177,7 @@ class Evaluator:
         return self._search(self.clip.encode_image(images))
 
     def _search(self, vectors: np.ndarray) -> list[list[NeighbourDoc]]:
-        from app.retriever.search import search
+        from retrieval.search import search
 
         grid = self.bundle.space.image_grid
         out = []
@@ -594,8 +595,8 @@ def new_entity_check(bundle: Any, memory_dir: str | Path, name: str, flag_image:
 
     from PIL import Image
 
-    from app.retriever.memory import Memory
-    from index_builder.from_bundle import build_from_bundle
+    from retrieval.from_bundle import build_from_bundle
+    from retrieval.memory import Memory
 
     flag = np.asarray(flag_image, dtype=np.uint8)
     attrs = {"kind": "entity", "entity": name}
@@ -641,7 +642,7 @@ def append_to_memory(bundle_dir: str | Path, memory_dir: str | Path,
         for i, (image, text) in enumerate(documents):
             Image.fromarray(np.asarray(image, dtype=np.uint8)).save(Path(folder) / f"{i:05d}.png")
             (Path(folder) / f"{i:05d}.txt").write_text(text)
-        cmd = [sys.executable, "-m", "app.cli", "build-index", "--source", "folder",
+        cmd = [sys.executable, "-m", "racm3.cli", "build-index", "--source", "folder",
                "--input", folder, "--out", str(Path(memory_dir).resolve()),
                "--bundle", str(Path(bundle_dir).resolve()), "--append"]
         done = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
@@ -672,7 +673,7 @@ DRAWN_MAX_DIFFERENCE = 40.0  # mean |pixel - flag| (0..255) under which a sample
 
 def novel_flags_check(bundle: Any, memory_dir: str | Path, n_flags: int = 12,
                       samples: int = 4, seed: int = 0) -> dict[str, Any]:
-    """Flags of kinds the world never makes (model/world/novel_flags.py), appended to
+    """Flags of kinds the world never makes (world/novel_flags.py), appended to
     `memory_dir` with `build-index --append`, then asked for under two phrasings each
     through the engine call the API makes, with the API's default settings.
 
@@ -684,8 +685,8 @@ def novel_flags_check(bundle: Any, memory_dir: str | Path, n_flags: int = 12,
 
     This publishes a new version of `memory_dir`: run it on a copy.
     """
-    from app.retriever.memory import Memory
-    from model.world.novel_flags import novel_flags
+    from retrieval.memory import Memory
+    from world.novel_flags import novel_flags
 
     world = World(WorldConfig.from_dict(bundle.manifest["world"]))
     flags = novel_flags(world, n_flags, seed)
@@ -740,8 +741,8 @@ def novel_flags_check(bundle: Any, memory_dir: str | Path, n_flags: int = 12,
 
 def novel_flag(world: World, seed: int = 0) -> np.ndarray:
     """A flag unlike every flag of the world (>= 25% of pixels differ from each)."""
-    from model.world.entities import MIN_FLAG_DIFFERENCE, flag_patterns
-    from model.world.rng import Rng
+    from world.entities import MIN_FLAG_DIFFERENCE, flag_patterns
+    from world.rng import Rng
 
     rng = Rng.from_key("racm3-novel-flag", world.config.seed, seed)
     size = world.config.image_size

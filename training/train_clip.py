@@ -32,11 +32,11 @@ from open_clip.loss import ClipLoss
 from tqdm.auto import tqdm
 
 from model.clip import ClipEncoder
-from model.world import Attributes, World, WorldItem
-from model.world import n_templates as n_caption_templates
-from model.world.captions import caption as render_caption
-from model.world.entities import entity_names
-from model.world.rng import Rng
+from world import Attributes, World, WorldItem
+from world import n_templates as n_caption_templates
+from world.captions import caption as render_caption
+from world.entities import entity_names
+from world.rng import Rng
 
 logger = logging.getLogger(__name__)
 

@@ -32,11 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from app.retriever.search import Neighbour, SearchStrategy, search
-from index_builder import publish as pub
-from index_builder.faiss_index import IndexInfo, VectorIndex
-from index_builder.lexical_index import LEXICAL_DIR, LexicalIndex, lexical_files
-from index_builder.manifest import (
+from retrieval import publish as pub
+from retrieval.faiss_index import IndexInfo, VectorIndex
+from retrieval.lexical_index import LEXICAL_DIR, LexicalIndex, lexical_files
+from retrieval.manifest import (
     EMBEDDINGS_FILE,
     INDEX_FILE,
     STORE_FILE,
@@ -45,7 +44,8 @@ from index_builder.manifest import (
     read_manifest,
     verify_file,
 )
-from index_builder.store import DocumentStore, StoredDoc, open_embeddings
+from retrieval.search import Neighbour, SearchStrategy, search
+from retrieval.store import DocumentStore, StoredDoc, open_embeddings
 
 log = logging.getLogger(__name__)
 

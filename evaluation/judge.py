@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,9 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from evaluation.metrics import attribute_accuracy
 from model.checkpoint import load_module, save_checkpoint
-from model.metrics import attribute_accuracy
-from model.world import COLOURS, IGNORE, POSITIONS, RELATIONS, SHAPES, SIZES, Attributes, World
+from world import COLOURS, IGNORE, POSITIONS, RELATIONS, SHAPES, SIZES, Attributes, World
 
 logger = logging.getLogger(__name__)
 
@@ -345,3 +346,8 @@ def _warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.02) -> f
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def load_judge(bundle: Any) -> Judge:
+    """The bundle's judge (`judge.json` + `judge.safetensors` beside its other models)."""
+    return Judge.load(bundle.path, "judge", device=bundle.device)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.world.entities import MIN_FLAG_DIFFERENCE, entity_names
-from model.world.render import FLAG_PALETTE
-from model.world.rng import Rng
+from world.entities import MIN_FLAG_DIFFERENCE, entity_names
+from world.render import FLAG_PALETTE
+from world.rng import Rng
 
 IndexMap = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
 

@@ -4,7 +4,7 @@ Every task method takes a *list* of jobs and returns one result per job, in orde
 worker's dynamic batcher hands the engine whatever arrived together, so the engine can
 prefill and decode them as one batch.
 
-Conventions (DESIGN: numpy uint8 (H, W, 3) at I/O edges):
+Conventions (numpy uint8 (H, W, 3) at I/O edges):
 - every image handed to the engine is already resized to `info()["image_size"]`;
 - an infill mask is (H, W) bool at that size, True = regenerate;
 - neighbours are the retrieved documents exactly as the memory stores them (the retriever

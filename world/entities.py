@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.world.render import FLAG_PALETTE
-from model.world.rng import Rng
-from model.world.schema import COLOURS, POSITIONS, SHAPES, SIZES
+from world.render import FLAG_PALETTE
+from world.rng import Rng
+from world.schema import COLOURS, POSITIONS, SHAPES, SIZES
 
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
            "br", "dr", "gr", "kr", "tr", "st", "th", "sh")

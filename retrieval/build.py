@@ -6,7 +6,7 @@ store and its vectors to an on-disk float32 `.npy`. Images never accumulate in R
 million documents build in a few hundred MB (the vectors, 2 GB at 1M x 512, stay on
 disk). The index is built from the on-disk vectors at the end, then the lexical (BM25)
 index from the store's captions, the manifest written last, and the version published
-atomically (index_builder/publish.py).
+atomically (retrieval/publish.py).
 
 `append=True` copies the current version's store batches and vectors as they are
 (nothing old is re-embedded), adds the new documents after them (ids continue), and
@@ -35,10 +35,10 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from index_builder import publish as pub
-from index_builder.faiss_index import build_index, read_index, write_index
-from index_builder.lexical_index import LexicalIndex
-from index_builder.manifest import (
+from retrieval import publish as pub
+from retrieval.faiss_index import build_index, read_index, write_index
+from retrieval.lexical_index import LexicalIndex
+from retrieval.manifest import (
     DATA_FILES,
     EMBEDDINGS_FILE,
     INDEX_FILE,
@@ -50,8 +50,8 @@ from index_builder.manifest import (
     verify_file,
     write_manifest,
 )
-from index_builder.sources import SkipReport, SourceItem
-from index_builder.store import (
+from retrieval.sources import SkipReport, SourceItem
+from retrieval.store import (
     DocumentStore,
     EmbeddingsWriter,
     RowBounds,
@@ -140,7 +140,7 @@ def _parent_version(memory: Path, ids: dict[str, str]) -> tuple[str, Manifest]:
         version = pub.current_version(memory)
     except pub.PublishError as e:
         raise AppendRefused(f"cannot append to {memory}: {e}; point CURRENT at an intact "
-                            "version first (`index_builder.publish.set_current`)") from e
+                            "version first (`retrieval.publish.set_current`)") from e
     if version is None:
         raise BuildError(f"--append needs an existing memory at {memory}; build one first")
     vdir = pub.version_dir(memory, version)

@@ -9,7 +9,7 @@
   index). The two candidate lists are fused by reciprocal rank fusion: a document's
   relevance is the sum of 1 / (rrf_k + rank) over the lists it is in. Then the
   documents whose caption holds every rare word of the query (a name: see
-  `index_builder.lexical_index`) move first, stable: a name is what the user asked for,
+  `retrieval.lexical_index`) move first, stable: a name is what the user asked for,
   and fusion alone still lets CLIP's favourite outrank a name it cannot read. The rules
   below apply to this order.
 - **Modality**: documents with both an image and text come first, stable by score.
@@ -38,8 +38,8 @@ RetrievalMode = Literal["dense", "hybrid"]
 RETRIEVAL_MODES: tuple[str, ...] = ("dense", "hybrid")
 
 if TYPE_CHECKING:
-    from app.retriever.memory import Memory
-    from index_builder.store import DocumentStore
+    from retrieval.memory import Memory
+    from retrieval.store import DocumentStore
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from index_builder.images import DEFAULT_MAX_PIXELS, ImageError, encode_png, load_image
+from retrieval.images import DEFAULT_MAX_PIXELS, ImageError, encode_png, load_image
 
 logger = logging.getLogger(__name__)
 

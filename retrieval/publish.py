@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from index_builder.manifest import MANIFEST_NAME, ManifestError, read_manifest
+from retrieval.manifest import MANIFEST_NAME, ManifestError, read_manifest
 
 CURRENT = "CURRENT"
 VERSIONS = "versions"

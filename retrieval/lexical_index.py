@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from index_builder.store import DocumentStore
+    from retrieval.store import DocumentStore
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from index_builder.images import encode_png
-from index_builder.sources import SkipReport, SourceItem, register_source
-from model.world import SPLITS, World, WorldConfig
+from retrieval.images import encode_png
+from retrieval.sources import SkipReport, SourceItem, register_source
+from world import SPLITS, World, WorldConfig
 
 
 def read_world(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from model.world.schema import COLOURS, POSITIONS, SHAPES, SIZES, Attributes
+from world.schema import COLOURS, POSITIONS, SHAPES, SIZES, Attributes
 
 _WHERE = {
     "left": "on the left",

@@ -10,9 +10,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import index_builder.world_source  # noqa: F401  (registers the "world" source)
-from index_builder.build import build_from_source
-from index_builder.sources import SkipReport, open_source
+from retrieval.build import build_from_source
+from retrieval.sources import SkipReport, open_source
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@
   the corpus, geometric mean of n = 1..4, brevity penalty against the closest reference
   length. A zero n-gram count is smoothed with sacreBLEU's default "exp" method, so one
   missing 4-gram does not zero a whole score.
-- Attribute accuracy compares attribute dicts (`model.world` schema) or per-head integer
+- Attribute accuracy compares attribute dicts (`world` schema) or per-head integer
   labels (the judge's form, with IGNORE = -1 where a head does not apply).
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from model.world import IGNORE, Attributes, parse_caption
+from world import IGNORE, Attributes, parse_caption
 
 try:  # scipy's sqrtm is the reference FID implementation's; numpy eigh is the fallback
     from scipy import linalg as _scipy_linalg

@@ -12,7 +12,7 @@ other sizes. Every attribute is kept unambiguous from pixels:
 
 A scene's look beyond its attributes (jitter, background shade, colour shade, flag tint)
 is one integer, its *variant*, in the mixed radix of those jitter digits. The world uses
-variants to keep splits disjoint (see `model.world.world`).
+variants to keep splits disjoint (see `world.world`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from model.world.schema import COLOURS, POSITIONS, SHAPES, SIZES, Attributes
+from world.schema import COLOURS, POSITIONS, SHAPES, SIZES, Attributes
 
 RGB = tuple[int, int, int]
 

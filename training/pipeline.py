@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from model.bundle import Bundle, write_manifest
-from model.world import World, WorldConfig
+from world import World, WorldConfig
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ class Pipeline:
         if RECIPES.get(self.recipe.name) != self.recipe:
             raise ValueError("side_by_side needs a named recipe (the second process "
                              "rebuilds it by name)")
-        cmd = [sys.executable, "-m", "app.cli", "train", stage, "--recipe", self.recipe.name,
+        cmd = [sys.executable, "-m", "racm3.cli", "train", stage, "--recipe", self.recipe.name,
                "--out", str(self.out), "--work", str(self.work), "--device", self.device]
         if force:
             cmd.append("--force")
@@ -266,7 +266,7 @@ class Pipeline:
 
     def stage_vq(self) -> dict:
         from model.vq import VQConfig, VQModel
-        from model.vq_train import train_vq
+        from training.train_vq import train_vq
 
         torch.manual_seed(self.recipe.seed)
         vq = VQModel(VQConfig.preset(self.recipe.vq_preset)).to(self.device)
@@ -283,7 +283,7 @@ class Pipeline:
 
     def stage_clip(self) -> dict:
         from model.clip import ClipEncoder
-        from model.train_clip import ClipTrainConfig, train_clip
+        from training.train_clip import ClipTrainConfig, train_clip
 
         torch.manual_seed(self.recipe.seed)
         enc = ClipEncoder.create(self.recipe.clip_model, device=self.device)
@@ -299,7 +299,7 @@ class Pipeline:
                 **_loss_span(history.losses)}
 
     def stage_judge(self) -> dict:
-        from model.judge import JudgeTrainConfig, train_judge
+        from evaluation.judge import JudgeTrainConfig, train_judge
 
         config = JudgeTrainConfig(steps=self.recipe.judge_steps,
                                   batch_size=self.recipe.judge_batch, seed=self.recipe.seed,
@@ -321,7 +321,8 @@ class Pipeline:
         return space.to_dict()
 
     def stage_memory(self) -> dict:
-        from index_builder.from_bundle import build_from_bundle
+        import world.source  # noqa: F401  (registers the "world" source)
+        from retrieval.from_bundle import build_from_bundle
 
         self._token_space()
         report = build_from_bundle(
@@ -331,7 +332,7 @@ class Pipeline:
         return {"documents": report.documents, "memory_version": report.version}
 
     def stage_neighbours(self) -> dict:
-        from model.neighbours import build_neighbour_table
+        from training.neighbours import build_neighbour_table
 
         table = build_neighbour_table(
             self.world, self.bundle(), self.memory_dir(), n_docs=self.recipe.gen_docs,
@@ -343,7 +344,7 @@ class Pipeline:
         return {"shape": list(table.shape), "filled": round(found, 4)}
 
     def _corpus(self):
-        from model.neighbours import load_corpus
+        from training.neighbours import load_corpus
 
         corpus = load_corpus(self.world, self.bundle(), self.memory_dir(),
                              np.load(self.work / "neighbours.npy"))
@@ -367,7 +368,7 @@ class Pipeline:
 
     def _train_decoder(self, name: str, max_k: int) -> dict:
         from model.checkpoint import save_checkpoint
-        from model.train_generator import GeneratorTrainConfig, train_generator
+        from training.train_generator import GeneratorTrainConfig, train_generator
 
         cfg = GeneratorTrainConfig(steps=self.recipe.gen_steps, batch_size=self.recipe.gen_batch,
                                    lr=self.recipe.gen_lr, max_k=max_k, seed=self.recipe.seed,

@@ -194,8 +194,9 @@ def build_index(
         b = Bundle(bundle or default_bundle_dir())  # before the heavy imports: fails fast
     except BundleError as exc:
         _refuse("build-index", exc)
-    from index_builder.build import BuildError
-    from index_builder.from_bundle import build_from_bundle
+    import world.source  # noqa: F401  (registers the "world" source)
+    from retrieval.build import BuildError
+    from retrieval.from_bundle import build_from_bundle
 
     try:
         result = build_from_bundle(b, source.value, input, out, index_type=index_type.value,
@@ -241,7 +242,7 @@ def train(
     """Train the demo bundle's components (resumable; stages recorded in manifest.json)."""
     import logging
 
-    from model.pipeline import RECIPES, STAGES, Pipeline
+    from training.pipeline import RECIPES, STAGES, Pipeline
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if recipe not in RECIPES:
@@ -305,9 +306,9 @@ def eval_command(
 
     import torch
 
-    from app.retriever.memory import Memory
-    from model.evaluate import EvalConfig, evaluate, record_in_manifest, write_reports
-    from model.report import markdown_table
+    from evaluation.evaluate import EvalConfig, evaluate, record_in_manifest, write_reports
+    from evaluation.report import markdown_table
+    from retrieval.memory import Memory
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if threads:
@@ -351,8 +352,8 @@ def _new_entity(bundle, memory: Path, name: str, samples: int, seed: int) -> dic
     import tempfile
     from dataclasses import asdict
 
-    from model.evaluate import new_entity_check, novel_flag
-    from model.world import World, WorldConfig
+    from evaluation.evaluate import new_entity_check, novel_flag
+    from world import World, WorldConfig
 
     world = World(WorldConfig.from_dict(bundle.manifest["world"]))
     with tempfile.TemporaryDirectory() as tmp:
@@ -368,7 +369,7 @@ def _novel_flags(bundle, memory: Path, n_flags: int, samples: int, seed: int) ->
     import shutil
     import tempfile
 
-    from model.evaluate import novel_flags_check
+    from evaluation.evaluate import novel_flags_check
 
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "memory"

@@ -1,7 +1,7 @@
 """The demo world: procedurally generated captioned images with exactly known ground truth.
 
 No pretrained weights can be downloaded where racm3 is built, so the project trains and
-evaluates its own small bundle on this world (DESIGN §3).
+evaluates its own small bundle on this world (docs/architecture.md, "The demo world").
 
 Scenes (32x32 RGB by default, dark grey background; see `render` for the geometry):
 - **object**: one shape (square, circle, triangle, cross, ring, diamond) in one of 8
@@ -39,10 +39,10 @@ The judge's label schema is `World.label_heads` (ATTRIBUTE_HEADS plus an "entity
 `World.attributes_of` gives integer labels with IGNORE (-1) for heads that do not apply.
 """
 
-from model.world.captions import TEMPLATES, caption, n_templates, parse_caption
-from model.world.grid import make_grid, save_grid
-from model.world.render import PALETTE
-from model.world.schema import (
+from world.captions import TEMPLATES, caption, n_templates, parse_caption
+from world.grid import make_grid, save_grid
+from world.render import PALETTE
+from world.schema import (
     ATTRIBUTE_HEADS,
     COLOURS,
     ENTITY_HEAD,
@@ -56,7 +56,7 @@ from model.world.schema import (
     SPLITS,
     Attributes,
 )
-from model.world.world import EvalPrompt, World, WorldConfig, WorldItem
+from world.world import EvalPrompt, World, WorldConfig, WorldItem
 
 __all__ = [
     "ATTRIBUTE_HEADS",

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from app.generator.protocol import FewShotExample, NeighbourDoc, T2IJob
-from model.world.captions import n_templates
-from model.world.schema import COLOURS, POSITIONS, SHAPES, SIZES, Attributes
+from model.jobs import FewShotExample, NeighbourDoc, T2IJob
+from world.captions import n_templates
+from world.schema import COLOURS, POSITIONS, SHAPES, SIZES, Attributes
 
 # What the prompt leaves open, in rotation over the cases.
 OPEN_SETS: tuple[tuple[str, ...], ...] = (("colour",), ("shape",), ("colour", "shape"))
@@ -101,7 +101,7 @@ def prompt_accuracy(predicted: Sequence[Attributes], cases: Sequence[DemoCase]) 
 
 
 def eval_examples(ev: Any, seed: int) -> dict[str, dict[str, float]]:
-    """The task for `model.evaluate.Evaluator` (`ev`): per decoder, the rates above."""
+    """The task for `evaluation.evaluate.Evaluator` (`ev`): per decoder, the rates above."""
     cases = demo_cases(ev.world, ev.config.n, ev.config.seed)
     prompts = [c.prompt for c in cases]
     retrieved = ev.retrieve_for_texts(prompts)

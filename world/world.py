@@ -8,11 +8,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from model.world import captions
-from model.world.entities import FlagPattern, entity_names, flag_patterns
-from model.world.render import Renderer
-from model.world.rng import Rng, key_hash
-from model.world.schema import (
+from world import captions
+from world.entities import FlagPattern, entity_names, flag_patterns
+from world.render import Renderer
+from world.rng import Rng, key_hash
+from world.schema import (
     ATTRIBUTE_HEADS,
     COLOURS,
     ENTITY_HEAD,

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from model.train_generator import TrainingCorpus
+from training.train_generator import TrainingCorpus
 
 TEXT_QUERY, IMAGE_QUERY = 0, 1
 PATCH = 4  # image query dropout works on 4x4 patches: the VQ's unit of an image token
@@ -47,8 +47,8 @@ def build_neighbour_table(world, bundle, memory_dir: str | Path, n_docs: int, k:
                           diversity: float = 0.9, dropout: float = 0.2, seed: int = 0,
                           batch: int = 512, progress: bool = True) -> np.ndarray:
     """(n_docs, 2, k) memory ids per training document and query variant (-1 = none)."""
-    from app.retriever.memory import Memory
-    from app.retriever.search import SearchStrategy, search
+    from retrieval.memory import Memory
+    from retrieval.search import SearchStrategy, search
 
     memory = Memory.load(memory_dir)
     clip = bundle.clip
@@ -89,8 +89,8 @@ def load_corpus(world, bundle, memory_dir: str | Path, table: np.ndarray,
     """Token ids of the training documents (first `len(table)`) and of the whole memory."""
     import torch
 
-    from app.retriever.memory import Memory
     from model.tokens import Document
+    from retrieval.memory import Memory
 
     space, tok, vq = bundle.space, bundle.tokenizer, bundle.vq
     main: list[list[int]] = []
