@@ -15,7 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 # Lowest first. A package may import its own layer and those listed before it.
-LAYERS = ["model", "retrieval", "app", "world", "training", "evaluation", "benchmarks", "racm3"]
+LAYERS = ["model", "retrieval", "app", "world", "evaluation", "training", "benchmarks", "racm3"]
 RANK = {name: i for i, name in enumerate(LAYERS)}
 
 
