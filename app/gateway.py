@@ -1,4 +1,5 @@
-"""The public API (docs/architecture.md, "The request path"): validate, authenticate, bound the load, orchestrate.
+"""The public API: validate, authenticate, bound the load, orchestrate
+(docs/architecture.md, "The request path").
 
 Every request is validated completely before any model sees it (TGI's rule): pydantic
 for shapes, then the configured limits here. Then: retrieve neighbours (retriever

@@ -87,7 +87,8 @@ class RetrieverSettings(_Base):
     redis_retry_s: float = Field(2.0, gt=0)
     lock_ttl_ms: int = Field(2000, ge=1)
     lock_wait_ms: int = Field(200, ge=0)
-    # The paper's retrieval rules (docs/architecture.md, "The method"): K kept of `candidates`, diversity threshold.
+    # The paper's retrieval rules (docs/architecture.md, "The method"): K kept of
+    # `candidates`, diversity threshold.
     candidates: int = Field(32, ge=1)
     # None: the value the bundle was trained with (its manifest's recipe), else 0.9
     diversity_threshold: float | None = Field(None, gt=0, le=1)

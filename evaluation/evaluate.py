@@ -14,7 +14,7 @@ Four systems answer the same prompts with the same seeds:
   codes, so it passes through the same image tokenizer as the generated images) or
   caption; for infilling, the masked region pasted from that image.
 
-Tasks and metrics (docs/architecture.md, "The demo world"; the shape of the paper's tables on the demo world):
+Tasks and metrics (the shape of the paper's tables on the demo world; docs/architecture.md):
 
 - `t2i_attr_acc` / `t2i_fid`: caption→image on the eval object and pair prompts
   (held-out combinations included). The judge reads the generated image's attributes;

@@ -54,9 +54,9 @@ StrategyName = Literal["rag", "knn"]
 
 @dataclass(frozen=True)
 class RetrievalStrategy:
-    """The paper's retrieval rules (docs/architecture.md, "The method"); `knn` is plain top-k by score. `mode`:
-    "dense" ranks by CLIP alone (the paper), "hybrid" fuses CLIP with BM25 over the
-    captions (retrieval/search.py). It is part of the cache key."""
+    """The paper's retrieval rules (docs/architecture.md, "The method"); `knn` is plain
+    top-k by score. `mode`: "dense" ranks by CLIP alone (the paper), "hybrid" fuses CLIP
+    with BM25 over the captions (retrieval/search.py). It is part of the cache key."""
 
     name: StrategyName
     prefer_multimodal: bool
