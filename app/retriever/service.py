@@ -367,9 +367,10 @@ class RetrieverService:
                 snap = await asyncio.to_thread(self.backend.reload)
             except Exception as exc:
                 log.warning("memory reload refused: %s", exc)
+                warning = self.warning()  # names what CURRENT holds, without paths
                 raise _reload_refused(
-                    f"memory reload refused, still serving {previous}: "
-                    f"{self.warning() or exc}") from None
+                    f"memory reload refused: {warning}" if warning
+                    else f"memory reload refused, still serving {previous}: {exc}") from None
             self.metrics.stage_latency.labels("memory_reload").observe(time.perf_counter() - start)
         log.info("memory reloaded: %s -> %s", previous, snap.version)
         return ReloadResponse(
@@ -378,7 +379,6 @@ class RetrieverService:
             changed=snap.version != previous,
             documents=snap.size,
         )
-
 
     async def _load_after_failed_start(self) -> ReloadResponse:
         try:
