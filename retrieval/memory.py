@@ -237,8 +237,9 @@ class Retriever:
 
     def _short(self, problem: Exception) -> str:
         """The problem without the memory's location: clients see versions, not paths."""
-        return str(problem).replace(f"{self.memory_dir}/", "").replace(str(self.memory_dir),
-                                                                        "the memory")
+        if not (self.memory_dir / pub.CURRENT).is_file():
+            return f"there is no {pub.CURRENT} file"
+        return str(problem).replace(f"{self.memory_dir}/", "")
 
     @property
     def memory(self) -> Memory:

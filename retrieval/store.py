@@ -65,10 +65,10 @@ def check_batch(batch: pa.RecordBatch, first_id: int, bounds: RowBounds,
     their models' ranges, or a code grid of the wrong size. Vectorised: one pass over
     each column's values, so checking a million rows costs about as much as reading them."""
     ids = batch.column(0).to_numpy(zero_copy_only=False)
-    want = np.arange(first_id, first_id + batch.num_rows)
-    if ids.shape != want.shape or (ids != want).any():
-        bad = int(np.flatnonzero(ids != want)[0]) if ids.shape == want.shape else 0
-        raise StoreError(f"row {first_id + bad} holds id {ids[bad]}")
+    misplaced = np.flatnonzero(ids != np.arange(first_id, first_id + batch.num_rows))
+    if misplaced.size:
+        row = int(misplaced[0])
+        raise StoreError(f"row {first_id + row} holds id {ids[row]}")
     hi = bounds.codebook_size if bounds.codebook_size is not None else (
         None if code_max is None else code_max + 1)
     _check_values(batch.column(4), first_id, "image code", hi)

@@ -22,6 +22,14 @@ def corrupt_middle_byte(path) -> None:
     path.write_bytes(bytes(data))
 
 
+def served_by_traffic(version: str, seen: set[str], timeout_s: float = 60.0) -> None:
+    """Wait until the traffic threads have had an answer from `version` (a fixed sleep is
+    too short on a loaded machine, where one generation can take longer)."""
+    deadline = time.monotonic() + timeout_s
+    while version not in seen and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def test_reload_during_traffic_has_zero_failures(real_models, tmp_path):  # noqa: F811
     memory_dir = real_models.copy_memory(tmp_path / "memory")
     v1 = pub.current_version(memory_dir)
@@ -61,13 +69,13 @@ def test_reload_during_traffic_has_zero_failures(real_models, tmp_path):  # noqa
         for t in threads:
             t.start()
         try:
-            time.sleep(1.0)
+            served_by_traffic(v1, versions)
             for version in (v2, v3):
                 pub.set_current(memory_dir, version)
                 r = httpx.post(f"{server.url}/admin/reload", timeout=60)
                 assert r.status_code == 200, r.text
                 assert r.json()["memory_version"] == version and r.json()["changed"]
-                time.sleep(1.0)
+                served_by_traffic(version, versions)
             pub.set_current(memory_dir, v4)
             refused = httpx.post(f"{server.url}/admin/reload", timeout=60)
             time.sleep(0.5)

@@ -12,7 +12,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from racm3.cli import app, default_memory_dir
+from racm3.cli import app
 from retrieval import publish as pub
 from tests.conftest import torch_threads
 from tests.damage import overwrite_image_code
@@ -49,12 +49,13 @@ def test_eval_and_make_serve_default_to_the_same_memory(monkeypatch, tmp_path: P
     monkeypatch.delenv("RACM3_MEMORY_DIR", raising=False)
     monkeypatch.delenv("RACM3_BUNDLE_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
-    assert default_memory_dir() == Path(make_default.group(1))
     result = CliRunner().invoke(app, ["eval", "--tasks", "i2t"])
-    assert result.exit_code == 2 and "no memory at memory" in " ".join(result.output.split())
+    shown = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"no memory at {make_default.group(1)};" in shown, shown
 
-    monkeypatch.setenv("RACM3_MEMORY_DIR", str(tmp_path / "elsewhere"))
-    assert default_memory_dir() == tmp_path / "elsewhere"
+    monkeypatch.setenv("RACM3_MEMORY_DIR", str(tmp_path / "elsewhere"))  # as `serve` reads it
+    result = CliRunner().invoke(app, ["eval", "--tasks", "i2t"], terminal_width=400)
+    assert f"no memory at {tmp_path / 'elsewhere'};" in result.output.replace("\n", "")
 
 
 def test_eval_writes_only_the_reports_asked_for(smoke_bundle, monkeypatch,

@@ -312,7 +312,7 @@ def test_the_compose_stack_serves_from_a_non_editable_install(
         return value.replace("0.0.0.0", "127.0.0.1")
 
     def command(name: str) -> list[str]:
-        args = [localise(a) for a in services[name]["command"]]
+        args = [installed.map_paths(localise(a)) for a in services[name]["command"]]
         if "--port" in args:
             args[args.index("--port") + 1] = str(ports[name])
         return args
@@ -378,11 +378,12 @@ def test_the_compose_stack_serves_from_a_non_editable_install(
             found = client.post("/v1/retrieve", json={"text": "a red square", "k": 2})
             assert found.status_code == 200, found.text
             assert found.json()["memory_version"] == version
-            made = client.post("/v1/images/generations",
-                               json={"prompt": "a big red square", "n": 1, "seed": 1})
+            made = client.post("/v1/images/generations", json={
+                "prompt": "a big red square", "n": 1, "seed": 1, "return_neighbours": True})
             assert made.status_code == 200, made.text
-            assert made.json()["data"][0]["b64_json"]
-            assert made.json()["memory_version"] == version
+            body = made.json()
+            assert body["data"][0]["b64_json"] and body["neighbours"]
+            assert body["memory_version"] == version
     finally:
         for service in reversed(started):
             service.proc.terminate()

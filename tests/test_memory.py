@@ -397,6 +397,32 @@ def test_reload_swaps_atomically_and_keeps_serving_on_a_bad_version(tmp_path: Pa
     assert retriever.version == "v000002"  # the old version keeps serving
 
 
+def test_a_damaged_current_falls_back_to_the_newest_valid_version(tmp_path: Path) -> None:
+    build_demo_memory(tmp_path, 30)
+    build_demo_memory(tmp_path, 10, start=30, append=True)
+    build_demo_memory(tmp_path, 10, start=40, append=True)
+    store = tmp_path / "versions/v000003" / STORE_FILE
+    store.write_bytes(store.read_bytes()[:-10])  # CURRENT names the damaged v000003
+
+    retriever = Retriever(tmp_path)
+    assert retriever.version == "v000002"
+    assert retriever.warning.startswith("refusing memory v000003: versions/v000003/store.arrow")
+    assert "serving v000002" in retriever.warning and str(tmp_path) not in retriever.warning
+
+    (tmp_path / "CURRENT").unlink()
+    retriever = Retriever(tmp_path)
+    assert retriever.version == "v000002"
+    assert retriever.warning.startswith("there is no CURRENT file")
+
+    pub.set_current(tmp_path, "v000001")
+    assert retriever.reload().version == "v000001" and retriever.warning is None
+
+    for version in ("v000001", "v000002"):
+        (tmp_path / "versions" / version / STORE_FILE).unlink()
+    with pytest.raises(MemoryLoadError, match="refusing memory v000001"):
+        Retriever(tmp_path)  # nothing valid to fall back on: CURRENT's own problem
+
+
 def test_publish_refuses_an_incomplete_staging_dir(tmp_path: Path) -> None:
     staging = pub.new_staging_dir(tmp_path)
     (staging / MANIFEST_NAME).write_text(json.dumps({"version": "v000001"}))

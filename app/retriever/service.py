@@ -447,9 +447,10 @@ class RetrieverService:
                 snap = await asyncio.to_thread(self.backend.reload, name)
             except Exception as exc:
                 log.warning("memory reload refused: %s", exc)
+                warning = self.warning()  # names what CURRENT holds, without paths
                 raise _reload_refused(
-                    f"memory reload refused, still serving {previous}: "
-                    f"{self.warning() or exc}") from None
+                    f"memory reload refused: {warning}" if warning
+                    else f"memory reload refused, still serving {previous}: {exc}") from None
             self.metrics.stage_latency.labels("memory_reload").observe(time.perf_counter() - start)
         log.info("memory %s reloaded: %s -> %s", name, previous, snap.version)
         return ReloadResponse(
