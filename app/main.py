@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -20,6 +21,7 @@ from app.generator.service import build_info_router as build_generator_info_rout
 from app.generator.service import build_router as build_generator_router
 from app.metrics import RequestMetricsMiddleware
 from app.retriever.service import build_router as build_retriever_router
+from app.schemas import finish_openapi
 from app.serve import Components
 
 VERSION = "0.1.0"
@@ -52,6 +54,7 @@ def create_app(components: Components) -> FastAPI:
         metrics.errors.labels(error_type).inc()
 
     install_error_handlers(app, on_error=count_error)
+    _document_as_served(app, components)
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=components.max_body_bytes, on_error=count_error
     )
@@ -76,3 +79,16 @@ def create_app(components: Components) -> FastAPI:
             app.include_router(build_generator_router(require_key))
             app.include_router(build_generator_info_router())
     return app
+
+
+def _document_as_served(app: FastAPI, components: Components) -> None:
+    """/openapi.json with this server's error shape and configured limits."""
+    generate = app.openapi
+    limits = components.gateway.settings.model_dump() if components.gateway is not None else {}
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = finish_openapi(generate(), limits)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
