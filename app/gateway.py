@@ -24,6 +24,7 @@ from typing import Annotated, Any, TypeVar
 import numpy as np
 from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from fastapi.responses import PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.batching import Ticket
 from app.clients import GeneratorClient, RetrieverClient
@@ -45,6 +46,9 @@ from app.memories import DEFAULT_MEMORY, MemoryAccess, parse_api_key
 from app.metrics import Metrics
 from app.retriever.service import RetrievalQuery
 from app.schemas import (
+    FLOAT32_MAX,
+    INFERENCE_ERRORS,
+    RELOAD_ERRORS,
     CaptionObject,
     CaptionRequest,
     CaptionResponse,
@@ -62,10 +66,12 @@ from app.schemas import (
     Neighbour,
     ReadyResponse,
     ReloadResponse,
+    ResponseFormat,
     RetrievalModeName,
     RetrievalOptions,
     RetrieveRequest,
     RetrieveResponse,
+    limit,
 )
 from app.settings import GatewaySettings
 from app.streaming import (
@@ -93,16 +99,23 @@ T = TypeVar("T")
 # --- authentication ----------------------------------------------------------------------
 
 
-def api_key_checker(keys: list[str]) -> Callable[[Request], None]:
-    """A dependency enforcing `Authorization: Bearer <key>` when keys are configured. It
-    leaves the key's memories (None: all) in `request.state.allowed_memories`."""
+def api_key_checker(keys: list[str]) -> Callable[..., None]:
+    """A dependency enforcing `Authorization: Bearer <key>` when keys are configured (and
+    then declaring the HTTP bearer scheme in the OpenAPI document). It leaves the key's
+    memories (None: all) in `request.state.allowed_memories`."""
     entries = [parse_api_key(k) for k in keys]
     digests = [(hashlib.sha256(e.key.encode()).digest(), e.memories) for e in entries]
+    if not digests:
+        def no_key(request: Request) -> None:
+            request.state.allowed_memories = None
 
-    def require_api_key(request: Request) -> None:
+        return no_key
+    bearer = HTTPBearer(auto_error=False, description="one of the server's API keys")
+
+    def require_api_key(
+        request: Request, _: HTTPAuthorizationCredentials | None = Depends(bearer)
+    ) -> None:
         request.state.allowed_memories = None
-        if not digests:
-            return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise Unauthorized("missing API key: send Authorization: Bearer <key>")
@@ -264,16 +277,6 @@ def _check_counts(gw: Gateway, n: int, num_candidates: int | None) -> int:
     return candidates
 
 
-def _check_response_format(value: str | None) -> None:
-    if value == "url":
-        raise InvalidRequest(
-            "response_format 'url' is not supported: this server never hosts files; "
-            "use 'b64_json'",
-            param="response_format",
-            code="unsupported_response_format",
-        )
-
-
 async def _check_size(gw: Gateway, size: str | None) -> None:
     if size is None or size == "auto":
         return
@@ -284,6 +287,22 @@ async def _check_size(gw: Gateway, size: str | None) -> None:
             param="size",
             code="unsupported_size",
         )
+
+
+def _unit_embedding(values: list[float]) -> np.ndarray:
+    """The query embedding as a float32 unit vector. Scaled by its largest value first, so
+    that squaring large values cannot overflow; all zeros has no direction."""
+    vector = np.asarray(values, dtype=np.float64)
+    largest = float(np.max(np.abs(vector)))
+    if not np.isfinite(largest) or largest > FLOAT32_MAX:
+        raise InvalidRequest(
+            f"embedding_input values must be finite and within +-{FLOAT32_MAX:.4g}",
+            param="embedding_input",
+        )
+    if largest == 0.0:
+        raise InvalidRequest("embedding_input must not be all zeros", param="embedding_input")
+    vector /= largest
+    return (vector / np.linalg.norm(vector)).astype(np.float32)
 
 
 def _seed(seed: int | None) -> int:
@@ -421,7 +440,7 @@ def _box_region(image: DecodedImage, box: tuple[int, int, int, int], param: str)
 
 def build_router(require_key: Callable[..., Any]) -> APIRouter:
     """The inference routes (API-key protected when keys are configured)."""
-    router = APIRouter(dependencies=[Depends(require_key)])
+    router = APIRouter(dependencies=[Depends(require_key)], responses=INFERENCE_ERRORS)
 
     @router.post(
         "/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True
@@ -431,7 +450,6 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
     ) -> ImagesResponse:
         prompt = _check_prompt(gw, body.prompt)
         candidates = _check_counts(gw, body.n, body.num_candidates)
-        _check_response_format(body.response_format)
         await _check_size(gw, body.size)
         gw.retrieval_k(body.retrieval)
         memory = gw.memory_for(request, body.retrieval.memory, "retrieval.memory")
@@ -473,20 +491,22 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
     async def edits(
         request: Request,
         gw: GatewayDep,
-        prompt: Annotated[str, Form()],
+        prompt: Annotated[str, Form(json_schema_extra=limit("max_prompt_chars"))],
         image: Annotated[UploadFile | None, File(description="the image to edit")] = None,
         image_list: Annotated[list[UploadFile] | None, File(alias="image[]")] = None,
         mask: Annotated[UploadFile | None, File(description="alpha 0 = area to change")] = None,
-        n: Annotated[int, Form(ge=1)] = 1,
+        n: Annotated[int, Form(ge=1, json_schema_extra=limit("max_n"))] = 1,
         size: Annotated[str | None, Form()] = None,
-        response_format: Annotated[str | None, Form()] = "b64_json",
+        response_format: Annotated[ResponseFormat, Form()] = "b64_json",
         seed: Annotated[int | None, Form(ge=0, le=2**63 - 1)] = None,
         temperature: Annotated[float, Form(ge=0, le=10, allow_inf_nan=False)] = 1.0,
         top_k: Annotated[int | None, Form(ge=1)] = None,
         top_p: Annotated[float | None, Form(gt=0, le=1, allow_inf_nan=False)] = None,
         guidance_scale: Annotated[float, Form(ge=0, le=30, allow_inf_nan=False)] = 3.0,
-        num_candidates: Annotated[int | None, Form(ge=1)] = None,
-        retrieval_k: Annotated[int | None, Form(ge=0)] = None,
+        num_candidates: Annotated[
+            int | None, Form(ge=1, json_schema_extra=limit("max_candidates"))
+        ] = None,
+        retrieval_k: Annotated[int | None, Form(ge=0, json_schema_extra=limit("max_k"))] = None,
         retrieval_mode: Annotated[RetrievalModeName | None, Form()] = None,
         retrieval_memory: Annotated[str | None, Form()] = None,
         return_neighbours: Annotated[bool, Form()] = False,
@@ -500,11 +520,6 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
             raise InvalidRequest("exactly one image can be edited", param="image")
         _check_prompt(gw, prompt)
         candidates = _check_counts(gw, n, num_candidates)
-        if response_format not in (None, "b64_json", "url"):
-            raise InvalidRequest(
-                "response_format must be 'b64_json'", param="response_format"
-            )
-        _check_response_format(response_format)
         await _check_size(gw, size)
         raw = await _read_upload(gw, uploads[0], "image")
         source = await in_decode_thread(decode_image, raw, "image", gw.image_limits)
@@ -562,7 +577,6 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
     async def infill(body: InfillRequest, request: Request, gw: GatewayDep) -> ImagesResponse:
         prompt = _check_prompt(gw, body.prompt, required=False)
         candidates = _check_counts(gw, body.n, body.num_candidates)
-        _check_response_format(body.response_format)
         if (body.mask is None) == (body.box is None):
             raise InvalidRequest("give exactly one of mask or box", param="mask")
         source = await _decode_full(gw, body.image, "image")
@@ -707,18 +721,16 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
         # ClipClient keeps working with its default index name; named memories check it.
         named = gw.settings.memories is not None
         memory = gw.memory_for(request, body.indice_name if named else None, "indice_name")
-        limit = gw.settings.max_knn_results
-        if body.num_images > limit or (body.num_result_ids or 0) > limit:
-            raise InvalidRequest(f"num_images must be <= {limit}", param="num_images")
+        most = gw.settings.max_knn_results
+        for param, value in (("num_images", body.num_images),
+                             ("num_result_ids", body.num_result_ids)):
+            if value is not None and value > most:
+                raise InvalidRequest(f"{param} must be <= {most}", param=param)
         text = _check_prompt(gw, body.text, param="text") if body.text else None
         image = await _decode_image(gw, body.image, "image") if body.image else None
         embedding = None
         if body.embedding_input:
-            embedding = np.asarray(body.embedding_input, dtype=np.float32)
-            if not np.any(embedding):
-                raise InvalidRequest(
-                    "embedding_input must not be all zeros", param="embedding_input"
-                )
+            embedding = _unit_embedding(body.embedding_input)
         query = RetrievalQuery(text=text, image=image, embedding=embedding)
 
         async def work() -> list[KnnResult]:
@@ -753,7 +765,7 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
 
 
 def build_admin_router(require_key: Callable[..., Any]) -> APIRouter:
-    router = APIRouter(dependencies=[Depends(require_key)])
+    router = APIRouter(dependencies=[Depends(require_key)], responses=RELOAD_ERRORS)
 
     @router.post("/admin/reload", response_model=ReloadResponse,
                  response_model_exclude_none=True)

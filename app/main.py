@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -21,6 +22,7 @@ from app.generator.service import build_router as build_generator_router
 from app.metrics import RequestMetricsMiddleware
 from app.retriever.documents import DocumentAppender, build_documents_router
 from app.retriever.service import build_router as build_retriever_router
+from app.schemas import finish_openapi
 from app.serve import Components
 from app.streaming import build_worker_router as build_worker_stream_router
 from app.studio import build_studio_router
@@ -55,6 +57,7 @@ def create_app(components: Components) -> FastAPI:
         metrics.errors.labels(error_type).inc()
 
     install_error_handlers(app, on_error=count_error)
+    _document_as_served(app, components)
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=components.max_body_bytes, on_error=count_error
     )
@@ -86,3 +89,16 @@ def create_app(components: Components) -> FastAPI:
             app.include_router(build_worker_stream_router(require_key))
             app.include_router(build_generator_info_router())
     return app
+
+
+def _document_as_served(app: FastAPI, components: Components) -> None:
+    """/openapi.json with this server's error shape and configured limits."""
+    generate = app.openapi
+    limits = components.gateway.settings.model_dump() if components.gateway is not None else {}
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = finish_openapi(generate(), limits)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

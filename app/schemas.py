@@ -13,10 +13,11 @@ beside each internal model.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator
 
 from app.images import ImageLimits, b64, decode_base64, decode_mask, decode_rgb_b64, png_b64
 from model.jobs import (
@@ -33,6 +34,20 @@ from model.jobs import (
 )
 
 MAX_SEED = 2**63 - 1
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+# Numbers in public bodies are strict: `false` is not 0 and `true` is not 1. A float field
+# still takes an integer (`"temperature": 1`).
+Number = Annotated[float, Strict()]
+Integer = Annotated[int, Strict()]
+
+_LIMIT_KEY = "x-racm3-limit"
+
+
+def limit(setting: str) -> dict[str, str]:
+    """Marks a field as bounded by a gateway setting (see `apply_limits`). The gateway
+    enforces the bound with its own message; the schema says what it is."""
+    return {_LIMIT_KEY: setting}
 
 
 class _Strict(BaseModel):
@@ -56,7 +71,10 @@ _MODE_DESCRIPTION = (
 
 class RetrievalOptions(_Strict):
     enabled: bool = True
-    k: int | None = Field(None, ge=0, description="documents in context; None: server default")
+    k: Integer | None = Field(
+        None, ge=0, description="documents in context; None: server default",
+        json_schema_extra=limit("max_k"),
+    )
     mode: RetrievalModeName | None = Field(None, description=_MODE_DESCRIPTION)
     memory: str | None = Field(None, description="a named memory; None: the key's default")
 
@@ -76,18 +94,21 @@ class ExampleIn(_Strict):
     """A user-given document: base64 image plus its caption."""
 
     image: str
-    caption: str = Field(min_length=1)
+    caption: str = Field(min_length=1, json_schema_extra=limit("max_prompt_chars"))
 
 
 class SamplingFields(_Strict):
     """Decoding extensions shared by the generation endpoints (TGI-style, kept apart)."""
 
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="None: drawn, and returned")
-    temperature: float = Field(1.0, ge=0, le=10, description="0 = greedy")
-    top_k: int | None = Field(None, ge=1)
-    top_p: float | None = Field(None, gt=0, le=1)
-    num_candidates: int | None = Field(
-        None, ge=1, description="sample this many and rerank; None: n (no rerank)"
+    seed: Integer | None = Field(
+        None, ge=0, le=MAX_SEED, description="None: drawn, and returned"
+    )
+    temperature: Number = Field(1.0, ge=0, le=10, description="0 = greedy")
+    top_k: Integer | None = Field(None, ge=1)
+    top_p: Number | None = Field(None, gt=0, le=1)
+    num_candidates: Integer | None = Field(
+        None, ge=1, description="sample this many and rerank; at least n. None: n (no rerank)",
+        json_schema_extra=limit("max_candidates"),
     )
     retrieval: RetrievalOptions = Field(default_factory=RetrievalOptions)
     return_neighbours: bool = False
@@ -128,12 +149,25 @@ class ImagesResponse(BaseModel):
 # --- public: generation, edits, infill -----------------------------------------------------
 
 
+def _refuse_url(value: Any) -> Any:
+    if value == "url":
+        raise ValueError(
+            "response_format 'url' is not supported: this server never hosts files; "
+            "use 'b64_json'"
+        )
+    return value
+
+
+# OpenAI's field; only base64 answers exist here (the server never hosts files).
+ResponseFormat = Annotated[Literal["b64_json"] | None, BeforeValidator(_refuse_url)]
+
+
 class ImageGenerationRequest(SamplingFields):
-    prompt: str = Field(min_length=1)
-    n: int = Field(1, ge=1)
+    prompt: str = Field(min_length=1, json_schema_extra=limit("max_prompt_chars"))
+    n: Integer = Field(1, ge=1, json_schema_extra=limit("max_n"))
     size: str | None = Field(None, description="'auto' or the bundle's native 'WxH'")
-    response_format: Literal["b64_json", "url"] | None = "b64_json"
-    guidance_scale: float = Field(3.0, ge=0, le=30)
+    response_format: ResponseFormat = "b64_json"
+    guidance_scale: Number = Field(3.0, ge=0, le=30)
     stream: bool | None = Field(False, description="answer text/event-stream (OpenAI's events)")
     partial_images: int | None = Field(
         None, ge=0, le=3, description="partial images to stream while decoding (with stream)"
@@ -153,13 +187,13 @@ class InfillRequest(SamplingFields):
         None,
         description="base64 image, same size: alpha 0 (or, without alpha, white) = regenerate",
     )
-    box: tuple[int, int, int, int] | None = Field(
+    box: tuple[Integer, Integer, Integer, Integer] | None = Field(
         None, description="x0, y0, x1, y1 in pixels, half-open: the area to regenerate"
     )
-    prompt: str | None = None
-    n: int = Field(1, ge=1)
-    guidance_scale: float = Field(1.0, ge=0, le=30)
-    response_format: Literal["b64_json", "url"] | None = "b64_json"
+    prompt: str | None = Field(None, json_schema_extra=limit("max_prompt_chars"))
+    n: Integer = Field(1, ge=1, json_schema_extra=limit("max_n"))
+    guidance_scale: Number = Field(1.0, ge=0, le=30)
+    response_format: ResponseFormat = "b64_json"
 
 
 # --- public: captions, classification ------------------------------------------------------
@@ -167,7 +201,7 @@ class InfillRequest(SamplingFields):
 
 class CaptionRequest(SamplingFields):
     image: str = Field(description="base64 image (or a data: URL)")
-    n: int = Field(1, ge=1)
+    n: Integer = Field(1, ge=1, json_schema_extra=limit("max_n"))
     retrieval_guidance: float | None = _retrieval_guidance()
 
 
@@ -184,10 +218,17 @@ class CaptionResponse(BaseModel):
     memory_version: str | None = None
 
 
+Label = Annotated[str, Field(min_length=1, json_schema_extra=limit("max_prompt_chars"))]
+
+
 class ClassifyRequest(_Strict):
     image: str = Field(description="base64 image (or a data: URL)")
-    labels: list[str] = Field(min_length=1)
-    examples: list[ExampleIn] = Field(default_factory=list)
+    labels: list[Label] = Field(
+        min_length=1, json_schema_extra={**limit("max_labels"), "uniqueItems": True}
+    )
+    examples: list[ExampleIn] = Field(
+        default_factory=list, json_schema_extra=limit("max_examples")
+    )
     retrieval: RetrievalOptions = Field(default_factory=RetrievalOptions)
     return_neighbours: bool = False
 
@@ -203,9 +244,9 @@ class ClassifyResponse(BaseModel):
 
 
 class RetrieveRequest(_Strict):
-    text: str | None = None
+    text: str | None = Field(None, json_schema_extra=limit("max_prompt_chars"))
     image: str | None = None
-    k: int = Field(4, ge=1)
+    k: Integer = Field(4, ge=1, json_schema_extra=limit("max_knn_results"))
     strategy: Literal["rag", "knn"] = Field(
         "rag", description="rag: the paper's rules (modality, diversity); knn: plain top-k"
     )
@@ -220,17 +261,25 @@ class RetrieveResponse(BaseModel):
     memory: str | None = None
 
 
+# float32 is what the index holds: a larger value would become infinite.
+EmbeddingValue = Annotated[float, Strict(), Field(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
+
+
 class KnnServiceRequest(_Lenient):
     """clip-retrieval `ClipClient` request. Safety, aesthetic and mclip options are accepted
     and ignored (no such models here); `image_url` is refused (we never fetch URLs)."""
 
-    text: str | None = None
+    text: str | None = Field(None, json_schema_extra=limit("max_prompt_chars"))
     image: str | None = None
     image_url: str | None = None
-    embedding_input: list[float] | None = None
+    embedding_input: list[EmbeddingValue] | None = Field(
+        None, description="a query embedding, as many values as the memory's dimension"
+    )
     modality: Literal["image", "text"] = "image"
-    num_images: int = Field(40, ge=1)
-    num_result_ids: int | None = Field(None, ge=1)
+    num_images: Integer = Field(40, ge=1, json_schema_extra=limit("max_knn_results"))
+    num_result_ids: Integer | None = Field(
+        None, ge=1, json_schema_extra=limit("max_knn_results")
+    )
     indice_name: str | None = None
     use_mclip: bool = False
     deduplicate: bool = True
@@ -264,6 +313,9 @@ class ReadyResponse(BaseModel):
 
 
 class InfoResponse(BaseModel):
+    """What the server is and what it accepts. Never where its files are, nor the bundle
+    manifest's free-text notes: the info route is public."""
+
     name: str = "racm3"
     version: str
     role: str
@@ -273,6 +325,115 @@ class InfoResponse(BaseModel):
     limits: dict[str, Any] = Field(default_factory=dict)
     memories: dict[str, dict[str, Any]] | None = Field(
         None, description="the memories this key may use: state, version, documents")
+
+    @field_validator("memory")
+    @classmethod
+    def _no_path(cls, memory: dict[str, Any] | None) -> dict[str, Any] | None:
+        if memory is None:
+            return None
+        return {k: v for k, v in memory.items() if k != "path"}
+
+    @field_validator("generator")
+    @classmethod
+    def _no_notes(cls, generator: dict[str, Any] | None) -> dict[str, Any] | None:
+        if generator is None or not isinstance(generator.get("manifest"), dict):
+            return generator
+        manifest = {
+            k: v for k, v in generator["manifest"].items()
+            if not (k == "notes" or k.endswith("_note") or k.endswith("_notes"))
+        }
+        return {**generator, "manifest": manifest}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = Field(description="the request field at fault, dotted, if any")
+    code: str | None = Field(description="a stable, machine-readable reason")
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer has this shape."""
+
+    error: ErrorDetail
+
+
+def _error(description: str, **extra: Any) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description, **extra}
+
+
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
+
+UNAUTHORIZED = {401: _error("missing or invalid API key (when API keys are configured)")}
+INVALID = {422: _error("invalid input: a field, its type or a limit; `param` names the field")}
+# What every inference route can answer besides 200, for the OpenAPI document.
+INFERENCE_ERRORS: dict[int | str, dict[str, Any]] = {
+    **UNAUTHORIZED,
+    413: _error("the body or an image is too large"),
+    **INVALID,
+    429: _error("the server is busy: retry after `Retry-After` seconds", headers=_RETRY_AFTER),
+    503: _error("a dependency (memory, generator, retriever) is not available",
+                headers=_RETRY_AFTER),
+    504: _error("the request took longer than the server's timeout"),
+}
+RELOAD_ERRORS: dict[int | str, dict[str, Any]] = {
+    **UNAUTHORIZED,
+    409: _error("the published version was refused; the previous one keeps serving"),
+    503: _error("the retriever is not available", headers=_RETRY_AFTER),
+}
+
+
+def apply_limits(openapi: dict[str, Any], limits: Mapping[str, int]) -> dict[str, Any]:
+    """Write the configured limits into an OpenAPI document, in place: each schema marked
+    with `limit(setting)` gets the setting's value as its `maximum`, `maxLength` or
+    `maxItems`, whichever its type takes."""
+
+    def bound(schema: dict[str, Any], value: int) -> None:
+        branches = [b for b in schema.get("anyOf", [schema]) if b.get("type") != "null"]
+        for branch in branches:
+            keyword = {"integer": "maximum", "number": "maximum", "string": "maxLength",
+                       "array": "maxItems"}.get(branch.get("type", ""))
+            if keyword is not None:
+                branch[keyword] = value
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            setting = node.pop(_LIMIT_KEY, None)
+            if setting is not None and setting in limits:
+                bound(node, int(limits[setting]))
+            for child in node.values():
+                walk(child)
+        elif isinstance(node, list):
+            for child in node:
+                walk(child)
+
+    walk(openapi)
+    return openapi
+
+
+def finish_openapi(openapi: dict[str, Any], limits: Mapping[str, int]) -> dict[str, Any]:
+    """The document FastAPI generates, made true to the server, in place: invalid input is
+    `ErrorResponse` (FastAPI assumes its own `{"detail": [...]}`), and the configured
+    limits are written in (`apply_limits`)."""
+    components = openapi.setdefault("components", {}).setdefault("schemas", {})
+    error_schema = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(error_schema.pop("$defs", {}))
+    components["ErrorResponse"] = error_schema
+    fastapi_422 = "#/components/schemas/HTTPValidationError"
+    for operation in _operations(openapi):
+        invalid = operation.get("responses", {}).get("422")
+        content = (invalid or {}).get("content", {}).get("application/json", {})
+        if content.get("schema", {}).get("$ref") == fastapi_422:
+            invalid["description"] = INVALID[422]["description"]
+            content["schema"] = {"$ref": "#/components/schemas/ErrorResponse"}
+    components.pop("HTTPValidationError", None)
+    components.pop("ValidationError", None)
+    return apply_limits(openapi, limits)
+
+
+def _operations(openapi: dict[str, Any]) -> list[dict[str, Any]]:
+    return [op for item in openapi.get("paths", {}).values() for op in item.values()
+            if isinstance(op, dict)]
 
 
 class ReloadResponse(BaseModel):
