@@ -196,6 +196,23 @@ def test_page_and_assets_are_served_and_self_contained(server):
         assert http.get("/studio/static/nothing.js").status_code == 404
 
 
+def test_every_page_file_is_package_data():
+    """A non-editable install carries the page: every shipped file matches a package-data
+    pattern (a new kind of file needs a pattern, or the installed page breaks)."""
+    import fnmatch
+
+    from app.studio import STATIC_DIR
+
+    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    line = re.search(r'(?m)^"app\.studio" = \[(.*)\]$', pyproject)
+    assert line is not None, "no package-data entry for app.studio"
+    patterns = re.findall(r'"([^"]+)"', line.group(1))
+    shipped = [p.relative_to(STATIC_DIR.parent).as_posix() for p in STATIC_DIR.iterdir()]
+    assert {"static/index.html", "static/studio.css", "static/studio.js"} <= set(shipped)
+    for name in shipped:
+        assert any(fnmatch.fnmatch(name, pattern) for pattern in patterns), name
+
+
 # --- Generate -----------------------------------------------------------------------------------
 
 

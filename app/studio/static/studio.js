@@ -351,7 +351,14 @@
     return memState === "ready" && (genState === undefined || genState === "ready");
   }
 
-  async function waitUntilReady() {
+  let waiting = null; // one wait at a time, however often the key changes
+
+  function waitUntilReady() {
+    waiting = waiting || pollUntilReady().finally(() => { waiting = null; });
+    return waiting;
+  }
+
+  async function pollUntilReady() {
     const banner = $("#server-banner");
     for (let attempt = 0; ; attempt++) {
       try {
@@ -942,13 +949,12 @@
       ["documents", fmt.int(mem.documents)],
       ["index", index.factory || index.type || "–"],
       ["vectors", mem.embedding_dim ? `${mem.embedding_dim}-d CLIP` : "–"],
-      ["image grid", Array.isArray(mem.image_grid) ? mem.image_grid.join("×") + " VQ codes" : "–"],
       ["parent", mem.parent || "–"],
       ["built", mem.created ? String(mem.created).replace("T", " ").slice(0, 16) : "–"],
       ["model", model],
     ];
-    $("#mem-stats").replaceChildren(...rows.flatMap(([k, v, cls]) => [
-      el("dt", { text: k }), el("dd", { class: cls || null, "data-testid": `stat-${k.replace(" ", "-")}`, text: v ?? "–" })]));
+    $("#mem-stats").replaceChildren(...rows.map(([k, v, cls]) => el("div", {},
+      el("dt", { text: k }), el("dd", { class: cls || null, "data-testid": `stat-${k.replace(" ", "-")}`, text: v ?? "–" }))));
   }
 
   async function searchMemory(event, highlight = []) {
@@ -1049,6 +1055,7 @@
           ` · ${fmt.int(r.documents)} documents (+${r.added}), served now. `,
           el("span", { text: "The new documents are marked below." }));
         notice.hidden = false;
+        window.scrollTo({ top: 0, behavior: "smooth" });
         await refreshInfo();
         flashPill();
         $("#mem-text").value = firstCaption;
@@ -1059,6 +1066,7 @@
         showError(panel, err);
       }
     });
+    renderPending(); // nothing left to add: the button stays disabled
   }
 
   async function reloadMemory() {
