@@ -333,10 +333,10 @@
       ? `Partial images stream in as they form (${state.partialImages} per image).`
       : "This server answers when an image is done; a progress bar shows meanwhile.";
     const mem = info.memory || {};
-    if (mem.state === "ready") {
+    if (serving(info)) {
       setPill("ready", `memory ${mem.version} · ${fmt.int(mem.documents)} docs`);
     } else {
-      setPill("loading", `memory ${mem.state || "loading"}`);
+      setPill("loading", mem.state === "ready" ? "loading the model" : `memory ${mem.state || "loading"}`);
     }
     const maxK = Math.min(16, (info.limits && info.limits.max_k) ?? 8);
     for (const id of ["gen-k", "cap-k", "edit-k"]) $(`#${id}`).max = String(maxK);
@@ -344,17 +344,32 @@
     return info;
   }
 
-  async function waitUntilReady() {
+  /** Both the memory and the model loaded (a remote generator may not say: then assume so). */
+  function serving(info) {
+    const memState = (info.memory || {}).state;
+    const genState = (info.generator || {}).state;
+    return memState === "ready" && (genState === undefined || genState === "ready");
+  }
+
+  let waiting = null; // one wait at a time, however often the key changes
+
+  function waitUntilReady() {
+    waiting = waiting || pollUntilReady().finally(() => { waiting = null; });
+    return waiting;
+  }
+
+  async function pollUntilReady() {
     const banner = $("#server-banner");
     for (let attempt = 0; ; attempt++) {
       try {
         const info = await refreshInfo();
-        const memState = (info.memory || {}).state;
-        if (memState === "ready") {
+        if (serving(info)) {
           banner.hidden = true;
           return info;
         }
-        banner.textContent = `The server is loading its model and memory (${memState || "starting"})… this page will be ready in a moment.`;
+        const states = [["memory", info.memory], ["model", info.generator]]
+          .map(([name, part]) => `${name}: ${(part && part.state) || "starting"}`).join(", ");
+        banner.textContent = `The server is still loading (${states})… this page will be ready in a moment.`;
       } catch (err) {
         const { title, detail } = describe(err);
         banner.textContent = `${title}: ${detail}`;
@@ -389,44 +404,51 @@
     return Math.floor(Math.random() * 2 ** 31);
   }
 
-  function shot(b64, label, score, { testid = "generated", size = null } = {}) {
-    const img = pxImage(b64, label);
+  function shot(b64, label, score, { testid = "generated", alt = label } = {}) {
+    const img = pxImage(b64, alt);
     return el("figure", { class: "shot", "data-testid": testid },
       img,
       el("figcaption", {},
-        el("span", { text: score === undefined || score === null ? label : `${label} · ${fmt.score(score)}` }),
+        el("span", { title: "ranking score: CLIP similarity to the prompt (with retrieval, plus agreement with the retrieved images)",
+          text: score === undefined || score === null ? label : `${label} · ${fmt.score(score)}` }),
         el("span", { class: "actions" },
           el("button", { type: "button", class: "mini", title: "Caption this image", onclick: () => sendToCaption(b64) }, "Caption"),
           el("button", { type: "button", class: "mini", title: "Edit this image", onclick: () => sendToEdit(b64) }, "Edit"))));
+  }
+
+  /** The column of retrieved documents, beside the images made with them. */
+  function retrievedSide(k) {
+    const neighbours = el("div", { class: "neighbours none", text: "retrieving…" });
+    const side = el("section", { class: "side retrieved", "data-testid": "side-retrieved" },
+      el("div", { class: "side-title" },
+        el("span", { class: "tag", text: "Retrieved" }),
+        el("small", { text: `K = ${k}` })),
+      neighbours);
+    return { side, neighbours, body: side };
   }
 
   function runSide(kind, k, n) {
     const withMemory = kind === "with";
     const images = el("div", { class: `images${n <= 2 ? " few" : ""}` },
       Array.from({ length: n }, () => el("div", { class: "shot pending" })));
-    const neighbours = withMemory ? el("div", { class: "neighbours none", text: "retrieving…" }) : null;
-    const body = el("div", { class: "side-body" },
-      neighbours, withMemory ? el("div", { class: "flow", "aria-hidden": "true" }, "→") : null, images);
     const side = el("section", { class: `side ${kind}`, "data-testid": `side-${kind}` },
       el("div", { class: "side-title" },
         el("span", { class: "tag", text: withMemory ? "With memory" : "Without memory" }),
-        el("small", { text: withMemory ? `${k} document${k === 1 ? "" : "s"} retrieved into the context` : "the same seed, nothing retrieved" })),
-      body);
-    return { side, images, neighbours, body };
+        el("small", { text: withMemory ? `the ${k} document${k === 1 ? "" : "s"} in context` : "same seed, nothing retrieved" })),
+      images);
+    return { side, images, body: side };
   }
 
-  function renderSide(view, result, kind, prompt) {
-    if (view.neighbours) {
-      view.neighbours.replaceWith(neighbourList(result.neighbours, "No document passed the retrieval rules."));
-    }
+  function renderSide(view, result, kind) {
     const label = kind === "with" ? "with memory" : "without memory";
-    view.images.replaceChildren(...result.data.map((d, i) => shot(d.b64_json, `#${i + 1} ${label}`, d.score)));
-    view.images.dataset.prompt = prompt;
+    view.images.replaceChildren(...result.data.map((d, i) =>
+      shot(d.b64_json, `#${i + 1}`, d.score, { alt: `image ${i + 1} ${label}` })));
   }
 
   function sideError(view, err) {
     const { title, detail } = describe(err);
-    view.body.replaceChildren(el("div", { class: "neighbours none", text: `${title}: ${detail}` }));
+    view.body.querySelector(".images, .neighbours")
+      .replaceWith(el("div", { class: "neighbours none", text: `${title}: ${detail}` }));
   }
 
   async function generate(event) {
@@ -450,7 +472,7 @@
       return_neighbours: true,
     };
     const candidates = numberOrNull("gen-candidates");
-    if (candidates !== null) body.num_candidates = candidates;
+    if (candidates !== null) body.num_candidates = Math.max(candidates, n);
     const topK = numberOrNull("gen-top-k");
     if (topK !== null) body.top_k = topK;
     const topP = numberOrNull("gen-top-p");
@@ -458,13 +480,16 @@
     const arms = compare ? ["with", "without"] : [useMemory ? "with" : "without"];
 
     const views = Object.fromEntries(arms.map((kind) => [kind, runSide(kind, k, n)]));
+    const retrieved = arms.includes("with") ? retrievedSide(k) : null;
+    const sides = [retrieved, ...arms.map((a) => views[a])].filter(Boolean);
     const facts = el("span", { class: "facts", text: `seed ${seed} · ${n} image${n > 1 ? "s" : ""} · guidance ${body.guidance_scale} · K ${k}` });
     const card = el("article", { class: "card run", "data-testid": "run" },
       el("header", { class: "run-head" },
         el("span", { class: "prompt", text: `“${prompt}”` }),
         facts,
         el("button", { type: "button", class: "mini", onclick: () => { $("#gen-seed").value = seed; } }, "reuse this seed")),
-      el("div", { class: `compare${arms.length === 1 ? " single" : ""}` }, arms.map((a) => views[a].side)));
+      el("div", { class: "compare", style: `grid-template-columns: ${retrieved ? "200px " : ""}repeat(${arms.length}, minmax(0, 1fr))` },
+        sides.map((v) => v.side)));
     const runs = $("#gen-runs");
     $(".empty", runs)?.remove();
     for (const old of $$(".run", runs)) old.classList.add("old");
@@ -487,8 +512,16 @@
       const errors = [];
       outcomes.forEach((o, i) => {
         const kind = arms[i];
-        if (o.status === "fulfilled") renderSide(views[kind], o.value, kind, prompt);
-        else { errors.push(o.reason); sideError(views[kind], o.reason); }
+        if (o.status === "fulfilled") {
+          renderSide(views[kind], o.value, kind);
+          if (kind === "with") {
+            retrieved.neighbours.replaceWith(neighbourList(o.value.neighbours, "No document passed the retrieval rules."));
+          }
+        } else {
+          errors.push(o.reason);
+          sideError(views[kind], o.reason);
+          if (kind === "with") sideError(retrieved, o.reason);
+        }
       });
       if (errors.length === outcomes.length) {
         card.remove();
@@ -736,6 +769,8 @@
     $("#edit-empty").hidden = true;
     $("#edit-output").hidden = false;
     $("#edit-outputs").replaceChildren();
+    $("#edit-context").replaceChildren();
+    $("#edit-results-label").hidden = true;
     // A first box so that one click on Infill already shows something: the right half.
     setBox([Math.floor(w / 2), 0, w, h]);
     showPanel("edit");
@@ -796,6 +831,9 @@
     const canvas = $("#edit-canvas");
     let drag = null;
     const tool = () => $("input[name=edit-tool]:checked").value;
+    for (const radio of $$("input[name=edit-tool]")) {
+      radio.addEventListener("change", () => { $("#edit-brush-field").hidden = tool() !== "brush"; });
+    }
     canvas.addEventListener("pointerdown", (event) => {
       if (!state.edit) return;
       canvas.setPointerCapture(event.pointerId);
@@ -875,15 +913,14 @@
       try {
         const r = await callJson("/v1/images/infill", { json: body });
         const ms = progress.stop();
-        const outputs = r.data.map((d, i) => {
-          const figure = shot(d.b64_json, `result ${i + 1}`, d.score, { testid: "infilled" });
-          return figure;
-        });
-        const info = el("div", {},
-          el("h3", { text: prompt ? `“${prompt}”` : "infilled from the context" }),
+        $("#edit-results-label").hidden = false;
+        $("#edit-results-label").textContent = prompt ? `Results for “${prompt}”` : "Results, infilled from the context";
+        $("#edit-outputs").replaceChildren(...r.data.map((d, i) =>
+          shot(d.b64_json, `result ${i + 1}`, d.score, { testid: "infilled" })));
+        $("#edit-context").replaceChildren(
+          el("p", { class: "panel-label", text: "Retrieved from memory" }),
           neighbourList(r.neighbours, "Retrieval is off (K = 0)."),
-          el("p", { class: "meta", text: `seed ${r.seed} · ${fmt.secs(ms)}` }));
-        $("#edit-outputs").replaceChildren(...outputs, info);
+          el("p", { class: "meta", text: `seed ${r.seed} · ${fmt.secs(ms)}${r.memory_version ? ` · memory ${r.memory_version}` : ""}` }));
       } catch (err) {
         progress.stop();
         showError(panel, err);
@@ -903,17 +940,21 @@
 
   function renderStats(mem) {
     const index = mem.index || {};
+    const gen = (state.info && state.info.generator) || {};
+    const model = gen.decoder
+      ? `${(gen.manifest && gen.manifest.name) || "bundle"} · ${gen.decoder}${gen.decoder_params ? ` ${(gen.decoder_params / 1e6).toFixed(2)}M` : ""} · ${gen.device || ""}`
+      : null;
     const rows = [
       ["version", mem.version, "version"],
       ["documents", fmt.int(mem.documents)],
       ["index", index.factory || index.type || "–"],
       ["vectors", mem.embedding_dim ? `${mem.embedding_dim}-d CLIP` : "–"],
-      ["image grid", Array.isArray(mem.image_grid) ? mem.image_grid.join("×") + " VQ codes" : "–"],
       ["parent", mem.parent || "–"],
-      ["built", mem.created ? String(mem.created).replace("T", " ").slice(0, 19) : "–"],
+      ["built", mem.created ? String(mem.created).replace("T", " ").slice(0, 16) : "–"],
+      ["model", model],
     ];
-    $("#mem-stats").replaceChildren(...rows.flatMap(([k, v, cls]) => [
-      el("dt", { text: k }), el("dd", { class: cls || null, "data-testid": `stat-${k.replace(" ", "-")}`, text: v ?? "–" })]));
+    $("#mem-stats").replaceChildren(...rows.map(([k, v, cls]) => el("div", {},
+      el("dt", { text: k }), el("dd", { class: cls || null, "data-testid": `stat-${k.replace(" ", "-")}`, text: v ?? "–" }))));
   }
 
   async function searchMemory(event, highlight = []) {
@@ -1014,6 +1055,7 @@
           ` · ${fmt.int(r.documents)} documents (+${r.added}), served now. `,
           el("span", { text: "The new documents are marked below." }));
         notice.hidden = false;
+        window.scrollTo({ top: 0, behavior: "smooth" });
         await refreshInfo();
         flashPill();
         $("#mem-text").value = firstCaption;
@@ -1024,6 +1066,7 @@
         showError(panel, err);
       }
     });
+    renderPending(); // nothing left to add: the button stays disabled
   }
 
   async function reloadMemory() {
