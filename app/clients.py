@@ -57,6 +57,7 @@ class RetrieverClient(Protocol):
         k: int,
         strategy: str = "rag",
         *,
+        mode: str | None = None,
         tokens: bool = True,
         thumbnails: bool = False,
     ) -> SearchOutcome: ...
@@ -106,13 +107,14 @@ class InProcessRetrieverClient:
         k: int,
         strategy: str = "rag",
         *,
+        mode: str | None = None,
         tokens: bool = True,
         thumbnails: bool = False,
     ) -> SearchOutcome:
         if not self.service.ready:
             raise DependencyUnavailable(f"retriever is not ready ({self.service.state})")
         return await self.service.search(
-            queries, k, strategy, tokens=tokens, thumbnails=thumbnails
+            queries, k, strategy, mode=mode, tokens=tokens, thumbnails=thumbnails
         )
 
     async def reload(self) -> ReloadResponse:
@@ -233,6 +235,7 @@ class HttpRetrieverClient(_HttpBase):
         k: int,
         strategy: str = "rag",
         *,
+        mode: str | None = None,
         tokens: bool = True,
         thumbnails: bool = False,
     ) -> SearchOutcome:
@@ -247,6 +250,7 @@ class HttpRetrieverClient(_HttpBase):
             ],
             k=k,
             strategy=strategy,  # type: ignore[arg-type]
+            mode=mode,  # type: ignore[arg-type]
             tokens=tokens,
             thumbnails=thumbnails,
         )

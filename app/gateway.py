@@ -68,6 +68,7 @@ from app.schemas import (
     Neighbour,
     ReadyResponse,
     ReloadResponse,
+    RetrievalModeName,
     RetrievalOptions,
     RetrieveRequest,
     RetrieveResponse,
@@ -174,7 +175,9 @@ class Gateway:
             return [], None
         k = self.retrieval_k(options)
         with self.metrics.stage("retrieve"):
-            out = await self.retriever.search([query], k, "rag", tokens=True, thumbnails=thumbnails)
+            out = await self.retriever.search(
+                [query], k, "rag", mode=options.mode, tokens=True, thumbnails=thumbnails
+            )
         return out.neighbours[0], out.memory_version
 
     def retrieval_k(self, options: RetrievalOptions) -> int:
@@ -283,6 +286,8 @@ def _public_neighbours(docs: list[NeighbourDoc], include: bool) -> list[Neighbou
             score=_finite(d.score),
             caption=d.caption,
             thumbnail=None if d.thumbnail_png is None else b64(d.thumbnail_png),
+            lexical_score=None if d.lexical_score is None else _finite(d.lexical_score),
+            name_match=d.name_match,
         )
         for d in docs
     ]
@@ -398,6 +403,7 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
         guidance_scale: Annotated[float, Form(ge=0, le=30, allow_inf_nan=False)] = 3.0,
         num_candidates: Annotated[int | None, Form(ge=1)] = None,
         retrieval_k: Annotated[int | None, Form(ge=0)] = None,
+        retrieval_mode: Annotated[RetrievalModeName | None, Form()] = None,
         return_neighbours: Annotated[bool, Form()] = False,
     ) -> ImagesResponse:
         uploads = [u for u in ([image] if image is not None else []) + (image_list or [])]
@@ -427,7 +433,7 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
             )
         params = _FormSampling(temperature, top_k, top_p)
         the_seed = _seed(seed)
-        options = RetrievalOptions(k=retrieval_k)
+        options = RetrievalOptions(k=retrieval_k, mode=retrieval_mode)
         gw.retrieval_k(options)
 
         async def work(ticket: Ticket) -> ImagesResponse:
@@ -564,7 +570,7 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
         async def work() -> RetrieveResponse:
             with gw.metrics.stage("retrieve"):
                 out = await gw.retriever.search(
-                    [query], body.k, body.strategy, tokens=False,
+                    [query], body.k, body.strategy, mode=body.mode, tokens=False,
                     thumbnails=body.return_thumbnails,
                 )
             neighbours = _public_neighbours(out.neighbours[0], True) or []
@@ -608,8 +614,10 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
 
         async def work() -> list[KnnResult]:
             with gw.metrics.stage("retrieve"):
+                # clip-retrieval's contract is CLIP similarity order: dense unless asked
                 out = await gw.retriever.search(
-                    [query], body.num_images, "knn", tokens=False, thumbnails=True
+                    [query], body.num_images, "knn", mode=body.mode or "dense", tokens=False,
+                    thumbnails=True,
                 )
             results: list[KnnResult] = []
             seen: set[bytes] = set()

@@ -46,16 +46,29 @@ class _Lenient(BaseModel):
 # --- public: shared pieces ---------------------------------------------------------------
 
 
+RetrievalModeName = Literal["dense", "hybrid"]
+_MODE_DESCRIPTION = (
+    "dense: CLIP similarity alone (the paper's retrieval); hybrid: CLIP fused with word "
+    "matches against the captions (BM25), which finds names CLIP never learned; "
+    "None: the server's default (GET /v1/info: memory.default_retrieval_mode)"
+)
+
+
 class RetrievalOptions(_Strict):
     enabled: bool = True
     k: int | None = Field(None, ge=0, description="documents in context; None: server default")
+    mode: RetrievalModeName | None = Field(None, description=_MODE_DESCRIPTION)
 
 
 class Neighbour(BaseModel):
     id: int
-    score: float
+    score: float = Field(description="CLIP similarity to the query, in either mode")
     caption: str | None = None
     thumbnail: str | None = Field(None, description="base64 PNG of the stored image")
+    lexical_score: float | None = Field(
+        None, description="BM25 of the caption for the query's words (text queries)")
+    name_match: bool | None = Field(
+        None, description="the caption holds every rare word (a name) of the query")
 
 
 class SamplingFields(_Strict):
@@ -185,6 +198,7 @@ class RetrieveRequest(_Strict):
     strategy: Literal["rag", "knn"] = Field(
         "rag", description="rag: the paper's rules (modality, diversity); knn: plain top-k"
     )
+    mode: RetrievalModeName | None = Field(None, description=_MODE_DESCRIPTION)
     return_thumbnails: bool = True
 
 
@@ -211,6 +225,9 @@ class KnnServiceRequest(_Lenient):
     use_violence_detector: bool = False
     aesthetic_score: int | str | None = None
     aesthetic_weight: float | str | None = None
+    # Our extension; clip-retrieval clients never send it, and get CLIP similarity order.
+    mode: RetrievalModeName | None = Field(
+        None, description="dense (None: clip-retrieval's order by CLIP similarity) or hybrid")
 
 
 class KnnResult(BaseModel):
@@ -263,6 +280,7 @@ class SearchRequest(_Strict):
     queries: list[QueryWire] = Field(min_length=1)
     k: int = Field(ge=0, le=1000)
     strategy: Literal["rag", "knn"] = "rag"
+    mode: RetrievalModeName | None = None  # None: the retriever's default
     tokens: bool = True
     thumbnails: bool = False
 
@@ -274,6 +292,8 @@ class NeighbourWire(BaseModel):
     text_ids: list[int] | None = None
     image_codes: list[list[int]] | None = None
     thumbnail: str | None = None
+    lexical_score: float | None = None
+    name_match: bool | None = None
 
     @classmethod
     def from_doc(cls, doc: NeighbourDoc) -> NeighbourWire:
@@ -284,6 +304,8 @@ class NeighbourWire(BaseModel):
             text_ids=None if doc.text_ids is None else [int(t) for t in doc.text_ids],
             image_codes=None if doc.image_codes is None else np.asarray(doc.image_codes).tolist(),
             thumbnail=None if doc.thumbnail_png is None else b64(doc.thumbnail_png),
+            lexical_score=doc.lexical_score,
+            name_match=doc.name_match,
         )
 
     def to_doc(self) -> NeighbourDoc:
@@ -296,6 +318,8 @@ class NeighbourWire(BaseModel):
             thumbnail_png=None if self.thumbnail is None else decode_base64(
                 self.thumbnail, "thumbnail", 1 << 30
             ),
+            lexical_score=self.lexical_score,
+            name_match=self.name_match,
         )
 
 

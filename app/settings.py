@@ -67,6 +67,9 @@ class RetrieverSettings(_Base):
     # None: the value the bundle was trained with (its manifest's recipe), else 0.9
     diversity_threshold: float | None = Field(None, gt=0, le=1)
     prefer_multimodal: bool = True
+    # The mode a request gets when it names none: "hybrid" (CLIP fused with BM25 over the
+    # captions) finds names CLIP never learned; "dense" is the paper's CLIP-only search.
+    retrieval_mode: Literal["dense", "hybrid"] = "hybrid"
     search_max_batch_size: int = Field(32, ge=1)
     search_max_wait_ms: float = Field(2.0, ge=0)
     search_queue_size: int = Field(1024, ge=1)

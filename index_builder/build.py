@@ -4,12 +4,14 @@ Documents arrive as a stream and are processed in chunks: each chunk is embedded
 CLIP, its captions BPE-tokenised and its images VQ-encoded; its rows go to the Arrow
 store and its vectors to an on-disk float32 `.npy`. Images never accumulate in RAM, so a
 million documents build in a few hundred MB (the vectors, 2 GB at 1M x 512, stay on
-disk). The index is built from the on-disk vectors at the end, the manifest written
-last, and the version published atomically (index_builder/publish.py).
+disk). The index is built from the on-disk vectors at the end, then the lexical (BM25)
+index from the store's captions, the manifest written last, and the version published
+atomically (index_builder/publish.py).
 
 `append=True` copies the current version's store batches and vectors as they are
 (nothing old is re-embedded), adds the new documents after them (ids continue), and
-rebuilds the index from the vectors, as a new version whose manifest names its parent.
+rebuilds both indexes, as a new version whose manifest names its parent. The parent's
+files are only read.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tqdm.auto import tqdm
 
 from index_builder import publish as pub
 from index_builder.faiss_index import build_index, read_index, write_index
+from index_builder.lexical_index import LexicalIndex
 from index_builder.manifest import (
     DATA_FILES,
     EMBEDDINGS_FILE,
@@ -184,6 +187,7 @@ def _build(items: Iterable[SourceItem], memory: Path, staging: Path,
     write_index(index, staging / INDEX_FILE)
     del index
     info.mmap_mode = read_index(staging / INDEX_FILE)[1]  # how it really loads, not a guess
+    lexical, lexical_files = _build_lexical(staging)
     version = pub.next_version_name(memory)
     manifest = Manifest(
         version=version,
@@ -193,9 +197,10 @@ def _build(items: Iterable[SourceItem], memory: Path, staging: Path,
                 "noted": dict(skip_report.noted) if skip_report else {}},
         index=info.to_dict(),
         embedding_dim=int(emb.shape[1]),
-        files={name: file_entry(staging / name) for name in DATA_FILES},
+        files={name: file_entry(staging / name) for name in (*DATA_FILES, *lexical_files)},
         image_grid=list(grid) if grid else None,
         parent=parent[0] if parent else None,
+        lexical=lexical,
         complete=True,
     )
     del emb
@@ -207,6 +212,21 @@ def _build(items: Iterable[SourceItem], memory: Path, staging: Path,
     return BuildReport(version=version, version_dir=pub.version_dir(memory, version),
                        documents=store.count, added=added, skipped=dict(skipped),
                        index=info.to_dict(), embed_calls=embed_calls, wall_s=wall)
+
+
+def _build_lexical(staging: Path) -> tuple[dict[str, Any], list[str]]:
+    """The BM25 index over every caption of the staged store (parent's and new alike):
+    its manifest entry and its files."""
+    t0 = time.perf_counter()
+    store = DocumentStore.open(staging / STORE_FILE)
+    try:
+        index = LexicalIndex.from_store(store)
+    finally:
+        store.close()
+    files = index.save(staging)
+    log.info("lexical index: %d documents, %d terms, %.1f s", len(index), len(index.vocab),
+             time.perf_counter() - t0)
+    return index.describe(), files
 
 
 @dataclass

@@ -48,6 +48,7 @@ class Manifest:
     files: dict[str, FileEntry]
     image_grid: list[int] | None = None  # (h, w) of the VQ code grid
     parent: str | None = None  # the version this one was appended to
+    lexical: dict[str, Any] | None = None  # the BM25 index over captions; None: built at load
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                time.gmtime()))
     format: int = MANIFEST_FORMAT

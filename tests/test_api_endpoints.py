@@ -170,7 +170,8 @@ def test_classify(http):
 
 def test_retrieve_by_text_matches_brute_force(http, real_models, memory):  # noqa: F811
     text = "a purple circle"
-    by_text = http.post("/v1/retrieve", json={"text": text, "k": 3, "strategy": "knn"}).json()
+    by_text = http.post("/v1/retrieve", json={"text": text, "k": 3, "strategy": "knn",
+                                              "mode": "dense"}).json()
     assert by_text["memory_version"] == memory.version
     query = real_models.bundle.clip.encode_text([text])
     assert [d["id"] for d in by_text["data"]] == brute_force_top(memory, query, 3)

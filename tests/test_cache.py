@@ -7,6 +7,7 @@ import asyncio
 import re
 import secrets
 import time
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -162,7 +163,8 @@ def test_retriever_service_hits_redis_and_skips_the_encoder(
         metrics = httpx.get(f"{server.url}/metrics").text
         assert metric(metrics, encoded) - before == 1  # the hit needed no CLIP pass
         assert first == second and len(first["data"]) >= 1
-        strategy = app.state.components.retriever.strategies["rag"]
+        service = app.state.components.retriever
+        strategy = replace(service.strategies["rag"], mode=service.default_mode)
         key = cache_key(memory_version, RetrievalQuery(text=query["text"]).canonical(), 3,
                         strategy.cache_hash())
         stored = decode_hits(redis_sync.get(key))  # cached under the memory version

@@ -21,6 +21,7 @@ from app.retriever.memory import Memory, MemoryLoadError, Retriever
 from app.retriever.search import SearchStrategy, search
 from index_builder import publish as pub
 from index_builder.build import build_memory
+from index_builder.lexical_index import LEXICAL_FILES
 from index_builder.manifest import MANIFEST_NAME, STORE_FILE
 from index_builder.sources import SkipReport, SourceItem
 
@@ -124,7 +125,8 @@ def test_build_publishes_a_complete_verified_version(tmp_path: Path) -> None:
     assert raw["counts"]["skipped"] == {"unreadable": 1, "empty": 1}
     assert raw["index"]["factory"] == "Flat" and raw["index"]["mmap_mode"] == "mmap"
     assert raw["embedding_dim"] == DIM and raw["image_grid"] == list(GRID)
-    assert set(raw["files"]) == {"index.faiss", "store.arrow", "embeddings.npy"}
+    assert set(raw["files"]) == {"index.faiss", "store.arrow", "embeddings.npy",
+                                 *LEXICAL_FILES}
     assert all(len(e["sha256"]) == 64 for e in raw["files"].values())
 
     memory = Memory.load(tmp_path, verify="full")

@@ -40,6 +40,10 @@ class NeighbourDoc:
     text_ids: list[int] | None = None
     image_codes: np.ndarray | None = None  # (h, w) int VQ codes, raster order
     thumbnail_png: bytes | None = None  # the stored image, only when asked for
+    # How the caption matches the query's words (text queries; None when unknown).
+    # `score` stays the CLIP score in either retrieval mode.
+    lexical_score: float | None = None  # BM25 of the caption for the query
+    name_match: bool | None = None  # the caption holds every rare word (name) of the query
 
 
 @dataclass

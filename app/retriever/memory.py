@@ -3,8 +3,10 @@
 `Memory.load` resolves CURRENT, refuses a version whose manifest is missing, unreadable
 or not `complete`, or whose files are missing, resized or fail their checksums, with a
 `MemoryLoadError` naming the file and the problem. Then it memory-maps the FAISS index,
-the Arrow store and the embeddings: replicas share the page cache, and only the pages a
-search touches become resident.
+the Arrow store, the embeddings and the lexical (BM25) index's postings: replicas share
+the page cache, and only the pages a search touches become resident. A version built
+before the lexical index existed still loads: its lexical index is built in memory from
+the store's captions (a few seconds per 100k documents), and the log says so.
 
 Checksums (`verify`): "full" hashes every byte; "fast" checks sizes and the sha256 of
 each file's first and last MiB (catches truncation, swapped files and torn writes at the
@@ -30,6 +32,7 @@ import numpy as np
 from app.retriever.search import Neighbour, SearchStrategy, search
 from index_builder import publish as pub
 from index_builder.faiss_index import IndexInfo, VectorIndex
+from index_builder.lexical_index import LEXICAL_DIR, LexicalIndex, lexical_files
 from index_builder.manifest import (
     EMBEDDINGS_FILE,
     INDEX_FILE,
@@ -55,13 +58,15 @@ class Memory:
     """One loaded, immutable memory version."""
 
     def __init__(self, path: Path, manifest: Manifest, index: VectorIndex,
-                 store: DocumentStore, embeddings: np.ndarray) -> None:
+                 store: DocumentStore, embeddings: np.ndarray,
+                 lexical: LexicalIndex | None = None) -> None:
         self.path = path
         self.spec = manifest
         self.manifest: dict[str, Any] = manifest.to_dict()  # as JSON, for /v1/info
         self.index = index
         self.store = store
         self.embeddings = embeddings  # (N, D) float32 memmap: diversity rule, re-scoring
+        self.lexical = lexical  # BM25 over captions: hybrid retrieval, name matches
         self.has_image_flags, self.has_text_flags = store.modality_flags()
 
     @property
@@ -121,7 +126,8 @@ class Memory:
         if index.dim != manifest.embedding_dim:
             raise MemoryLoadError(f"refusing memory {version}: index dim {index.dim}, "
                                   f"manifest {manifest.embedding_dim}")
-        memory = cls(vdir, manifest, index, store, embeddings)
+        lexical = _load_lexical(vdir, manifest, store)
+        memory = cls(vdir, manifest, index, store, embeddings, lexical)
         log.info("loaded %r", memory)
         return memory
 
@@ -147,7 +153,7 @@ class Memory:
 
 
 def _verify_files(vdir: Path, manifest: Manifest, verify: str) -> None:
-    for name in (INDEX_FILE, STORE_FILE, EMBEDDINGS_FILE):
+    for name in (INDEX_FILE, STORE_FILE, EMBEDDINGS_FILE, *lexical_files(manifest.files)):
         entry = manifest.files.get(name)
         if entry is None:
             raise ManifestError(f"the manifest does not list {name}")
@@ -161,6 +167,20 @@ def _verify_files(vdir: Path, manifest: Manifest, verify: str) -> None:
                 raise ManifestError(f"{path} is missing or not {entry.bytes} bytes")
         else:
             verify_file(vdir / name, entry, full)
+
+
+def _load_lexical(vdir: Path, manifest: Manifest, store: DocumentStore) -> LexicalIndex:
+    """The version's lexical index (its files were verified with the others), or, for a
+    version built without one, one built now from the store's captions."""
+    if lexical_files(manifest.files):
+        lexical = _open(vdir / LEXICAL_DIR, lambda folder: LexicalIndex.load(folder.parent))
+        if len(lexical) != len(store):
+            raise MemoryLoadError(f"refusing memory {manifest.version}: the lexical index "
+                                  f"holds {len(lexical)} documents, the store {len(store)}")
+        return lexical
+    log.info("memory %s has no lexical index (built before hybrid retrieval): building "
+             "one from its %d captions", manifest.version, len(store))
+    return _open(vdir / STORE_FILE, lambda _: LexicalIndex.from_store(store))
 
 
 def _open(path: Path, opener: Any) -> Any:
@@ -206,5 +226,6 @@ class Retriever:
 
     def search(self, queries: np.ndarray, k: int | None = None,
                strategy: SearchStrategy | None = None,
-               exclude: Sequence[Iterable[int]] | None = None) -> list[list[Neighbour]]:
-        return search(self._memory, queries, k, strategy, exclude=exclude)
+               exclude: Sequence[Iterable[int]] | None = None,
+               texts: Sequence[str | None] | None = None) -> list[list[Neighbour]]:
+        return search(self._memory, queries, k, strategy, exclude=exclude, texts=texts)

@@ -1,9 +1,17 @@
 """The paper's retrieval rules over a loaded memory, as three named steps:
 
-    knn_search -> apply_rules -> map_to_metadata
+    knn_search (+ lexical_search, fuse in hybrid mode) -> apply_rules -> map_to_metadata
 
 - **Relevance**: candidates come in score order (inner product of normalised CLIP
   vectors), `k * overfetch` of them so that the rules have room to skip.
+- **Hybrid mode**: CLIP never learned names it did not see in training, so a query's
+  text is also matched word by word against the captions (BM25, the memory's lexical
+  index). The two candidate lists are fused by reciprocal rank fusion: a document's
+  relevance is the sum of 1 / (rrf_k + rank) over the lists it is in. Then the
+  documents whose caption holds every rare word of the query (a name: see
+  `index_builder.lexical_index`) move first, stable: a name is what the user asked for,
+  and fusion alone still lets CLIP's favourite outrank a name it cannot read. The rules
+  below apply to this order.
 - **Modality**: documents with both an image and text come first, stable by score.
 - **Diversity**: a candidate is skipped if its similarity to the query, or to a document
   already kept, exceeds the threshold (0.9 in the paper): a near-copy of the query (the
@@ -19,12 +27,15 @@ embedded: `drop_tokens`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+
+RetrievalMode = Literal["dense", "hybrid"]
+RETRIEVAL_MODES: tuple[str, ...] = ("dense", "hybrid")
 
 if TYPE_CHECKING:
     from app.retriever.memory import Memory
@@ -40,28 +51,37 @@ class SearchStrategy:
     exclude_ids: frozenset[int] = field(default_factory=frozenset)  # for every query
     candidates: int | None = None  # fetch this many first (overrides k * overfetch)
     max_candidates: int = 1024  # widen up to this many when the rules leave fewer than k
+    mode: RetrievalMode = "dense"  # "hybrid": fuse with the lexical index (needs query text)
+    rrf_k: int = 60  # reciprocal rank fusion's constant (Cormack et al. 2009)
+    names_first: bool = True  # hybrid: captions holding the query's rare words (names) first
+
+    def __post_init__(self) -> None:
+        if self.mode not in RETRIEVAL_MODES:
+            raise ValueError(f"mode must be one of {RETRIEVAL_MODES}, got {self.mode!r}")
 
     @property
     def n_candidates(self) -> int:
         return max(self.k, self.candidates or self.k * self.overfetch)
 
     @classmethod
-    def knn(cls, k: int) -> SearchStrategy:
+    def knn(cls, k: int, mode: RetrievalMode = "dense") -> SearchStrategy:
         """Plain top k by score: no modality preference, no diversity rule."""
-        return cls(k=k, overfetch=1, diversity_threshold=None, prefer_multimodal=False)
+        return cls(k=k, overfetch=1, diversity_threshold=None, prefer_multimodal=False,
+                   mode=mode)
 
     @classmethod
     def coerce(cls, strategy: Any, k: int | None = None) -> SearchStrategy:
         """A SearchStrategy from ours or a look-alike (the retriever service's
         `RetrievalStrategy`: name "rag"|"knn", candidates, diversity_threshold,
-        prefer_multimodal); an explicit `k` wins over the strategy's."""
+        prefer_multimodal, mode); an explicit `k` wins over the strategy's."""
         if strategy is None:
             return cls(k=k or 2)
         if isinstance(strategy, SearchStrategy):
             return strategy if k is None or k == strategy.k else replace(strategy, k=k)
         k = k or int(getattr(strategy, "k", 2))
+        mode = getattr(strategy, "mode", "dense")
         if getattr(strategy, "name", "rag") == "knn":
-            return cls.knn(k)
+            return cls.knn(k, mode)
         return cls(
             k=k,
             overfetch=int(getattr(strategy, "overfetch", 8)),
@@ -69,19 +89,23 @@ class SearchStrategy:
             prefer_multimodal=bool(getattr(strategy, "prefer_multimodal", True)),
             exclude_ids=frozenset(getattr(strategy, "exclude_ids", ()) or ()),
             candidates=getattr(strategy, "candidates", None),
+            mode=mode,
         )
 
 
 @dataclass
 class Neighbour:
     id: int
-    score: float  # inner product with the query
+    score: float  # inner product with the query (CLIP), in either mode
     caption: str | None
     text_ids: list[int] | None  # raw BPE ids
     image_codes: np.ndarray | None  # raw VQ codes, flat raster order (memory.image_grid)
     has_image: bool
     has_text: bool
     source: str = ""
+    # With query text and a lexical index, whatever the mode (see LexicalMatch):
+    lexical_score: float | None = None  # BM25 of the caption for the query's words
+    name_match: bool | None = None  # the caption holds every rare word (name) of the query
     _store: DocumentStore | None = field(default=None, repr=False, compare=False)
 
     @cached_property
@@ -101,6 +125,37 @@ def knn_search(memory: Memory, queries: np.ndarray, n: int) -> tuple[np.ndarray,
     if q.ndim != 2 or q.shape[1] != memory.dim:
         raise ValueError(f"queries must be (Q, {memory.dim}), got {np.shape(queries)}")
     return memory.index.search(q, max(1, min(n, len(memory))))
+
+
+def lexical_search(memory: Memory, texts: Sequence[str | None], n: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Top n (BM25 scores, ids) per query text, best first; id -1 marks padding."""
+    return memory.lexical.search(texts, max(1, min(n, len(memory))))
+
+
+def fuse(query: np.ndarray, dense_ids: np.ndarray, lexical_ids: np.ndarray,
+         vectors_of: Callable[[np.ndarray], np.ndarray], rrf_k: int,
+         named: Callable[[np.ndarray], np.ndarray] | None = None,
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """Reciprocal rank fusion of one query's dense and lexical rankings (-1 = padding).
+
+    Returns (ids, dense) over the union of both lists in fused order: named documents
+    first when `named(ids)` (bool per id) is given, then by fused relevance, the higher
+    CLIP score, the lower id. `dense` is each candidate's inner product with the query,
+    from `vectors_of(ids)`, the stored vectors (the lexical side has no CLIP score).
+    """
+    fused: dict[int, float] = {}
+    for ranking in (dense_ids, lexical_ids):
+        for rank, i in enumerate(int(i) for i in ranking if i >= 0):
+            fused[i] = fused.get(i, 0.0) + 1.0 / (rrf_k + rank + 1)
+    ids = np.fromiter(fused, dtype=np.int64, count=len(fused))
+    if not len(ids):
+        return ids, np.zeros(0, np.float32)
+    dense = (vectors_of(ids) @ query.astype(np.float32)).astype(np.float32)
+    relevance = np.fromiter(fused.values(), dtype=np.float64, count=len(fused))
+    first = np.zeros(len(ids), bool) if named is None else np.asarray(named(ids), bool)
+    order = np.lexsort((ids, -dense, -relevance, ~first))
+    return ids[order], dense[order]
 
 
 # --- step 2: the rules -------------------------------------------------------------------
@@ -148,12 +203,25 @@ def apply_rules(
 # --- step 3: metadata --------------------------------------------------------------------
 
 
-def map_to_metadata(memory: Memory, kept: Sequence[tuple[int, float]]) -> list[Neighbour]:
+def map_to_metadata(memory: Memory, kept: Sequence[tuple[int, float]],
+                    text: str | None = None) -> list[Neighbour]:
+    """The kept documents, with how their captions match `text` when it is given."""
     docs = memory.store.get([i for i, _ in kept])
+    matches = lexical_matches(memory, text, [i for i, _ in kept])
     return [Neighbour(id=i, score=s, caption=d.caption, text_ids=d.text_ids,
                       image_codes=d.image_codes, has_image=d.has_image, has_text=d.has_text,
-                      source=d.source, _store=memory.store)
-            for (i, s), d in zip(kept, docs, strict=True)]
+                      source=d.source, _store=memory.store,
+                      lexical_score=None if m is None else m.score,
+                      name_match=None if m is None else m.name_match)
+            for (i, s), d, m in zip(kept, docs, matches, strict=True)]
+
+
+def lexical_matches(memory: Memory, text: str | None, ids: Sequence[int]) -> list:
+    """A LexicalMatch per id, or None for each when there is no text or lexical index."""
+    lexical = getattr(memory, "lexical", None)
+    if text is None or lexical is None:
+        return [None] * len(ids)
+    return lexical.match(text, ids)
 
 
 def search(
@@ -163,9 +231,13 @@ def search(
     strategy: SearchStrategy | Any | None = None,
     *,
     exclude: Sequence[Iterable[int]] | None = None,
+    texts: Sequence[str | None] | None = None,
 ) -> list[list[Neighbour]]:
     """Up to k neighbours per query row (Q, D), by the paper's rules.
 
+    `texts[q]` is query q's text, if it has one: hybrid mode matches it against the
+    captions, and every neighbour then says how its caption matches it. A hybrid search
+    without text (an image query) is a dense one.
     `exclude[q]` lists ids excluded for query q only (training: the document the query
     was cut from), on top of `strategy.exclude_ids`. When the rules skip so many
     candidates that fewer than k remain (a memory holding many near-copies of the
@@ -177,34 +249,70 @@ def search(
     q = q[None] if q.ndim == 1 else q
     if exclude is not None and len(exclude) != len(q):
         raise ValueError(f"exclude has {len(exclude)} entries for {len(q)} queries")
+    if texts is not None and len(texts) != len(q):
+        raise ValueError(f"texts has {len(texts)} entries for {len(q)} queries")
+    texts = list(texts) if texts is not None else [None] * len(q)
     n = s.n_candidates
-    kept = _rank(memory, q, s, n, exclude)
+    kept = _rank(memory, q, s, n, exclude, texts)
     limit = min(max(s.max_candidates, n), len(memory))
     short = [r for r, row in enumerate(kept) if len(row) < s.k]
     while short and n < limit:
         n = min(4 * n, limit)
         wider = _rank(memory, q[short], s, n,
-                      None if exclude is None else [exclude[r] for r in short])
+                      None if exclude is None else [exclude[r] for r in short],
+                      [texts[r] for r in short])
         for r, row in zip(short, wider, strict=True):
             kept[r] = row
         short = [r for r in short if len(kept[r]) < s.k]
-    return [map_to_metadata(memory, row) for row in kept]
+    return [map_to_metadata(memory, row, text) for row, text in zip(kept, texts, strict=True)]
 
 
 def _rank(memory: Memory, q: np.ndarray, s: SearchStrategy, n: int,
-          exclude: Sequence[Iterable[int]] | None) -> list[list[tuple[int, float]]]:
-    """knn_search + apply_rules for every query row: the kept (id, score) pairs."""
+          exclude: Sequence[Iterable[int]] | None,
+          texts: Sequence[str | None]) -> list[list[tuple[int, float]]]:
+    """knn_search (+ lexical_search, fuse) + apply_rules for every query row: the kept
+    (id, CLIP score) pairs."""
     scores, ids = knn_search(memory, q, n)
+    order = scores  # the relevance the rules sort by
+    if s.mode == "hybrid" and getattr(memory, "lexical", None) is not None \
+            and any(t is not None for t in texts):
+        ids, order, scores = _fused(memory, q, ids, texts, n, s)
     safe = np.where(ids >= 0, ids, 0)  # -1 padding: its lookups are never used
     vectors = memory.vectors(safe) if s.diversity_threshold is not None else None
     has_image, has_text = memory.has_image(safe), memory.has_text(safe)
-    return [
-        apply_rules(q[row], scores[row], ids[row], s,
-                    vectors=None if vectors is None else vectors[row],
-                    has_image=has_image[row], has_text=has_text[row],
-                    exclude=() if exclude is None else exclude[row])
-        for row in range(len(q))
-    ]
+    out = []
+    for row in range(len(q)):
+        kept = apply_rules(q[row], order[row], ids[row], s,
+                           vectors=None if vectors is None else vectors[row],
+                           has_image=has_image[row], has_text=has_text[row],
+                           exclude=() if exclude is None else exclude[row])
+        clip_score = dict(zip(ids[row].tolist(), scores[row].tolist(), strict=True))
+        out.append([(i, float(clip_score[i])) for i, _ in kept])
+    return out
+
+
+def _fused(memory: Memory, q: np.ndarray, dense_ids: np.ndarray,
+           texts: Sequence[str | None], n: int, s: SearchStrategy
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, relevance, CLIP scores), each (Q, width) and -1-padded: every query row's
+    dense and lexical candidates in fused order, relevance descending with position."""
+    _, lexical_ids = lexical_search(memory, texts, n)
+
+    def named(text: str | None) -> Callable[[np.ndarray], np.ndarray] | None:
+        if not s.names_first or text is None:
+            return None
+        return lambda ids: np.array([m.name_match for m in memory.lexical.match(text, ids)])
+
+    rows = [fuse(q[r], dense_ids[r], lexical_ids[r] if texts[r] is not None else
+                 lexical_ids[r][:0], memory.vectors, s.rrf_k, named(texts[r]))
+            for r in range(len(q))]
+    width = max(1, max(len(ids) for ids, _ in rows))
+    ids = np.full((len(q), width), -1, dtype=np.int64)
+    scores = np.full((len(q), width), -np.inf, dtype=np.float32)
+    for r, (i, d) in enumerate(rows):
+        ids[r, : len(i)], scores[r, : len(i)] = i, d
+    relevance = np.broadcast_to(-np.arange(width, dtype=np.float32), ids.shape)
+    return ids, relevance, scores
 
 
 def drop_tokens(tokens: Sequence[int], p: float = 0.2,

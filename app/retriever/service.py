@@ -19,7 +19,7 @@ import logging
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -32,6 +32,7 @@ from app.generator.batcher import DynamicBatcher
 from app.generator.protocol import NeighbourDoc
 from app.images import decode_rgb_b64
 from app.metrics import Metrics
+from app.retriever.search import RETRIEVAL_MODES
 from app.schemas import (
     INTERNAL_IMAGE_LIMITS,
     InfoResponse,
@@ -52,12 +53,15 @@ StrategyName = Literal["rag", "knn"]
 
 @dataclass(frozen=True)
 class RetrievalStrategy:
-    """The paper's retrieval rules (DESIGN §1); `knn` is plain top-k by score."""
+    """The paper's retrieval rules (DESIGN §1); `knn` is plain top-k by score. `mode`:
+    "dense" ranks by CLIP alone (the paper), "hybrid" fuses CLIP with BM25 over the
+    captions (app/retriever/search.py). It is part of the cache key."""
 
     name: StrategyName
     prefer_multimodal: bool
     diversity_threshold: float | None
     candidates: int
+    mode: str = "dense"
 
     def cache_hash(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True).encode()
@@ -73,6 +77,14 @@ class StoredDocument:
     image_bytes: bytes | None  # the encoded stored image (PNG in the demo memory)
 
 
+@dataclass(frozen=True)
+class CaptionMatch:
+    """How a document's caption matches the query's words (see LexicalMatch)."""
+
+    lexical_score: float
+    name_match: bool
+
+
 class MemorySnapshot(Protocol):
     """One loaded, immutable memory version."""
 
@@ -81,12 +93,18 @@ class MemorySnapshot(Protocol):
     dim: int  # query vector length
 
     def search(
-        self, vectors: np.ndarray, k: int, strategy: RetrievalStrategy
+        self, vectors: np.ndarray, k: int, strategy: RetrievalStrategy,
+        texts: Sequence[str | None],
     ) -> list[list[tuple[int, float]]]:
-        """(B, D) L2-normalised queries -> per query up to k (doc id, score), best first."""
+        """(B, D) L2-normalised queries and their texts (hybrid mode matches them against
+        the captions) -> per query up to k (doc id, CLIP score), best first."""
         ...
 
     def documents(self, ids: Sequence[int]) -> list[StoredDocument]: ...
+
+    def caption_matches(self, text: str, ids: Sequence[int]) -> list[CaptionMatch] | None:
+        """How each document's caption matches `text`; None without a lexical index."""
+        ...
 
     def describe(self) -> dict[str, Any]: ...
 
@@ -187,6 +205,7 @@ class RetrieverService:
             ),
             "knn": RetrievalStrategy("knn", False, None, settings.candidates),
         }
+        self.default_mode = settings.retrieval_mode
         self.backend: RetrieverBackend | None = None
         self.batcher = DynamicBatcher(
             "search",
@@ -235,6 +254,8 @@ class RetrieverService:
             snap = self.snapshot()
             out.update({"version": snap.version, "documents": snap.size, **snap.describe()})
         out["strategies"] = {k: asdict(v) for k, v in self.strategies.items()}
+        out["retrieval_modes"] = list(RETRIEVAL_MODES)
+        out["default_retrieval_mode"] = self.default_mode
         return out
 
     # --- search --------------------------------------------------------------------------
@@ -245,10 +266,16 @@ class RetrieverService:
         k: int,
         strategy: str = "rag",
         *,
+        mode: str | None = None,
         tokens: bool = True,
         thumbnails: bool = False,
         use_cache: bool = True,
     ) -> SearchOutcome:
+        """`mode`: "dense" or "hybrid"; None: the served default (`retrieval_mode`)."""
+        mode = mode or self.default_mode
+        if mode not in RETRIEVAL_MODES:
+            raise InvalidRequest(f"retrieval mode must be one of {list(RETRIEVAL_MODES)}, "
+                                 f"got {mode!r}", param="retrieval.mode")
         snap = self.snapshot()
         for q in queries:
             if q.embedding is not None and q.embedding.shape != (snap.dim,):
@@ -258,13 +285,14 @@ class RetrieverService:
                 )
         if k <= 0:
             return SearchOutcome(snap.version, [[] for _ in queries], [False] * len(queries))
-        chosen = self.strategies[strategy]
+        chosen = replace(self.strategies[strategy], mode=mode)
         results = await asyncio.gather(
             *(self._one(snap, q, k, chosen, use_cache) for q in queries)
         )
         with self.metrics.stage("map_to_documents"):
             neighbours = [
-                self._map_to_documents(snap, hits, tokens, thumbnails) for hits, _ in results
+                self._map_to_documents(snap, hits, q.text, tokens, thumbnails)
+                for q, (hits, _) in zip(queries, results, strict=True)
             ]
         return SearchOutcome(snap.version, neighbours, [hit for _, hit in results])
 
@@ -278,7 +306,7 @@ class RetrieverService:
     ) -> tuple[list[tuple[int, float]], bool]:
         async def compute() -> list[tuple[int, float]]:
             job = _SearchJob(snap, query, k, strategy)
-            return await self.batcher.submit((snap.version, k, strategy.name), job)
+            return await self.batcher.submit((snap.version, k, strategy), job)
 
         if not use_cache:
             return await compute(), False
@@ -292,7 +320,7 @@ class RetrieverService:
         with self.metrics.stage("compute_query"):
             vectors = self._compute_query([j.query for j in jobs])
         with self.metrics.stage("knn_search"):
-            return snap.search(vectors, k, strategy)
+            return snap.search(vectors, k, strategy, [j.query.text for j in jobs])
 
     def _compute_query(self, queries: list[RetrievalQuery]) -> np.ndarray:
         assert self.backend is not None
@@ -317,10 +345,15 @@ class RetrieverService:
         self,
         snap: MemorySnapshot,
         hits: list[tuple[int, float]],
+        text: str | None,
         tokens: bool,
         thumbnails: bool,
     ) -> list[NeighbourDoc]:
-        docs = snap.documents([i for i, _ in hits]) if hits else []
+        ids = [i for i, _ in hits]
+        docs = snap.documents(ids) if hits else []
+        # Not cached with the hits: a few postings lookups, cheaper than a bigger value.
+        matches = (snap.caption_matches(text, ids) if hits and text is not None else None) \
+            or [None] * len(hits)
         return [
             NeighbourDoc(
                 id=int(doc.id),
@@ -329,8 +362,10 @@ class RetrieverService:
                 text_ids=list(doc.text_ids) if tokens and doc.text_ids is not None else None,
                 image_codes=doc.image_codes if tokens else None,
                 thumbnail_png=doc.image_bytes if thumbnails else None,
+                lexical_score=None if match is None else match.lexical_score,
+                name_match=None if match is None else match.name_match,
             )
-            for doc, (_, score) in zip(docs, hits, strict=True)
+            for doc, (_, score), match in zip(docs, hits, matches, strict=True)
         ]
 
     # --- reload --------------------------------------------------------------------------
@@ -394,7 +429,8 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
             for q in body.queries
         ]
         out = await svc.search(
-            queries, body.k, body.strategy, tokens=body.tokens, thumbnails=body.thumbnails
+            queries, body.k, body.strategy, mode=body.mode, tokens=body.tokens,
+            thumbnails=body.thumbnails,
         )
         return SearchResponse(
             memory_version=out.memory_version,
@@ -471,12 +507,19 @@ class _CoreSnapshot:
         self.grid = memory.image_grid
 
     def search(
-        self, vectors: np.ndarray, k: int, strategy: RetrievalStrategy
+        self, vectors: np.ndarray, k: int, strategy: RetrievalStrategy,
+        texts: Sequence[str | None],
     ) -> list[list[tuple[int, float]]]:
         from app.retriever.search import search
 
-        rows = search(self.memory, vectors, k, strategy)
+        rows = search(self.memory, vectors, k, strategy, texts=texts)
         return [[(int(n.id), float(n.score)) for n in row] for row in rows]
+
+    def caption_matches(self, text: str, ids: Sequence[int]) -> list[CaptionMatch] | None:
+        if self.memory.lexical is None:
+            return None
+        return [CaptionMatch(m.score, m.name_match)
+                for m in self.memory.lexical.match(text, list(ids))]
 
     def documents(self, ids: Sequence[int]) -> list[StoredDocument]:
         return [
@@ -506,4 +549,8 @@ class _CoreSnapshot:
             "components": spec.components,
             "parent": spec.parent,
             "created": spec.created,
+            "lexical": None if self.memory.lexical is None else {
+                **self.memory.lexical.describe(),
+                "built_at_load": not spec.lexical,  # a memory from before the index
+            },
         }
