@@ -14,6 +14,8 @@ uses:
 - `captions`: flag images of the eval split in another order than the eval's (seed 1),
   greedy captions, the share that names the entity.
 
+Text queries retrieve in the service's default mode unless `mode` says otherwise.
+
     racm3 bench guidance --memory memory --weights 0,0.5,0.9 --n 100 --threads 1
 """
 
@@ -44,9 +46,10 @@ CAPTION_ORDER_SEED = 1
 
 
 def run(bundle: Bundle, memory_dir: Path, weights: list[float], n: int, eval_n: int = 200,
-        novel: int = 12, novel_samples: int = 2) -> dict[str, Any]:
+        novel: int = 12, novel_samples: int = 2, mode: str | None = None) -> dict[str, Any]:
     memory = Memory.load(memory_dir)
-    ev = Evaluator(bundle, memory, EvalConfig(n=eval_n + n, seed=CAPTION_ORDER_SEED))
+    ev = Evaluator(bundle, memory, EvalConfig(n=eval_n + n, seed=CAPTION_ORDER_SEED,
+                                              retrieval_mode=mode))
     t2i = ev.t2i_prompts()[eval_n:]
     names = list(ev.world.memory_only_entities)
     heads = ev.world.label_heads[ENTITY_HEAD]
@@ -60,7 +63,8 @@ def run(bundle: Bundle, memory_dir: Path, weights: list[float], n: int, eval_n: 
     caption_nbs = ev.retrieve_for_images(np.stack([it.image for it in flag_items]))
     real = ev.judge.features(ev.real_renders([a for _, a in t2i]))
     novel_memory = _novel_memory(bundle, memory_dir, novel) if novel else None
-    novel_asks = _novel_asks(bundle, novel_memory, novel, novel_samples) if novel else None
+    novel_asks = (_novel_asks(bundle, novel_memory, novel, novel_samples, ev.served_mode)
+                  if novel else None)
 
     rows = []
     for weight in weights:
@@ -83,7 +87,8 @@ def run(bundle: Bundle, memory_dir: Path, weights: list[float], n: int, eval_n: 
         print(json.dumps(row), flush=True)
     if novel_memory is not None:
         shutil.rmtree(novel_memory.parent, ignore_errors=True)
-    return {"rows": rows, "n": n, "machine": cpu_name(), "threads": torch.get_num_threads(),
+    return {"rows": rows, "n": n, "retrieval_mode": ev.served_mode,
+            "machine": cpu_name(), "threads": torch.get_num_threads(),
             "novel_flags": novel, "novel_samples": novel_samples}
 
 
@@ -120,13 +125,13 @@ def _novel_memory(bundle: Bundle, memory_dir: Path, n_flags: int) -> Path:
     return copy
 
 
-def _novel_asks(bundle: Bundle, memory_dir: Path, n_flags: int, samples: int,
+def _novel_asks(bundle: Bundle, memory_dir: Path, n_flags: int, samples: int, mode: str,
                 ) -> tuple[list[str], list, np.ndarray]:
     """Prompts (each phrasing `samples` times), their neighbours in the appended memory,
     and the flag each asks for."""
     from world.novel_flags import novel_flags
 
-    ev = Evaluator(bundle, Memory.load(memory_dir), EvalConfig(n=2))
+    ev = Evaluator(bundle, Memory.load(memory_dir), EvalConfig(n=2, retrieval_mode=mode))
     flags = novel_flags(ev.world, n_flags, NOVEL_SEED)
     prompts = [p for f in flags for p in f.prompts for _ in range(samples)]
     targets = np.stack([f.image for f in flags for _ in f.prompts for _ in range(samples)])
@@ -146,10 +151,11 @@ def _novel(ev: Evaluator, prompts: list[str], neighbours, targets: np.ndarray,
 
 
 def main(bundle_dir: Path, memory_dir: Path, weights: list[float], n: int, threads: int,
-         json_path: Path | None, novel: int, novel_samples: int) -> dict[str, Any]:
+         json_path: Path | None, novel: int, novel_samples: int,
+         mode: str | None = None) -> dict[str, Any]:
     torch.set_num_threads(threads)
     result = run(Bundle(bundle_dir), memory_dir, weights, n, novel=novel,
-                 novel_samples=novel_samples)
+                 novel_samples=novel_samples, mode=mode)
     cols = ["weight", "t2i_attr_acc", "t2i_fid", "entity_acc", "caption_named", "novel_drawn",
             "wall_s"]
     print("| " + " | ".join(cols) + " |\n" + "|---" * len(cols) + "|")

@@ -43,7 +43,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,8 @@ class EvalConfig:
     caption: Decoding = CAPTION_DECODING
     infill: Decoding = INFILL_DECODING
     tasks: tuple[str, ...] = ("t2i", "i2t", "entity", "infill")  # a subset for quick looks
+    # retrieval of every system but the paper's row; None: the service's default mode
+    retrieval_mode: str | None = None
 
     def __post_init__(self) -> None:
         if self.n < 2:
@@ -161,6 +163,7 @@ class Evaluator:
             bundle.manifest, self.config.diversity_threshold)
         self.strategy = SearchStrategy(k=self.config.k,
                                        diversity_threshold=self.diversity_threshold)
+        self.served_mode = self.config.retrieval_mode or served_retrieval_mode()
         self.grid_rows: list[GridRow] = []
         self.counts: dict[str, int] = {}  # prompts actually evaluated per task
 
@@ -170,18 +173,32 @@ class Evaluator:
 
     # --- retrieval ---------------------------------------------------------------------
 
-    def retrieve_for_texts(self, texts: Sequence[str]) -> list[list[NeighbourDoc]]:
-        return self._search(self.clip.encode_text(list(texts)))
+    def retrieval_mode(self, system: str) -> str:
+        """The paper's row retrieves by CLIP alone; the others as the service does."""
+        return "dense" if system == "ra_cm3_paper" else self.served_mode
+
+    def retrieve_for_texts(self, texts: Sequence[str], mode: str | None = None,
+                           ) -> list[list[NeighbourDoc]]:
+        return self._search(self.clip.encode_text(list(texts)), list(texts),
+                            mode or self.served_mode)
+
+    def retrieve_by_mode(self, texts: Sequence[str]) -> dict[str, list[list[NeighbourDoc]]]:
+        """Each system's neighbours for text queries, searched once per retrieval mode."""
+        found = {m: self.retrieve_for_texts(texts, m)
+                 for m in {self.retrieval_mode(s) for s in SYSTEMS}}
+        return {s: found[self.retrieval_mode(s)] for s in SYSTEMS}
 
     def retrieve_for_images(self, images: np.ndarray) -> list[list[NeighbourDoc]]:
-        return self._search(self.clip.encode_image(images))
+        return self._search(self.clip.encode_image(images), None, "dense")
 
-    def _search(self, vectors: np.ndarray) -> list[list[NeighbourDoc]]:
+    def _search(self, vectors: np.ndarray, texts: list[str] | None,
+                mode: str) -> list[list[NeighbourDoc]]:
         from retrieval.search import search
 
         grid = self.bundle.space.image_grid
         out = []
-        for hits in search(self.memory, vectors, self.config.k, self.strategy):
+        for hits in search(self.memory, vectors, self.config.k, replace(self.strategy, mode=mode),
+                           texts=texts):
             out.append([_as_doc(h, grid) for h in hits[: self.config.k]])
         return out
 
@@ -316,13 +333,14 @@ class Evaluator:
         captions = [c for c, _ in prompts]
         targets = [a for _, a in prompts]
         heldout = np.array([self.world.group_of(a) == "heldout" for a in targets])
-        neighbours = self.retrieve_for_texts(captions)
+        neighbours = self.retrieve_by_mode(captions)
         real_feats = self.judge.features(self.real_renders(targets))
         seed = self._seed("t2i")
         out: dict[str, dict[str, float]] = {}
         images_by_system = {}
         for system in SYSTEMS:
-            images, by_prompt = self.text_to_image_ranked(system, captions, neighbours, seed)
+            images, by_prompt = self.text_to_image_ranked(system, captions, neighbours[system],
+                                                          seed)
             images_by_system[system] = images
             predicted = self.judge.predict_attributes(images, self.world)
             match = attribute_match(predicted, targets)
@@ -342,7 +360,8 @@ class Evaluator:
                 held = attribute_match([p for p, h in zip(predicted, heldout, strict=True) if h],
                                        [t for t, h in zip(targets, heldout, strict=True) if h])
                 out[system]["t2i_attr_acc_heldout"] = held["attribute"]
-        self._add_rows(captions, neighbours, images_by_system, self.config.grid_rows // 2)
+        self._add_rows(captions, neighbours["ra_cm3"], images_by_system,
+                       self.config.grid_rows // 2)
         return out
 
     def eval_i2t(self) -> dict[str, dict[str, float]]:
@@ -380,20 +399,25 @@ class Evaluator:
         captions = [c for c, _ in prompts]
         heads = self.world.label_heads[ENTITY_HEAD]
         target = np.array([heads.index(a["entity"]) for _, a in prompts])
-        neighbours = self.retrieve_for_texts(captions)
+        neighbours = self.retrieve_by_mode(captions)
         seed = self._seed("entity")
         out = {}
         images_by_system = {}
         for system in SYSTEMS:
-            images, by_prompt = self.text_to_image_ranked(system, captions, neighbours, seed)
+            images, by_prompt = self.text_to_image_ranked(system, captions, neighbours[system],
+                                                          seed)
             images_by_system[system] = images
             predicted = self.judge.predict(images)[ENTITY_HEAD]
             by_prompt_predicted = self.judge.predict(by_prompt)[ENTITY_HEAD]
+            names = [a["entity"].lower() for _, a in prompts]
             out[system] = {"entity_acc": float((predicted == target).mean()),
                            "entity_acc_prompt_rerank": float((by_prompt_predicted == target)
-                                                             .mean())}
+                                                             .mean()),
+                           "entity_retrieved": float(np.mean([
+                               any(n in self.neighbour_caption(d).lower() for d in nbs)
+                               for n, nbs in zip(names, neighbours[system], strict=True)]))}
         rows = self.config.grid_rows - self.config.grid_rows // 2
-        self._add_rows(captions, neighbours, images_by_system, rows)
+        self._add_rows(captions, neighbours["ra_cm3"], images_by_system, rows)
         return out
 
     def eval_infill(self) -> dict[str, dict[str, float]]:
@@ -404,11 +428,11 @@ class Evaluator:
         masks = np.stack([object_box_mask(it.image, patch) for it in items])
         captions = [it.caption for it in items]
         targets = [it.attributes for it in items]
-        neighbours = self.retrieve_for_texts(captions)
+        neighbours = self.retrieve_by_mode(captions)
         seed = self._seed("infill")
         out = {}
         for system in SYSTEMS:
-            filled = self.infill(system, images, masks, captions, neighbours, seed)
+            filled = self.infill(system, images, masks, captions, neighbours[system], seed)
             match = attribute_match(self.judge.predict_attributes(filled, self.world), targets)
             out[system] = {"infill_acc": match["attribute"], "infill_exact": match["exact"]}
         return out
@@ -507,6 +531,8 @@ class Evaluator:
                              "infill": asdict(self.config.infill)},
                 "retrieval": {"k": self.config.k,
                               "diversity_threshold": self.diversity_threshold,
+                              "mode": {s: self.retrieval_mode(s) for s in SYSTEMS
+                                       if s != "cm3"},
                               "retrieval_only_image": "top neighbour's codes, VQ-decoded"},
                 "device": self.engine.device,
                 "torch_threads": torch.get_num_threads(),
@@ -662,6 +688,12 @@ def api_default_job(prompt: str, neighbours: list[NeighbourDoc], seed: int) -> T
                   retrieval_guidance=body.retrieval_guidance)
 
 
+def served_retrieval_mode() -> str:
+    from app.settings import RetrieverSettings
+
+    return str(RetrieverSettings.model_fields["retrieval_mode"].default)
+
+
 def api_default_k() -> int:
     from app.settings import GatewaySettings
 
@@ -679,9 +711,10 @@ def novel_flags_check(bundle: Any, memory_dir: str | Path, n_flags: int = 12,
 
     A sample is the flag when its mean absolute pixel difference to it is under
     `DRAWN_MAX_DIFFERENCE`. Three ways of asking: `ra_cm3` (the API's defaults,
-    retrieval on), `ra_cm3_paper` (retrieval on, guidance 0), `retrieval_off` (the
-    API's `retrieval.enabled: false`). `vq_drawable`: the share of flags the image
-    tokenizer itself reproduces under the threshold, the ceiling of any decoder.
+    retrieval on), `ra_cm3_paper` (the paper's method: dense retrieval, guidance 0),
+    `retrieval_off` (the API's `retrieval.enabled: false`). `vq_drawable`: the share of
+    flags the image tokenizer itself reproduces under the threshold, the ceiling of any
+    decoder.
 
     This publishes a new version of `memory_dir`: run it on a copy.
     """
@@ -705,7 +738,8 @@ def novel_flags_check(bundle: Any, memory_dir: str | Path, n_flags: int = 12,
     retrieved = [bool(nbs) and f.name.lower() in evaluator.neighbour_caption(nbs[0]).lower()
                  for (f, _, _), nbs in zip(asks, neighbours[::samples], strict=True)]
     base = 7_000_000 + seed * 10_000
-    ways = {"ra_cm3": (neighbours, None), "ra_cm3_paper": (neighbours, 0.0),
+    ways = {"ra_cm3": (neighbours, None),
+            "ra_cm3_paper": (evaluator.retrieve_for_texts(prompts, "dense"), 0.0),
             "retrieval_off": ([[] for _ in prompts], None)}
     distance: dict[str, np.ndarray] = {}
     for way, (context, weight) in ways.items():
@@ -778,7 +812,8 @@ def _as_doc(hit: Any, grid: Sequence[int]) -> NeighbourDoc:
     codes = None if hit.image_codes is None else np.asarray(hit.image_codes).reshape(tuple(grid))
     text_ids = None if hit.text_ids is None else [int(t) for t in hit.text_ids]
     return NeighbourDoc(id=int(hit.id), score=float(hit.score), caption=hit.caption,
-                        text_ids=text_ids, image_codes=codes)
+                        text_ids=text_ids, image_codes=codes,
+                        lexical_score=hit.lexical_score, name_match=hit.name_match)
 
 
 def _interleave(a: Sequence, b: Sequence) -> list:

@@ -22,7 +22,8 @@ relevant (`copy_gate`):
 - the prompt names something rare (a word the tokenizer does not hold as one of its
   common tokens: a place, a person, an invented name) and the neighbour's caption has
   every such word; names are what CLIP and the decoder never learned, and a match on
-  them is what a lexical index scores;
+  them is what a lexical index scores (where the retriever has one, its own verdict on
+  the memory's rare words counts too);
 - otherwise, the neighbour's caption says exactly what the prompt says, word for word,
   so no attribute can differ.
 
@@ -47,8 +48,12 @@ from torch import Tensor
 from model.tokens import TokenSpace
 
 # The served default of `retrieval_guidance` (the copy weight λ for a relevant neighbour).
-# Chosen on prompts and seeds outside the eval's; see BENCHMARKS.md.
-DEFAULT_WEIGHT = 0.9
+# Chosen on prompts and seeds outside the eval's (`racm3 bench guidance`, BENCHMARKS.md):
+# weights 0.5 / 0.9 / 1.0 scored alike on object and pair prompts and on memory-only
+# entities, but appended flags asked for with the API's defaults (temperature 1, one
+# sample) came out closer at 1.0 (the neighbour's codes exactly, where relevant) than at
+# 0.9, and were drawn less often at 0.5.
+DEFAULT_WEIGHT = 1.0
 MAX_WEIGHT = 1.0
 
 # BPE merges are learned most frequent first, so a word that the tokenizer holds as one
@@ -105,8 +110,15 @@ class WordRarity:
         return mask
 
 
-def copy_gate(prompt: str, caption: str | None, rarity: WordRarity) -> float:
-    """1.0 when the neighbour captioned `caption` may be copied for `prompt`, else 0.0."""
+def copy_gate(prompt: str, caption: str | None, rarity: WordRarity,
+              name_match: bool | None = None) -> float:
+    """1.0 when the neighbour captioned `caption` may be copied for `prompt`, else 0.0.
+
+    `name_match` is the retriever's verdict, when it has one, that the caption holds
+    every word of the prompt that is rare in the memory (its lexical index counts them).
+    """
+    if name_match:
+        return 1.0
     if not caption:
         return 0.0
     rare = rarity.rare_words(prompt)
@@ -189,7 +201,8 @@ def image_copy_source(space: TokenSpace, prompt: str, neighbours: Sequence,
     if weight <= 0:
         return None
     with_image = [nb for nb in neighbours if nb.image_codes is not None]
-    gates = [copy_gate(prompt, _caption(nb, rarity), rarity) for nb in with_image]
+    gates = [copy_gate(prompt, _caption(nb, rarity), rarity, nb.name_match)
+             for nb in with_image]
     priors = copy_priors(gates, [nb.score for nb in with_image])
     if not priors.any():
         return None

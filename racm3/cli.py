@@ -112,6 +112,7 @@ def bench_guidance(
     n: int = typer.Option(100, min=2, help="Prompts per measure (none of them the eval's)."),
     novel: int = typer.Option(12, min=0, help="Flags the world never makes to append (0: skip)."),
     novel_samples: int = typer.Option(2, min=1, help="Samples per flag and phrasing."),
+    mode: str = typer.Option(None, help="dense or hybrid (default: the service's default)."),
     threads: int = typer.Option(1, min=1, help="torch CPU threads"),
     json_path: Path | None = typer.Option(None, "--json", help="write the results here"),
 ) -> None:
@@ -124,8 +125,10 @@ def bench_guidance(
         values = [float(w) for w in weights.split(",") if w.strip()]
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--weights") from exc
+    if mode not in (None, "dense", "hybrid"):
+        raise typer.BadParameter("dense or hybrid", param_hint="--mode")
     run_guidance_bench(bundle or DEFAULT_BUNDLE, memory, values, n, threads, json_path,
-                       novel, novel_samples)
+                       novel, novel_samples, mode)
 
 
 @bench_app.command("retriever")

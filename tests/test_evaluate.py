@@ -177,6 +177,21 @@ def test_novel_flag_differs_from_every_world_flag() -> None:
         assert (known != flag).any(-1).mean() >= 0.25
 
 
+def test_novel_flags_are_new_kinds_under_new_names() -> None:
+    from model.world.novel_flags import NOVEL_LAYOUTS, novel_flags
+
+    world = World(WorldConfig(n_entities=400))
+    flags = novel_flags(world, 24)
+    assert len({f.layout for f in flags}) == len(NOVEL_LAYOUTS) >= 10
+    known = np.stack([world.render({"kind": "entity", "entity": e}) for e in world.entities])
+    for flag in flags:
+        assert flag.name not in world.entities
+        assert (known != flag.image[None]).any(-1).mean(axis=(1, 2)).min() >= 0.25
+        assert len(set(flag.prompts)) >= 2 and all(flag.name in p for p in flag.prompts)
+        assert set(flag.prompts) - set(flag.captions)  # a paraphrase of what is stored
+    assert len({f.image.tobytes() for f in flags}) == len(flags)
+
+
 def test_eval_runs_only_the_tasks_asked_for(smoke_bundle, tmp_path: Path) -> None:
     bundle_dir, memory_dir = smoke_bundle
     json_path = tmp_path / "eval.json"
@@ -186,6 +201,7 @@ def test_eval_runs_only_the_tasks_asked_for(smoke_bundle, tmp_path: Path) -> Non
             "eval", "--bundle", str(bundle_dir), "--memory", str(memory_dir), "--n", "2",
             "--tasks", "entity", "--json", str(json_path), "--report-dir", str(tmp_path),
             "--threads", "1", "--new-entity", "Zentaria", "--new-entity-samples", "2",
+            "--novel-flags", "2", "--novel-flag-samples", "1",
         ])
     assert result.exit_code == 0, result.output
     data = json.loads(json_path.read_text())
@@ -206,6 +222,14 @@ def test_eval_runs_only_the_tasks_asked_for(smoke_bundle, tmp_path: Path) -> Non
     assert {"retrieved", "ra_cm3_match", "cm3_match", "passed"} <= set(check)
     assert (memory_dir / "CURRENT").read_text() == current
     assert "| Zentaria |" in (tmp_path / "eval.md").read_text()
+    # flags outside the world's grammar, appended by `build-index --append` in its own
+    # process, asked for under two phrasings with the API's defaults, retrieval on and off
+    novel = data["novel_flags"]
+    assert novel["flags"] == 2 and novel["prompts_per_flag"] == 2 and novel["samples"] == 1
+    assert set(novel["drawn"]) == {"ra_cm3", "ra_cm3_paper", "retrieval_off"}
+    assert all(0.0 <= v <= 1.0 for v in novel["drawn"].values())
+    assert len(novel["rows"]) == 4 and novel["threshold"] == 40.0
+    assert "Flags the world never makes" in (tmp_path / "eval.md").read_text()
 
     # --record writes the numbers into the bundle's own manifest
     bundle_copy = tmp_path / "bundle"

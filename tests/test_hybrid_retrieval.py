@@ -21,9 +21,12 @@ from PIL import Image
 
 from app.retriever.service import RetrievalStrategy
 from app.schemas import NeighbourWire
+from model.jobs import NeighbourDoc
 from retrieval.from_bundle import build_from_bundle
 from retrieval.lexical_index import LEXICAL_DIR, LEXICAL_FILES, LexicalIndex, tokenize
 from retrieval.manifest import MANIFEST_NAME
+from retrieval.memory import Memory, MemoryLoadError, Retriever
+from retrieval.search import SearchStrategy, fuse, search
 from tests.live import live_app, real_models  # noqa: F401 - fixture
 from tests.test_memory import build_demo_memory, doc_vector
 from world.entities import entity_names, flag_patterns
