@@ -138,8 +138,8 @@ class ProgressHook:
     def settle(self, out: Tensor, width: int) -> Tensor:
         """`out` padded to `width` columns, with stopped jobs' rows made blank, and usage
         reported for every job that finished."""
-        if out.size(1) < width:
-            out = torch.nn.functional.pad(out, (0, width - out.size(1)), value=PAD_ID)
+        # a copy: the decoder's output is an inference tensor, which refuses in-place writes
+        out = torch.nn.functional.pad(out, (0, max(0, width - out.size(1))), value=PAD_ID)
         for w in self.watched:
             if w.stopped:
                 blank = torch.full((width,), PAD_ID, dtype=out.dtype)

@@ -131,6 +131,22 @@ def bench_guidance(
                        novel, novel_samples, mode)
 
 
+@bench_app.command("memories")
+def bench_memories(
+    memory: Path = typer.Option(Path("memory"), help="A built memory, copied three times."),
+    bundle: Path = typer.Option(Path("bundles/demo"), help="Bundle to serve."),
+    json_path: Path | None = typer.Option(None, "--json", help="write the results here"),
+    queries: int = typer.Option(300, min=1, help="retrievals, spread over the memories"),
+    generations: int = typer.Option(6, min=0, help="generations, spread over the memories"),
+    workdir: Path | None = typer.Option(None, help="scratch directory [system temp]"),
+) -> None:
+    """Service RSS with 1 memory, 3 memories, and 3 names on one memory directory."""
+    from benchmarks.memories import main as run_memories_bench
+
+    run_memories_bench(json_path=json_path, memory=memory, bundle=bundle, queries=queries,
+                       generations=generations, workdir=workdir)
+
+
 @bench_app.command("retriever")
 def bench_retriever(
     n: int = typer.Option(100_000, min=1_000, help="vectors in the memory"),
