@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -206,6 +207,22 @@ class KVCache:
     def expand(self, n: int) -> KVCache:
         """Every row repeated n times (row b -> rows b·n … b·n+n-1): one prefill, n samples."""
         return self.select(torch.arange(self.batch_size).repeat_interleave(n))
+
+
+def cached_forward(model: CM3Decoder, idx: Tensor, cache: KVCache) -> Tensor:
+    """One decoding step: idx (B, 1) appended to the cache -> logits (B, 1, V)."""
+    return model(idx, kv_cache=cache)[0]
+
+
+class Prefilled(NamedTuple):
+    """A prefilled cache to decode from: one row per output row (twice that, guided)."""
+
+    cache: Any  # a KVCache for `cached_forward`; whatever state `step` reads otherwise
+    logits: Tensor  # (rows, 1, V) next-token logits after each row's prompt
+    guided: bool  # the second half of the rows is the unconditional stream
+    # One decoding step (model, idx (rows, 1), cache) -> logits (rows, 1, V); the static,
+    # compilable step of model/compiled_decode.py computes the same thing.
+    step: Callable[[CM3Decoder, Tensor, Any], Tensor] = cached_forward
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -473,9 +490,31 @@ class CM3Decoder(nn.Module):
         return cos, sin, mask, False
 
     @torch.inference_mode()
-    def generate(
+    def prefill(
         self,
         idx: Tensor,
+        params: SamplingParams,
+        *,
+        attention_mask: Tensor | None = None,
+        uncond_idx: Tensor | None = None,
+        uncond_mask: Tensor | None = None,
+        num_samples: int = 1,
+    ) -> Prefilled:
+        """The left-padded prompts (and unconditional prompts) in one cache, expanded."""
+        guided = uncond_idx is not None and params.guidance_scale != 1.0
+        if guided:
+            idx, attention_mask = concat_left_padded(idx, attention_mask, uncond_idx, uncond_mask)
+        cache = self.new_cache(idx.size(0), idx.size(1) + params.max_new_tokens)
+        logits, _ = self(idx, attention_mask=attention_mask, kv_cache=cache, last_only=True)
+        if num_samples > 1:
+            cache = cache.expand(num_samples)
+            logits = logits.repeat_interleave(num_samples, dim=0)
+        return Prefilled(cache, logits, guided)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        idx: Tensor | None,
         params: SamplingParams,
         *,
         attention_mask: Tensor | None = None,
@@ -487,6 +526,7 @@ class CM3Decoder(nn.Module):
         eos_id: int | None = EOS_ID,
         step_hook: StepHook | None = None,
         logits_processor: LogitsProcessor | None = None,
+        prefilled: Prefilled | None = None,
     ) -> Tensor:
         """Sample up to `params.max_new_tokens` after left-padded prompts idx (B, T).
 
@@ -495,25 +535,25 @@ class CM3Decoder(nn.Module):
         have. With `uncond_idx` and a guidance scale != 1, an unconditional stream runs
         beside the prompts and logits = uncond + s·(cond − uncond). `constraints` hold
         one entry per output row; `logits_processor` sees every step's masked logits of
-        all output rows. The prompt is prefilled once, then expanded.
+        all output rows. The prompt is prefilled once, then expanded; or, with
+        `prefilled` (e.g. from model/prefix_cache.py), decoding starts from that cache and
+        idx and the prompt arguments are unused.
         `step_hook(t, tokens)` sees the (rows, t + 1) tokens so far after each step; it may
         return a (rows,) bool tensor of rows to stop (they emit `<pad>` from then on).
         """
-        guided = uncond_idx is not None and params.guidance_scale != 1.0
-        if guided:
-            idx, attention_mask = concat_left_padded(idx, attention_mask, uncond_idx, uncond_mask)
-        cache = self.new_cache(idx.size(0), idx.size(1) + params.max_new_tokens)
-        logits, _ = self(idx, attention_mask=attention_mask, kv_cache=cache, last_only=True)
-        if num_samples > 1:
-            cache = cache.expand(num_samples)
-            logits = logits.repeat_interleave(num_samples, dim=0)
+        if prefilled is None:
+            prefilled = self.prefill(idx, params, attention_mask=attention_mask,
+                                     uncond_idx=uncond_idx, uncond_mask=uncond_mask,
+                                     num_samples=num_samples)
+        cache, logits, guided, forward_step = prefilled
+        device = logits.device
         rows = logits.size(0) // 2 if guided else logits.size(0)
         if constraints is not None and len(constraints) != rows:
             raise ValueError(f"{len(constraints)} constraints for {rows} output rows")
         if generator is None and params.seed is not None:
-            generator = make_generator(params.seed, idx.device)
-        out = idx.new_full((rows, params.max_new_tokens), PAD_ID)
-        done = torch.zeros(rows, dtype=torch.bool, device=idx.device)
+            generator = make_generator(params.seed, device)
+        out = torch.full((rows, params.max_new_tokens), PAD_ID, dtype=torch.long, device=device)
+        done = torch.zeros(rows, dtype=torch.bool, device=device)
         for t in range(params.max_new_tokens):
             step = logits[:, -1].float()
             if guided:
@@ -543,7 +583,7 @@ class CM3Decoder(nn.Module):
                     return out[:, : t + 1]
             if t + 1 < params.max_new_tokens:
                 step_idx = torch.cat([tok, tok]) if guided else tok
-                logits, _ = self(step_idx[:, None], kv_cache=cache)
+                logits = forward_step(self, step_idx[:, None], cache)
         return out
 
 

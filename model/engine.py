@@ -33,6 +33,7 @@ import torch
 
 from model import retrieval_guidance as guidance
 from model.decoder import CM3Decoder, left_pad
+from model.fast_decode import FastDecode, FastDecodeOptions
 from model.jobs import (
     CaptionJob,
     ClassifyJob,
@@ -89,6 +90,7 @@ class Engine:
         image_size: int = 32,
         device: str = "cpu",
         name: str = "ra_cm3",
+        fast: FastDecodeOptions | None = None,
     ) -> None:
         self.decoder = decoder.eval()
         self.space = space
@@ -102,9 +104,12 @@ class Engine:
         self._tokens = 0
         # bf16 on CUDA: the decoder's matmuls are the cost; sampling stays in fp32
         self._autocast = device.startswith("cuda")
+        fast = fast or FastDecodeOptions()
+        self.fast = FastDecode(self.decoder, fast) if fast.enabled else None
 
     @classmethod
-    def from_bundle(cls, bundle: Any, decoder: str = "ra_cm3") -> Engine:
+    def from_bundle(cls, bundle: Any, decoder: str = "ra_cm3",
+                    fast: FastDecodeOptions | None = None) -> Engine:
         return cls(
             bundle.decoder(decoder),
             bundle.space,
@@ -115,6 +120,7 @@ class Engine:
             image_size=bundle.image_size,
             device=bundle.device,
             name=decoder,
+            fast=fast,
         )
 
     # --- protocol --------------------------------------------------------------------
@@ -203,11 +209,17 @@ class Engine:
         if uncond is not None:
             u_idx, u_mask = left_pad(uncond, device=self.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self._autocast):
+            prefilled = None
+            if self.fast is not None:
+                guided = uncond is not None and params.guidance_scale != 1.0
+                prefilled = self.fast.prefill(prompts, uncond if guided else None,
+                                              num_samples, params.max_new_tokens)
             out = self.decoder.generate(
                 idx, params, attention_mask=mask, uncond_idx=u_idx, uncond_mask=u_mask,
                 num_samples=num_samples, constraints=constraints, generator=generators,
                 step_hook=progress,
                 logits_processor=logits_processor,
+                prefilled=prefilled,
             )
         self._tokens += int((out != PAD_ID).sum())
         out = out.cpu()
