@@ -69,12 +69,10 @@ from model.tokens import (
 MAX_CAPTION_TOKENS = 32
 J = TypeVar("J", T2IJob, CaptionJob, InfillJob)
 # Weight of the VQ-code agreement with the retrieved images in the t2i ranking
-# (`rerank_scores`). Chosen on prompts and seeds outside the eval's (demo bundle, RA-CM3,
-# 8 candidates, 100 memory-only entity prompts / 100 object and pair prompts): judged
-# entity accuracy of the kept image 0.18 without the term, 0.36 / 0.40 / 0.41 at weight
-# 1 / 2 / 4; object and pair attribute accuracy 0.979, 0.977, 0.977, 0.968. Codes alone
-# (no CLIP) kept 0.41 and 0.962: the prompt score still matters where the neighbours
-# differ from the prompt.
+# (`rerank_scores`): CLIP cannot tell one unseen flag from another, while equal codes at
+# equal cells can; the prompt's CLIP score still matters where the neighbours differ from
+# the prompt. Chosen on prompts and seeds outside the eval's (the sweep is in
+# BENCHMARKS.md).
 CODE_AGREEMENT_WEIGHT = 2.0
 
 

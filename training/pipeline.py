@@ -70,23 +70,21 @@ RECIPES: dict[str, Recipe] = {
     # `demo` preset (d=128, 4 layers): with this compute, more steps beat a bigger model.
     "demo": Recipe(
         name="demo",
-        # 400 entities, not 64: with a few dozen, the decoder memorises every training
-        # flag from its name and never learns to copy one from a retrieved document
-        # (measured: a same-entity neighbour lowered a memory-only flag's loss by 0.05
-        # nats/token), and CLIP's text tower overfits the names (memory-only flags
-        # scored -0.49 against their own captions). Hundreds of names make copying and
-        # reading names the only general solutions, as the paper's open-world data does.
+        # Hundreds of entities: with a few dozen the decoder memorises every training flag
+        # from its name instead of learning to copy one from a retrieved document, and
+        # CLIP's text tower overfits the names. Many names leave copying and reading names
+        # as the only general solutions, as the paper's open-world data does.
         world={"n_entities": 400},
-        vq_steps=1500,  # 600 left images blurry enough to blur flags (held-out MSE 2x)
+        vq_steps=1500,  # fewer leave reconstructions blurry enough to blur flags
         clip_steps=400,
         clip_batch=128,
         clip_name_pairs=128,
-        clip_name_weight=2.0,  # 0.5 -> 2.0: memory-only flag retrieval top-1 0.46 -> 0.75
+        clip_name_weight=2.0,  # memory-only flags are found by their names (BENCHMARKS.md)
         judge_steps=800,  # 400 entity classes need more steps than 64
         decoder={"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 512},
         gen_docs=32_000,
-        # 9,000 -> 12,000 in the time the second core used to idle; 12,000 -> 16,000 in
-        # the time one K per batch saves on padding (`racm3 bench train`: 1.5x steps/s)
+        # As many steps as the recipe's time budget allows: more steps have improved every
+        # RA-CM3 number so far (BENCHMARKS.md)
         gen_steps=16_000,
         gen_batch=8,
         gen_lr=2e-3,
