@@ -167,6 +167,18 @@ def load_state(
     return state, meta["config"]
 
 
+def build_config(config_cls: type, cfg: dict, source: str = "config") -> Any:
+    """`config_cls(**cfg)`, refusing keys the class does not know with a clear error: a
+    checkpoint saved by a newer or different model must not load as something else."""
+    if dataclasses.is_dataclass(config_cls):
+        known = {f.name for f in dataclasses.fields(config_cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown {config_cls.__name__} fields {unknown}; "
+                             f"known fields are {sorted(known)}")
+    return config_cls(**_restore_tuples(config_cls, cfg))
+
+
 def _restore_tuples(config_cls: type, cfg: dict) -> dict:
     # JSON has no tuples: give tuple-typed dataclass fields their tuples back
     if not dataclasses.is_dataclass(config_cls):
@@ -198,6 +210,6 @@ def load_module(
     meta_class = load_metadata(directory, name)["class"]
     if meta_class != f"{cls.__module__}.{cls.__qualname__}":
         log.warning("checkpoint %s was saved from %s, loading into %s", name, meta_class, cls)
-    module = cls(config_cls(**_restore_tuples(config_cls, cfg)))
+    module = cls(build_config(config_cls, cfg, f"checkpoint {name} in {directory}"))
     module.load_state_dict(state, strict=True)
     return module.to(device).eval()

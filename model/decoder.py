@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.checkpoint import build_config
 from model.sampling import (
     Constraint,
     Generators,
@@ -98,8 +99,8 @@ class DecoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> DecoderConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """Refuses unknown keys, as every config in the project does (model/checkpoint.py)."""
+        return build_config(cls, d, "decoder config")
 
     @classmethod
     def preset(cls, name: str, vocab_size: int | None = None) -> DecoderConfig:

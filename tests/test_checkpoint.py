@@ -188,3 +188,22 @@ def test_strict_loading_catches_architecture_mismatch(tmp_path) -> None:
     save_checkpoint(model, {"vocab_size": 50, "n_embd": 8, "grid": [2, 3]}, tmp_path, "wrong")
     with pytest.raises(RuntimeError, match="size mismatch"):
         load_module(Tiny, TinyConfig, tmp_path, "wrong")
+
+
+def test_unknown_config_keys_are_refused_with_their_names(tmp_path) -> None:
+    model = _tiny()
+    save_checkpoint(model, {"vocab_size": 50, "n_embd": 16, "grid": [2, 3], "n_expert": 4},
+                    tmp_path, "newer")
+    with pytest.raises(ValueError, match=r"unknown TinyConfig fields \['n_expert'\]"):
+        load_module(Tiny, TinyConfig, tmp_path, "newer")
+
+
+def test_decoder_and_vq_configs_refuse_unknown_keys_alike() -> None:
+    from model.decoder import DecoderConfig
+    from model.vq import VQConfig
+
+    decoder = DecoderConfig.preset("demo")
+    assert DecoderConfig.from_dict(decoder.to_dict()) == decoder
+    for cls, saved in ((DecoderConfig, decoder.to_dict()), (VQConfig, VQConfig().to_dict())):
+        with pytest.raises(ValueError, match=rf"unknown {cls.__name__} fields \['typo'\]"):
+            cls.from_dict({**saved, "typo": 1})
