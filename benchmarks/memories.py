@@ -57,7 +57,7 @@ def _arm(env: dict[str, str], names: list[str], queries: int, generations: int,
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)], cwd=ROOT,
+        [sys.executable, "-m", "racm3.cli", "serve", "--port", str(port)], cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT), "RACM3_LOG_LEVEL": "warning",
              "RACM3_BUNDLE_DIR": str(bundle), "OMP_NUM_THREADS": "1", **env},
         stdout=subprocess.DEVNULL, stderr=log.open("wb"))

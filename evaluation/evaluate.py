@@ -136,7 +136,7 @@ TASKS = {
     "i2t": "eval-split items, captions parsed; BLEU-4 against every template",
     "entity": "'flag of X' prompts for memory-only entities, judge's entity head",
     "infill": "eval object items, object box masked, caption as prompt, judged",
-    "examples": EXAMPLES_TASK,  # opt-in: --tasks examples (model/eval_examples.py)
+    "examples": EXAMPLES_TASK,  # opt-in: --tasks examples (evaluation/examples.py)
 }
 
 

@@ -178,7 +178,7 @@ def test_novel_flag_differs_from_every_world_flag() -> None:
 
 
 def test_novel_flags_are_new_kinds_under_new_names() -> None:
-    from model.world.novel_flags import NOVEL_LAYOUTS, novel_flags
+    from world.novel_flags import NOVEL_LAYOUTS, novel_flags
 
     world = World(WorldConfig(n_entities=400))
     flags = novel_flags(world, 24)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from app.generator.protocol import SamplingParams as RequestSampling
-from app.generator.protocol import T2IJob
 from model.decoder import left_pad
+from model.jobs import SamplingParams as RequestSampling
+from model.jobs import T2IJob
 from model.partial import NEUTRAL_GRAY, partial_steps
 from model.sampling import SamplingParams
 from model.tokens import PAD_ID

@@ -19,8 +19,8 @@ from PIL import Image
 
 from app.serve import create_role_app
 from app.settings import GatewaySettings
-from index_builder import publish as pub
-from index_builder.manifest import read_manifest
+from retrieval import publish as pub
+from retrieval.manifest import read_manifest
 from tests.live import (  # noqa: F401 - fixture
     LiveServer,
     free_port,
