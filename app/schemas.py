@@ -36,10 +36,20 @@ from model.jobs import (
 MAX_SEED = 2**63 - 1
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
-# Numbers in public bodies are strict: `false` is not 0 and `true` is not 1. A float field
-# still takes an integer (`"temperature": 1`).
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# Numbers in public bodies are strict: `false` is not 0, `true` is not 1, "1" is not 1.
+# As JSON Schema has it, a number field takes an integer (`"temperature": 1`) and an
+# integer field a number with no fraction (`"n": 2.0`).
+# (Bounds of an optional integer go inside its type, before the validator: given on the
+# field, pydantic would write them into the JSON Schema as `ge`/`le`, which it ignores.)
 Number = Annotated[float, Strict()]
-Integer = Annotated[int, Strict()]
+Integer = Annotated[int, Strict(), BeforeValidator(_integral)]
+PositiveInteger = Annotated[int, Field(ge=1), Strict(), BeforeValidator(_integral)]
+NonNegativeInteger = Annotated[int, Field(ge=0), Strict(), BeforeValidator(_integral)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED), Strict(), BeforeValidator(_integral)]
 
 _LIMIT_KEY = "x-racm3-limit"
 
@@ -71,8 +81,8 @@ _MODE_DESCRIPTION = (
 
 class RetrievalOptions(_Strict):
     enabled: bool = True
-    k: Integer | None = Field(
-        None, ge=0, description="documents in context; None: server default",
+    k: NonNegativeInteger | None = Field(
+        None, description="documents in context; None: server default",
         json_schema_extra=limit("max_k"),
     )
     mode: RetrievalModeName | None = Field(None, description=_MODE_DESCRIPTION)
@@ -100,14 +110,12 @@ class ExampleIn(_Strict):
 class SamplingFields(_Strict):
     """Decoding extensions shared by the generation endpoints (TGI-style, kept apart)."""
 
-    seed: Integer | None = Field(
-        None, ge=0, le=MAX_SEED, description="None: drawn, and returned"
-    )
+    seed: Seed | None = Field(None, description="None: drawn, and returned")
     temperature: Number = Field(1.0, ge=0, le=10, description="0 = greedy")
-    top_k: Integer | None = Field(None, ge=1)
+    top_k: PositiveInteger | None = None
     top_p: Number | None = Field(None, gt=0, le=1)
-    num_candidates: Integer | None = Field(
-        None, ge=1, description="sample this many and rerank; at least n. None: n (no rerank)",
+    num_candidates: PositiveInteger | None = Field(
+        None, description="sample this many and rerank; at least n. None: n (no rerank)",
         json_schema_extra=limit("max_candidates"),
     )
     retrieval: RetrievalOptions = Field(default_factory=RetrievalOptions)
@@ -277,8 +285,8 @@ class KnnServiceRequest(_Lenient):
     )
     modality: Literal["image", "text"] = "image"
     num_images: Integer = Field(40, ge=1, json_schema_extra=limit("max_knn_results"))
-    num_result_ids: Integer | None = Field(
-        None, ge=1, json_schema_extra=limit("max_knn_results")
+    num_result_ids: PositiveInteger | None = Field(
+        None, json_schema_extra=limit("max_knn_results")
     )
     indice_name: str | None = None
     use_mclip: bool = False
