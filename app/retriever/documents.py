@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import httpx
 import numpy as np
@@ -35,6 +35,9 @@ from app.errors import ApiError, DependencyUnavailable, InvalidRequest, error_fr
 from app.images import ImageLimits, encode_png, open_image, to_rgb
 from app.retriever.service import RetrieverService
 from app.schemas import DocumentsResponse
+
+if TYPE_CHECKING:
+    from index_builder.build import BuildReport
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +97,7 @@ class DocumentAppender:
             ids=list(range(first, first + report.added)),
         )
 
-    def _build(self, docs: list[NewDocument]) -> Any:
+    def _build(self, docs: list[NewDocument]) -> BuildReport:
         from index_builder import publish as pub
         from index_builder.from_bundle import build_from_bundle
 
@@ -159,9 +162,13 @@ async def _validated(
         data = await upload.read(limits.max_bytes + 1)
         if not data:
             raise InvalidRequest(f"image {i} is empty", param=f"image.{i}", code="invalid_image")
-        img = await asyncio.to_thread(open_image, data, f"image.{i}", limits)
-        docs.append(NewDocument(to_rgb(img), text, _safe_stem(upload.filename or f"image{i}")))
+        rgb = await asyncio.to_thread(_decode, data, f"image.{i}", limits)
+        docs.append(NewDocument(rgb, text, _safe_stem(upload.filename or f"image{i}")))
     return docs
+
+
+def _decode(data: bytes, param: str, limits: ImageLimits) -> np.ndarray:
+    return to_rgb(open_image(data, param, limits))
 
 
 async def _forward(docs: list[NewDocument], base_url: str, api_key: str | None) -> Any:
