@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import httpx
 import numpy as np
@@ -35,6 +35,9 @@ from app.errors import ApiError, DependencyUnavailable, InvalidRequest, error_fr
 from app.images import ImageLimits, decode_image, encode_png, in_decode_thread
 from app.retriever.service import RetrieverService
 from app.schemas import DocumentsResponse
+
+if TYPE_CHECKING:
+    from retrieval.build import BuildReport
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +97,7 @@ class DocumentAppender:
             ids=list(range(first, first + report.added)),
         )
 
-    def _build(self, docs: list[NewDocument]) -> Any:
+    def _build(self, docs: list[NewDocument]) -> BuildReport:
         from retrieval import publish as pub
         from retrieval.from_bundle import build_from_bundle
 

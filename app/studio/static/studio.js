@@ -11,11 +11,9 @@
     imageSize: [32, 32], // (height, width) of the model's images, from /v1/info
     partialImages: 0, // > 0 when the server streams partial images
     capImage: null, // {b64, img}
-    clsReady: false,
     edit: null, // {b64, img, w, h, mask: Uint8Array, box: [x0,y0,x1,y1] | null, painted: bool}
     memQuery: null, // {b64, img}
     pending: [], // documents to add: {file, url, caption}
-    runs: 0,
   };
 
   // --- DOM -----------------------------------------------------------------------------
