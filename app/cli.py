@@ -135,6 +135,17 @@ def bench_hybrid(
     run_hybrid_bench(json_path=json_path, bundle_dir=bundle, memory_dir=memory, n=n,
                      new_names=new_names, threads=threads, workdir=workdir)
 
+@bench_app.command("lexical")
+def bench_lexical(
+    n: int = typer.Option(100_000, min=1_000, help="captions indexed"),
+    json_path: Path | None = typer.Option(None, "--json", help="write the results here"),
+    workdir: Path | None = typer.Option(None, help="scratch directory [system temp]"),
+) -> None:
+    """The BM25 index (bm25s) against tantivy: build, load, latency, reproducible bytes."""
+    from benchmarks.lexical import main as run_lexical_bench
+
+    run_lexical_bench(json_path=json_path, n=n, workdir=workdir)
+
 
 # --- build-index -----------------------------------------------------------------------
 

@@ -227,7 +227,7 @@ def run(bundle_dir: Path, memory_dir: Path, n: int = 200, new_names: int = 10,
         "t2i_judge_hybrid_over_dense": quality["hybrid"]["t2i"]["judge_top1"]
         / max(quality["dense"]["t2i"]["judge_top1"], 1e-9),
     })
-    out["config"] = {"bundle": str(bundle_dir), "memory": str(memory_dir), "n": n,
+    out["config"] = {"bundle": Path(bundle_dir).name, "memory": Path(memory_dir).name, "n": n,
                      "new_names": new_names, "k": 2, "threads": threads}
     out["machine"] = {"cpu": cpu_name(), "python": platform.python_version(),
                       "torch": torch.__version__}
