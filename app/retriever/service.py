@@ -253,7 +253,9 @@ class RetrieverService:
         if self.backend is not None:
             snap = self.snapshot()
             out.update({"version": snap.version, "documents": snap.size, **snap.describe()})
-        out["strategies"] = {k: asdict(v) for k, v in self.strategies.items()}
+        # the mode is per request, not part of a strategy's rules
+        out["strategies"] = {k: {f: x for f, x in asdict(v).items() if f != "mode"}
+                             for k, v in self.strategies.items()}
         out["retrieval_modes"] = list(RETRIEVAL_MODES)
         out["default_retrieval_mode"] = self.default_mode
         return out
