@@ -167,6 +167,33 @@ def bench_retriever(
                         n_queries=queries, single=single, threads=threads, workdir=workdir)
 
 
+@bench_app.command("hybrid")
+def bench_hybrid(
+    bundle: Path = typer.Option(Path("bundles/demo"), help="Bundle (CLIP, judge, world)."),
+    memory: Path = typer.Option(..., help="A memory built from the bundle's world."),
+    json_path: Path | None = typer.Option(None, "--json", help="write the results here"),
+    n: int = typer.Option(200, min=10, help="prompts per set (the eval's n)"),
+    new_names: int = typer.Option(10, min=1, help="novel flags appended, one name each"),
+    threads: int = typer.Option(1, min=1, help="torch CPU threads"),
+    workdir: Path | None = typer.Option(None, help="scratch directory [system temp]"),
+) -> None:
+    """Dense vs hybrid retrieval: entity and new-name hits, t2i retrieval quality, cost."""
+    from benchmarks.hybrid import main as run_hybrid_bench
+
+    run_hybrid_bench(json_path=json_path, bundle_dir=bundle, memory_dir=memory, n=n,
+                     new_names=new_names, threads=threads, workdir=workdir)
+
+@bench_app.command("lexical")
+def bench_lexical(
+    n: int = typer.Option(100_000, min=1_000, help="captions indexed"),
+    json_path: Path | None = typer.Option(None, "--json", help="write the results here"),
+    workdir: Path | None = typer.Option(None, help="scratch directory [system temp]"),
+) -> None:
+    """The BM25 index (bm25s) against tantivy: build, load, latency, reproducible bytes."""
+    from benchmarks.lexical import main as run_lexical_bench
+
+    run_lexical_bench(json_path=json_path, n=n, workdir=workdir)
+
 
 # --- build-index -----------------------------------------------------------------------
 

@@ -20,7 +20,6 @@ memory built before this index existed gets one at load (`LexicalIndex.from_stor
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import unicodedata
@@ -34,14 +33,12 @@ import numpy as np
 if TYPE_CHECKING:
     from retrieval.store import DocumentStore
 
-log = logging.getLogger(__name__)
-
 LEXICAL_DIR = "lexical"
 TOKENIZER = "unicode-words-casefold-stop-en-v1"
 _PARAMS_FILE = "params.index.json"
 _VOCAB_FILE = "vocab.index.json"
 _MATRIX_FILES = ("data.csc.index.npy", "indices.csc.index.npy", "indptr.csc.index.npy")
-_META_FILE = "lexical.json"  # ours: tokenizer, counts, document frequencies' summary
+_META_FILE = "lexical.json"  # ours: the tokenizer's name, counts, BM25 parameters
 LEXICAL_FILES = tuple(f"{LEXICAL_DIR}/{name}" for name in
                       (_META_FILE, _PARAMS_FILE, _VOCAB_FILE, *_MATRIX_FILES))
 
@@ -54,8 +51,9 @@ STOPWORDS = frozenset((
     "these", "they", "this", "to", "was", "will", "with", "s",
 ))
 # A query term counts as rare (a name, most often) when at most this share of the
-# memory's documents contain it, and at least one does. A world entity sits in ~0.1% of
-# the demo memory; its most common caption words ("flag", a colour) in 5-30%.
+# memory's documents contain it (at least one: below 100 documents, only words of a
+# single caption), and at least one does. In the demo memory a name is in 0.03-0.2% of
+# the captions, every other word in at least 2%.
 RARE_DOCUMENT_SHARE = 0.01
 
 

@@ -185,6 +185,8 @@ def test_reload_through_the_retriever_role(cluster, gateway):
     assert r.json()["previous_version"] == v1 and r.json()["documents"] == 801
     ret = gateway.post("/v1/retrieve", json={"text": "the flag of Quorvia", "k": 2}).json()
     assert ret["memory_version"] == v2
+    # hybrid by default, across the wire: the appended name comes first, marked as a match
+    assert ret["data"][0]["caption"] == "the flag of Quorvia" and ret["data"][0]["name_match"]
 
 
 def test_generator_down_gives_503_and_not_ready(cluster, gateway):

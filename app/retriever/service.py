@@ -301,7 +301,9 @@ class RetrieverService:
             out["memories"] = {name: self._summary(name) for name in self.memory_names()}
             if warning := self.warning():
                 out["warning"] = warning
-        out["strategies"] = {k: asdict(v) for k, v in self.strategies.items()}
+        # the mode is per request, not part of a strategy's rules
+        out["strategies"] = {k: {f: x for f, x in asdict(v).items() if f != "mode"}
+                             for k, v in self.strategies.items()}
         out["retrieval_modes"] = list(RETRIEVAL_MODES)
         out["default_retrieval_mode"] = self.default_mode
         return out

@@ -1,0 +1,272 @@
+"""Dense against hybrid retrieval on a bundle's memory (`racm3 bench hybrid`).
+
+Quality, with the retrieval the service runs (K=2, the bundle's diversity threshold):
+- entity: "the flag of X" for the world's memory-only entities, as `racm3 eval` asks
+  (n prompts, caption templates in turn): the right entity first, and among the K;
+  `dev_entity` is the same for the entities seen in training (prompts outside the eval);
+- t2i: the eval's object and pair prompts: the judge's attribute accuracy on the first
+  neighbour's stored image (retrieval alone as a text-to-image system) and the attribute
+  accuracy of the first and second neighbours' captions; `dev_t2i` the same on captions
+  of the train split;
+- new_names: flags in patterns the world never draws, each appended as one "the flag of
+  NAME" document through `racm3 build-index --source folder --append` (a subprocess, as
+  a user runs it) to a copy of the memory, then asked for in several phrasings.
+
+Cost: per-query search latency (CLIP encoding excluded, the same encoded queries for both
+modes), the lexical index's build time from the store, its load time and its size.
+Ratios are hybrid / dense, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from dataclasses import replace
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.machine import cpu_name
+
+PHRASINGS = ("the flag of {}", "{}'s national banner", "show me the flag of {} please",
+             "a picture of {}'s flag")
+MODES = ("dense", "hybrid")
+
+
+# --- flags the world never draws ---------------------------------------------------------
+
+
+def novel_flags(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
+    """n flags in layouts outside the world's flag grammar, 2-3 palette colours each."""
+    from world.render import FLAG_PALETTE
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    layouts = [
+        lambda: (np.floor(y * 4) + np.floor(x * 4)) % 2,  # checkerboard
+        lambda: (x > y).astype(float),  # diagonal split
+        lambda: np.floor(np.maximum(abs(x - 0.5), abs(y - 0.5)) * 6) % 2,  # concentric squares
+        lambda: np.floor((x + 0.5 * y) * 5) % 2,  # slanted stripes
+        lambda: ((x - 0.5) ** 2 + (y - 0.5) ** 2 < 0.09).astype(float),  # disc
+        lambda: (x < 0.3).astype(float) + (x >= 0.3) * (y > 0.5) * 2,  # band beside a field
+        lambda: ((np.floor(x * 6) % 2) * (np.floor(y * 6) % 2)),  # dots on a grid
+        lambda: (y > 1 - x / 2).astype(float) + (y < x / 2) * 2,  # two wedges
+        lambda: (abs(((x - 0.5) ** 2 + (y - 0.5) ** 2) ** 0.5 - 0.3) < 0.08).astype(float),
+        lambda: (abs(x - y) < 0.15).astype(float) + (abs(x + y - 1) < 0.15) * 2,  # saltire
+    ]
+    colours = np.array(list(FLAG_PALETTE.values()), dtype=np.uint8)
+    flags = []
+    for i in range(n):
+        index = np.clip(layouts[i % len(layouts)]().astype(int), 0, 2)
+        lut = colours[rng.choice(len(colours), 3, replace=False)]
+        flags.append(lut[index])
+    return flags
+
+
+# --- measurements --------------------------------------------------------------------------
+
+
+def _first_and_among(neighbours: list[list[Any]], names: list[str]) -> dict[str, float]:
+    def has(doc: Any, name: str) -> bool:
+        return name.lower() in (doc.caption or "").lower()
+
+    first = [bool(row) and has(row[0], name) for row, name in zip(neighbours, names, strict=True)]
+    among = [any(has(d, name) for d in row) for row, name in zip(neighbours, names, strict=True)]
+    return {"first": float(np.mean(first)), "among_k": float(np.mean(among)), "n": len(names)}
+
+
+def _t2i_quality(neighbours: list[list[Any]], targets: list[dict], judge: Any,
+                 world: Any) -> dict[str, float]:
+    import io
+
+    from PIL import Image
+
+    from evaluation.metrics import attribute_match, caption_attribute_accuracy
+
+    images = np.stack([np.asarray(Image.open(io.BytesIO(row[0].image_bytes)).convert("RGB"))
+                       for row in neighbours])
+    return {
+        "judge_top1": attribute_match(judge.predict_attributes(images, world),
+                                      targets)["attribute"],
+        "caption_top1": caption_attribute_accuracy([r[0].caption or "" for r in neighbours],
+                                                   targets)["attribute"],
+        "caption_top2": caption_attribute_accuracy(
+            [(r[1] if len(r) > 1 else r[0]).caption or "" for r in neighbours],
+            targets)["attribute"],
+        "n": len(targets),
+    }
+
+
+def _append_flags(bundle_dir: Path, memory_dir: Path, names: list[str], size: int,
+                  workdir: Path) -> float:
+    from PIL import Image
+
+    folder = workdir / "new-flags"
+    folder.mkdir()
+    for i, (name, flag) in enumerate(zip(names, novel_flags(len(names), size), strict=True)):
+        Image.fromarray(flag).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(f"the flag of {name}")
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "racm3.cli", "build-index", "--source", "folder",
+                    "--input", str(folder), "--out", str(memory_dir), "--bundle",
+                    str(bundle_dir), "--append"], check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def _latency_ms(calls: list[Any], repeats: int) -> dict[str, float]:
+    """p50 / p99 over every call, each timed alone, `repeats` rounds."""
+    times = []
+    for _ in range(repeats):
+        for call in calls:
+            t0 = time.perf_counter()
+            call()
+            times.append(1e3 * (time.perf_counter() - t0))
+    times.sort()
+    return {"p50_ms": statistics.median(times), "p99_ms": times[int(0.99 * (len(times) - 1))]}
+
+
+def run(bundle_dir: Path, memory_dir: Path, n: int = 200, new_names: int = 10,
+        threads: int = 1, workdir: Path | None = None) -> dict[str, Any]:
+    import torch
+
+    from evaluation.evaluate import EvalConfig, Evaluator
+    from model.bundle import Bundle, bundle_diversity_threshold
+    from retrieval.lexical_index import LEXICAL_FILES, LexicalIndex
+    from retrieval.memory import Memory
+    from retrieval.search import SearchStrategy, search
+    from world import World, WorldConfig, n_templates
+    from world.captions import caption as render_caption
+    from world.entities import entity_names
+    from world.rng import Rng
+
+    torch.set_num_threads(threads)
+    bundle = Bundle(bundle_dir)
+    world = World(WorldConfig.from_dict(bundle.manifest["world"]))
+    clip, judge = bundle.clip, bundle.judge
+    dense = SearchStrategy(k=2, diversity_threshold=bundle_diversity_threshold(bundle.manifest))
+    strategies = {"dense": dense, "hybrid": replace(dense, mode="hybrid")}
+    # The eval's own prompt lists (Evaluator's, without loading its decoders).
+    prompts = types.SimpleNamespace(world=world, config=EvalConfig(n=n))
+    entity = Evaluator.entity_prompts(prompts)
+    t2i = Evaluator.t2i_prompts(prompts)
+    dev_entity = [(render_caption({"kind": "entity", "entity": e}, t), {"entity": e})
+                  for e in world.train_entities for t in range(n_templates("entity"))][:n]
+    train = (world.sample("train", i) for i in range(world.split_size("train")))
+    dev_t2i = list(islice(((it.caption, it.attributes) for it in train
+                           if it.attributes["kind"] != "entity"), n))
+
+    def retrieve(memory: Memory, texts: list[str], mode: str) -> list[list[Any]]:
+        return search(memory, clip.encode_text(texts), 2, strategies[mode], texts=texts)
+
+    memory = Memory.load(memory_dir)
+    out: dict[str, Any] = {"memory_version": memory.version, "documents": len(memory)}
+    t0 = time.perf_counter()
+    LexicalIndex.from_store(memory.store)
+    out["lexical_build_from_store_s"] = time.perf_counter() - t0
+
+    quality: dict[str, dict[str, Any]] = {}
+    for mode in MODES:
+        quality[mode] = {
+            "entity": _first_and_among(retrieve(memory, [p for p, _ in entity], mode),
+                                       [a["entity"] for _, a in entity]),
+            "dev_entity": _first_and_among(retrieve(memory, [p for p, _ in dev_entity], mode),
+                                           [a["entity"] for _, a in dev_entity]),
+            "t2i": _t2i_quality(retrieve(memory, [p for p, _ in t2i], mode),
+                                [a for _, a in t2i], judge, world),
+            "dev_t2i": _t2i_quality(retrieve(memory, [p for p, _ in dev_t2i], mode),
+                                    [a for _, a in dev_t2i], judge, world),
+        }
+
+    # latency: the same encoded queries for both modes, one at a time
+    texts = [p for p, _ in entity[:50]] + [p for p, _ in t2i[:50]]
+    vectors = clip.encode_text(texts)
+    cost: dict[str, Any] = {}
+    for mode in MODES:
+        calls = [lambda i=i, text=text, mode=mode: search(
+            memory, vectors[i : i + 1], 2, strategies[mode], texts=[text])
+            for i, text in enumerate(texts)]
+        _latency_ms(calls, 1)  # warm the page cache
+        cost[mode] = _latency_ms(calls, 3)
+
+    with tempfile.TemporaryDirectory(dir=workdir) as scratch:
+        work = Path(scratch)
+        copy = work / "memory"
+        shutil.copytree(memory_dir, copy)
+        known = set(world.entities)
+        names = [x for x in entity_names(new_names + len(known), Rng.from_key(
+            "racm3-bench-hybrid", 0)) if x not in known][:new_names]
+        out["append_s"] = _append_flags(bundle_dir, copy, names, bundle.image_size, work)
+        t0 = time.perf_counter()
+        appended = Memory.load(copy)
+        out["load_with_lexical_s"] = time.perf_counter() - t0
+        vdir = appended.path
+        out["lexical_mb"] = sum((vdir / f).stat().st_size for f in LEXICAL_FILES) / 1e6
+        t0 = time.perf_counter()
+        LexicalIndex.load(vdir)
+        out["lexical_load_ms"] = 1e3 * (time.perf_counter() - t0)
+        asked = [(p.format(name), name) for name in names for p in PHRASINGS]
+        for mode in MODES:
+            hits = _first_and_among(retrieve(appended, [p for p, _ in asked], mode),
+                                    [name for _, name in asked])
+            quality[mode]["new_names"] = hits
+        appended.store.close()
+
+    out.update(quality=quality, latency=cost, ratios={
+        "search_p50_hybrid_over_dense": cost["hybrid"]["p50_ms"] / cost["dense"]["p50_ms"],
+        "entity_among_k_hybrid_over_dense": quality["hybrid"]["entity"]["among_k"]
+        / max(quality["dense"]["entity"]["among_k"], 1e-9),
+        "t2i_judge_hybrid_over_dense": quality["hybrid"]["t2i"]["judge_top1"]
+        / max(quality["dense"]["t2i"]["judge_top1"], 1e-9),
+    })
+    out["config"] = {"bundle": Path(bundle_dir).name, "memory": Path(memory_dir).name, "n": n,
+                     "new_names": new_names, "k": 2, "threads": threads}
+    out["machine"] = {"cpu": cpu_name(), "python": platform.python_version(),
+                      "torch": torch.__version__}
+    return out
+
+
+def format_table(r: dict[str, Any]) -> str:
+    q = r["quality"]
+    rows = [
+        ("entity: right first", "entity", "first"),
+        ("entity: right among K=2", "entity", "among_k"),
+        ("dev entity: among K=2", "dev_entity", "among_k"),
+        ("new names: right first", "new_names", "first"),
+        ("new names: among K=2", "new_names", "among_k"),
+        ("t2i: judge on top-1 image", "t2i", "judge_top1"),
+        ("t2i: top-1 caption attrs", "t2i", "caption_top1"),
+        ("t2i: top-2 caption attrs", "t2i", "caption_top2"),
+        ("dev t2i: judge on top-1", "dev_t2i", "judge_top1"),
+    ]
+    lines = [f"memory {r['memory_version']} ({r['documents']} documents)",
+             f"{'metric':30s} {'dense':>8s} {'hybrid':>8s}"]
+    lines += [f"{label:30s} {q['dense'][a][b]:8.3f} {q['hybrid'][a][b]:8.3f}"
+              for label, a, b in rows]
+    lat = r["latency"]
+    lines += [f"{'search p50 ms / query':30s} {lat['dense']['p50_ms']:8.2f} "
+              f"{lat['hybrid']['p50_ms']:8.2f}",
+              f"{'search p99 ms / query':30s} {lat['dense']['p99_ms']:8.2f} "
+              f"{lat['hybrid']['p99_ms']:8.2f}",
+              f"lexical index: build from store {r['lexical_build_from_store_s']:.2f} s, "
+              f"load {r['lexical_load_ms']:.1f} ms, {r['lexical_mb']:.2f} MB; "
+              f"append of {r['config']['new_names']} docs {r['append_s']:.1f} s",
+              "ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items())]
+    return "\n".join(lines)
+
+
+def main(json_path: Path | None = None, **kwargs: Any) -> dict[str, Any]:
+    result = run(**kwargs)
+    print(json.dumps(result, indent=2))
+    print(format_table(result))
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+    return result
