@@ -131,6 +131,7 @@ class Engine:
             "decoder": self.name,
             "decoder_params": self.decoder.num_params(),
             "device": self.device,
+            "fast_decode": None if self.fast is None else self.fast.describe(),
             "manifest": self.manifest,
         }
 
@@ -138,6 +139,12 @@ class Engine:
         job = T2IJob("a red square", [], n=1, num_candidates=1,
                      sampling=RequestSampling(seed=0, temperature=1.0))
         self.text_to_image([job])
+        if self.fast is not None:  # compile the decode step for the batches to come
+            self.fast.warmup()
+
+    def fast_decode_stats(self) -> dict[str, Any] | None:
+        """The fast path's counters (prefix cache hits, misses, bytes), None when it is off."""
+        return None if self.fast is None else self.fast.stats()
 
     # --- building blocks ---------------------------------------------------------------
 

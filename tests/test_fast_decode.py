@@ -153,3 +153,18 @@ def test_fast_decode_reports_its_cache(model: CM3Decoder) -> None:
     assert (stats["hits"], stats["misses"]) == (1, 3)
     assert 0 < stats["bytes"] <= stats["max_bytes"] == 1 << 20
     assert FastDecode(model, FastDecodeOptions(prefix_cache_bytes=0)).cache is None
+
+
+@pytest.mark.slow  # inductor compiles C++ for the CPU: minutes on a loaded 2-core machine
+def test_compiled_step_gives_the_tokens_of_the_eager_step(model: CM3Decoder) -> None:
+    prompts = [_doc(1) + _tail(10, 6), _tail(11, 3), _doc(3) + _doc(4) + _tail(12, 9)]
+    seeds = [1, 2, 3]
+    eager = SharedPrefill(model, StepRunner(model, "auto"))  # nothing compiled: eager
+    want = _generate(model, prompts, 2, seeds, True, eager)
+    runner = StepRunner(model, "on")
+    compiled = SharedPrefill(model, runner)
+    runner.warmup([compiled(prompts, [UNCOND] * 3, 2, 12).cache])
+    assert len(runner.compiled) == 1
+    assert torch.equal(_generate(model, prompts, 2, seeds, True, compiled), want)
+    assert torch.equal(_generate(model, prompts, 2, seeds, True, SharedPrefill(
+        model, StepRunner(model, "off"))), want)
