@@ -39,6 +39,9 @@ def bench_decoder(
     dtype: str | None = typer.Option(None, help="float32 or bfloat16 (default: bf16 on cuda)"),
     hf: bool = typer.Option(True, help="compare with HF GPT2LMHeadModel.generate"),
     recompute: bool = typer.Option(True, help="measure KV cache vs full recomputation"),
+    compile_mode: str = typer.Option(
+        "auto", "--compile",
+        help="decode step under torch.compile: auto (on cuda only), on (cpu too), off"),
 ) -> None:
     """Decoding tokens/s at batch 1 and 8, against HF GPT-2 and against no KV cache."""
     from benchmarks.decoder import main as run_decoder_bench
@@ -55,6 +58,7 @@ def bench_decoder(
         dtype=dtype,
         compare_hf=hf,
         recompute=recompute,
+        compile=compile_mode,
     )
 
 

@@ -167,6 +167,8 @@ def run_step(fn: StepFn, model: CM3Decoder, tok: Tensor, state: DecodeState) -> 
         raise ValueError(f"decode state full: {state.max_new} tokens generated")
     for g in state.groups:
         g.mask[:, g.prompt_len + t] = True
+    if fn is not static_step and tok.device.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()  # last step's outputs are consumed
     logits, code_run = fn(
         model, tok, state.next_pos, state.code_run, torch.tensor([t], device=tok.device),
         [g.k for g in state.groups], [g.v for g in state.groups],
@@ -182,9 +184,11 @@ def run_step(fn: StepFn, model: CM3Decoder, tok: Tensor, state: DecodeState) -> 
 class StepRunner:
     """Runs `static_step` for one decoder, compiled for the shapes warmed up.
 
-    mode "on" compiles (with CUDA graphs on CUDA), "off" runs the step eagerly, "auto"
-    compiles and keeps the compiled step for shapes where warm-up measured it faster than
-    eager on the CPU, and always on CUDA (a CUDA graph's launch is what the step costs).
+    On CUDA, "auto" and "on" compile every warmed-up shape (with CUDA graphs: launching
+    one graph is what a step then costs). On the CPU, "on" compiles each warmed-up shape
+    and keeps it where warm-up measured it faster than eager, while "auto" stays eager:
+    for the demo decoder compiling bought 1.2-1.3x per step at the price of minutes of
+    warm-up per shape (BENCHMARKS.md). "off" never compiles.
     """
 
     model: CM3Decoder
@@ -215,6 +219,9 @@ class StepRunner:
                 for t in (*g.k, *g.v, g.mask):
                     torch._dynamo.mark_static_address(t)
 
+    def compiles(self, device: torch.device) -> bool:
+        return self.mode == "on" or (self.mode == "auto" and device.type == "cuda")
+
     def _compile(self) -> StepFn:
         if self._compiled_fn is None:
             cuda = self.model.wte.weight.device.type == "cuda"
@@ -233,9 +240,9 @@ class StepRunner:
 
         The states are scratch: their slots are overwritten.
         """
-        if self.mode == "off":
-            return
         for state in states:
+            if not self.compiles(state.next_pos.device):
+                return
             key = state.shape_key()
             if key in self.compiled or key in self.timings_ms:
                 continue

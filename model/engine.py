@@ -294,6 +294,8 @@ class Engine:
         prompts = self.clip.encode_text([j.prompt for j in jobs for _ in range(per_job)])
         scores = (prompts * image).sum(-1)
         ranks = scores.copy()
+        if per_job == 1:  # a lone candidate needs no ranking: skip decoding the neighbours
+            return scores, ranks
         # every job's retrieved images in one VQ decode and one CLIP call
         owners, memory_codes = [], []
         for g, job in enumerate(jobs):

@@ -48,8 +48,9 @@ WarmupShape = tuple[int, int, int, bool, int]
 class FastDecodeOptions:
     enabled: bool = True  # False: the plain path (the benchmark's baseline)
     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES  # 0: no cross-request cache
-    # "auto": compile each warmed-up shape where it measured faster than eager (always on
-    # CUDA); "on": always; "off": the static step, eagerly
+    # the decode step under torch.compile: "auto" on CUDA only, "on" also on the CPU
+    # (where each shape is kept compiled only if warm-up measured it faster), "off" never
+    # (see `StepRunner`)
     compile: CompileMode = "auto"
     # Batches to compile the step for at warm-up: (jobs, candidates per job, prompt
     # length, guided, new tokens). Other shapes run the same step eagerly.
@@ -69,8 +70,8 @@ class RowStep:
             tok = tok.new_zeros(state.rows).index_copy_(0, self.real_rows, tok)
         logits = run_step(self.runner.step_fn(state), model, tok, state)
         if self.real_rows is not None:
-            logits = logits.index_select(0, self.real_rows)
-        return logits[:, None]
+            return logits.index_select(0, self.real_rows)[:, None]
+        return logits.clone()[:, None]  # a CUDA graph overwrites its output next step
 
 
 def _fill_group(buffers: GroupBuffers, prompts: Sequence[Sequence[SegmentKV]],
@@ -114,7 +115,7 @@ def build_state(
     state, the (rows, 1, V) first logits in stream order, and where those rows sit among
     the state's rows (None when there is no padding).
     """
-    bucket = runner is not None and runner.mode != "off"
+    bucket = runner is not None and runner.compiles(prompt_kv[0][0].k[0].device)
     max_new = len_bucket(max_new_tokens) if bucket else max_new_tokens
     plans = []  # (row_prompt, rows, prompt_len) per group
     for part in streams:

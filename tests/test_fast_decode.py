@@ -133,15 +133,16 @@ def test_the_prefix_cache_keeps_to_its_byte_bound(model: CM3Decoder) -> None:
 
 
 def test_static_step_bucketed_shapes_give_the_same_tokens(model: CM3Decoder) -> None:
-    # "on" would compile; here the runner never compiled a shape, so it runs the static
-    # step eagerly on padded (bucketed) prompts and rows, as a compiled graph would see them
+    # "on" compiles at warm-up; with no warm-up the runner compiled nothing, so it runs the
+    # static step eagerly on bucketed shapes (padding rows and slots), as a graph sees them
     prompts = [_doc(1) + _tail(10, 6), _tail(11, 3), _doc(3) + _doc(4) + _tail(12, 9)]
     seeds = [1, 2, 3]
     plain = _generate(model, prompts, 2, seeds, True)
-    runner = StepRunner(model, "auto")
+    runner = StepRunner(model, "on")
     bucketed = SharedPrefill(model, runner)
     state = bucketed(prompts, [UNCOND] * 3, 2, 12).cache
-    assert state.rows > 12 and state.max_new == 64  # padding rows, bucketed buffer
+    assert state.rows == 16 and state.max_new == 64  # 8 + 8 rows for 6 + 6, 64 slots for 12
+    assert [g.prompt_len for g in state.groups] == [64, 64]
     assert torch.equal(_generate(model, prompts, 2, seeds, True, bucketed), plain)
 
 
