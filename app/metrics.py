@@ -7,8 +7,9 @@ A process may hold several apps (tests, embedded mode), so each app gets its own
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -18,6 +19,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -92,8 +95,40 @@ class Metrics:
         finally:
             self.stage_latency.labels(name).observe(time.perf_counter() - start)
 
+    def watch_prefix_cache(self, stats: Callable[[], dict[str, Any] | None]) -> None:
+        """Export the decoder's prefix KV cache, read from `stats()` at each scrape."""
+        self.registry.register(PrefixCacheCollector(stats))
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class PrefixCacheCollector(Collector):
+    """The engine owns the cache's counters; a scrape reads them, so nothing is copied
+    into prometheus objects on the decoding path."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any] | None]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        s = (self.stats() or {}).get("prefix_cache")
+        if not s:
+            return
+        for name, doc, key in (
+            ("hits", "Prompt segments (documents, prompts) whose KV came from the cache.",
+             "hits"),
+            ("misses", "Prompt segments that had to be prefilled.", "misses"),
+            ("hit_tokens", "Prompt tokens whose prefill the cache saved.", "hit_tokens"),
+            ("miss_tokens", "Prompt tokens prefilled.", "miss_tokens"),
+            ("evictions", "Entries evicted to stay within the byte bound.", "evictions"),
+        ):
+            yield CounterMetricFamily(f"racm3_prefix_cache_{name}", doc, value=s[key])
+        yield GaugeMetricFamily("racm3_prefix_cache_bytes", "Bytes of KV held.",
+                                value=s["bytes"])
+        yield GaugeMetricFamily("racm3_prefix_cache_max_bytes", "The cache's byte bound.",
+                                value=s["max_bytes"])
+        yield GaugeMetricFamily("racm3_prefix_cache_entries", "Segments held.",
+                                value=s["entries"])
 
 
 class RequestMetricsMiddleware:

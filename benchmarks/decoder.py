@@ -1,15 +1,19 @@
 """Decoding speed of the CM3 decoder (`racm3 bench decoder`).
 
-Three questions, answered in one run on one machine:
-- tokens/s of greedy `CM3Decoder.generate` at batch 1 and 8;
-- how that compares with HF `GPT2LMHeadModel.generate` at the same depth, width, heads
+Four questions, answered in one run on one machine:
+- tokens/s of greedy decoding at batch 1 and 8 through the serving path (model/fast_decode:
+  shared prefill and the static decode step, compiled as `--compile` says: by default
+  where warm-up measured it faster on the CPU, always on CUDA, where it is a CUDA graph);
+- the same through the plain path (`CM3Decoder.generate`'s own prefill and cached
+  forward), and whether both give the same tokens;
+- how both compare with HF `GPT2LMHeadModel.generate` at the same depth, width, heads
   and vocabulary (random weights, greedy, same prompt and new-token counts);
 - how much the KV cache saves over recomputing the whole sequence every step.
 
-Ours and HF run alternately, `repeats` times each, and the median is reported, so that
-load from other processes on a shared machine hits both alike. On the CPU the same
-ratios are also given by process CPU time (`*_cpu` keys), which leaves out the time other
-processes held the cores; wall-clock numbers stay the headline.
+The arms run alternately, `repeats` times each, and the median is reported, so that load
+from other processes on a shared machine hits them alike. On the CPU the same ratios are
+also given by process CPU time (`*_cpu` keys), which leaves out the time other processes
+held the cores; wall-clock numbers stay the headline. Compilation happens before timing.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ import torch
 
 from benchmarks.machine import cpu_name
 from model.decoder import CM3Decoder, DecoderConfig
+from model.fast_decode import FastDecode, FastDecodeOptions
 from model.sampling import SamplingParams
+from model.tokens import NUM_SPECIAL
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +97,7 @@ def run(
     dtype: str | None = None,
     compare_hf: bool = True,
     recompute: bool = True,
+    compile: str = "auto",
 ) -> dict[str, Any]:
     dev = torch.device(device)
     if threads:
@@ -106,6 +113,8 @@ def run(
     ours = CM3Decoder(config).to(dev, torch_dtype).eval()
     hf = _hf_twin(config, total).to(dev, torch_dtype).eval() if compare_hf else None
     params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
+    # no prefix cache: every timed run prefills its prompts, as the other arms do
+    fast = FastDecode(ours, FastDecodeOptions(prefix_cache_bytes=0, compile=compile))
 
     result: dict[str, Any] = {
         "preset": preset,
@@ -119,6 +128,7 @@ def run(
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "repeats": repeats,
+        "compile": compile,
     }
     if hf is not None:
         import transformers
@@ -127,10 +137,16 @@ def run(
 
     with torch.inference_mode():
         for B in batch_sizes:
-            idx = torch.randint(0, config.vocab_size, (B, prompt_len), device=dev)
+            # no special tokens: a random <break> would split the prompt into segments
+            idx = torch.randint(NUM_SPECIAL, config.vocab_size, (B, prompt_len), device=dev)
             ones = torch.ones_like(idx)
+            rows = idx.tolist()
 
-            def ours_fn(idx: torch.Tensor = idx) -> torch.Tensor:
+            def fast_fn(rows: list[list[int]] = rows) -> torch.Tensor:
+                prefilled = fast.prefill(rows, None, 1, new_tokens)
+                return ours.generate(None, params, eos_id=None, prefilled=prefilled)
+
+            def plain_fn(idx: torch.Tensor = idx) -> torch.Tensor:
                 return ours.generate(idx, params, eos_id=None)
 
             def hf_fn(idx: torch.Tensor = idx, ones: torch.Tensor = ones) -> torch.Tensor:
@@ -138,25 +154,38 @@ def run(
                     idx, attention_mask=ones, max_new_tokens=new_tokens, do_sample=False
                 )
 
-            ours_fn()  # warm-up: allocator, kernels, lazy initialisation
+            # warm-up: compile this batch's step shape, allocator, lazy initialisation
+            t0 = time.perf_counter()
+            fast.runner.warmup([fast.prefill(rows, None, 1, new_tokens).cache])
+            result[f"warmup_s_b{B}"] = time.perf_counter() - t0
+            result[f"compiled_b{B}"] = bool(fast.runner.compiled)
+            result[f"same_tokens_as_plain_b{B}"] = bool(torch.equal(fast_fn(), plain_fn()))
             if hf is not None:
                 hf_fn()
-            ours_t, hf_t = [], []
+            arms: dict[str, list[Timing]] = {"fast": [], "plain": [], "hf": []}
             for _ in range(repeats):
-                ours_t.append(_timed(ours_fn, dev))
+                arms["fast"].append(_timed(fast_fn, dev))
+                arms["plain"].append(_timed(plain_fn, dev))
                 if hf is not None:
-                    hf_t.append(_timed(hf_fn, dev))
-            t = _median(ours_t)
+                    arms["hf"].append(_timed(hf_fn, dev))
+            t, t_plain = _median(arms["fast"]), _median(arms["plain"])
             result[f"tokens_per_s_b{B}"] = B * new_tokens / t.wall
             result[f"ms_per_step_b{B}"] = 1e3 * t.wall / new_tokens
+            result[f"plain_tokens_per_s_b{B}"] = B * new_tokens / t_plain.wall
+            result[f"plain_ms_per_step_b{B}"] = 1e3 * t_plain.wall / new_tokens
+            result[f"vs_plain_b{B}"] = t_plain.wall / t.wall
             if hf is not None:
-                t_hf = _median(hf_t)
+                t_hf = _median(arms["hf"])
                 result[f"hf_tokens_per_s_b{B}"] = B * new_tokens / t_hf.wall
                 result[f"hf_ms_per_step_b{B}"] = 1e3 * t_hf.wall / new_tokens
                 result[f"vs_hf_b{B}"] = t_hf.wall / t.wall
+                result[f"plain_vs_hf_b{B}"] = t_hf.wall / t_plain.wall
                 if dev.type == "cpu":
                     result[f"vs_hf_b{B}_cpu"] = t_hf.cpu / t.cpu
+                    result[f"plain_vs_hf_b{B}_cpu"] = t_hf.cpu / t_plain.cpu
             log.info("batch %d done", B)
+        result["compiled_shapes"] = len(fast.runner.compiled)
+        result["step_timings_ms"] = {str(k): v for k, v in fast.runner.timings_ms.items()}
 
         if recompute:
             result.update(_kv_vs_recompute(ours, params, prompt_len, new_tokens, dev, repeats))
@@ -215,20 +244,23 @@ def format_table(r: dict[str, Any]) -> str:
         f"decoder bench: preset={r['preset']} ({r['params'] / 1e6:.2f}M params) "
         f"device={r['device']} ({r['device_name']}) dtype={r['dtype']} "
         f"torch={r['torch']} threads={r['threads']}\n"
-        f"prompt={r['prompt_len']} new={r['new_tokens']} median of {r['repeats']}"
+        f"prompt={r['prompt_len']} new={r['new_tokens']} median of {r['repeats']}; "
+        f"decode step compile={r['compile']} ({r['compiled_shapes']} shapes compiled)"
     )
-    rows = [f"{'batch':>5} {'ours tok/s':>11} {'ms/step':>8} {'HF tok/s':>9} "
-            f"{'HF ms/step':>10} {'ours/HF':>8}"]
+    rows = [f"{'batch':>5} {'fast tok/s':>11} {'ms/step':>8} {'plain ms/step':>13} "
+            f"{'HF ms/step':>10} {'fast/HF':>8} {'plain/HF':>9} {'compiled':>9} {'same':>5}"]
     for key in sorted(k for k in r if k.startswith("tokens_per_s_b")):
         B = key.removeprefix("tokens_per_s_b")
-        hf_tps = r.get(f"hf_tokens_per_s_b{B}")
+        hf_ms = r.get(f"hf_ms_per_step_b{B}")
         rows.append(
             f"{B:>5} {r[key]:>11.1f} {r[f'ms_per_step_b{B}']:>8.2f} "
+            f"{r[f'plain_ms_per_step_b{B}']:>13.2f} "
             + (
-                f"{hf_tps:>9.1f} {r[f'hf_ms_per_step_b{B}']:>10.2f} {r[f'vs_hf_b{B}']:>7.2f}x"
-                if hf_tps is not None
-                else f"{'-':>9} {'-':>10} {'-':>8}"
+                f"{hf_ms:>10.2f} {r[f'vs_hf_b{B}']:>7.2f}x {r[f'plain_vs_hf_b{B}']:>8.2f}x"
+                if hf_ms is not None
+                else f"{'-':>10} {'-':>8} {'-':>9}"
             )
+            + f" {str(r[f'compiled_b{B}']):>9} {str(r[f'same_tokens_as_plain_b{B}']):>5}"
         )
     if "kv_speedup" in r:
         n = r["kv_len"]
@@ -238,7 +270,7 @@ def format_table(r: dict[str, Any]) -> str:
             f"{r[f'ms_step_cached_at_{n}']:.2f} ms vs {r[f'ms_step_full_at_{n}']:.2f} ms "
             f"({r[f'kv_step_speedup_at_{n}']:.1f}x); same tokens: {r['kv_matches_recompute']}"
         )
-    cpu = [f"ours/HF b{k.removeprefix('vs_hf_b').removesuffix('_cpu')} {r[k]:.2f}x"
+    cpu = [f"fast/HF b{k.removeprefix('vs_hf_b').removesuffix('_cpu')} {r[k]:.2f}x"
            for k in sorted(r) if k.startswith("vs_hf_b") and k.endswith("_cpu")]
     if "kv_speedup_cpu" in r:
         n = r["kv_len"]

@@ -47,10 +47,12 @@ from benchmarks.machine import cpu_name
 log = logging.getLogger(__name__)
 
 CONCURRENCY = (1, 8, 32)
-TARGETS = {  # issue 5
-    "t2i_p50_ms_c1": ("<=", 300.0),
+TARGETS = {
+    "t2i_p50_ms_c1": ("<=", 300.0),  # issue 5
     "batching_throughput_ratio_c8": (">=", 3.0),
     "cache_hit_ms": ("<=", 2.0),
+    "speedup_vs_baseline_c1": (">=", 2.0),  # issue 17: the fast decoding path
+    "speedup_vs_baseline_c8": (">=", 2.0),
 }
 SIZES = ("small", "big")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "cyan", "white")
@@ -327,11 +329,17 @@ def run(
     retrieval_queries: int = 50,
     redis_url: str = "redis://127.0.0.1:6379/0",
     threads: int = 1,
+    baseline: bool = False,
+    full: bool = True,
+    soak_s: float = 0.0,
     progress: Callable[[str], None] = log.info,
 ) -> dict[str, Any]:
+    """`full`: the latency, batching and retrieval measurements; `baseline`: the plain
+    decoding path against the fast one (benchmarks/service_baseline.py)."""
     import torch
 
     from app.settings import clear_settings_cache, get_retriever_settings
+    from benchmarks.service_baseline import compare
 
     # The services read their bundle and memory from RACM3_* settings; point them here.
     if bundle_dir is not None:
@@ -355,6 +363,13 @@ def run(
     }
     gen = prompts()
     loop = asyncio.new_event_loop()
+    if not full:
+        try:
+            result.update(compare(loop, gen, requests=requests, soak_s=soak_s,
+                                  progress=progress))
+        finally:
+            loop.close()
+        return _finish(result)
     try:
         with embedded_server() as (url, app):
             result["server"] = {k: app.state.components.generator.describe()[k]
@@ -423,6 +438,9 @@ def run(
                 result[f"cache_{backend}_status"] = r.pop("status")
                 for k, v in r.items():
                     result[f"cache_{backend}_{k}"] = v
+            if baseline:
+                result.update(compare(loop, gen, requests=requests, soak_s=soak_s,
+                                      progress=progress, fast_url_app=(url, app)))
     finally:
         loop.close()
     # Headline: the deployed configuration (Redis) when it answered, else the LRU.
@@ -430,9 +448,13 @@ def run(
     result["cache_backend"] = backend
     result["cache_hit_ms"] = result.get(f"cache_{backend}_hit_p50_ms")
     result["cache_miss_ms"] = result.get(f"cache_{backend}_miss_p50_ms")
+    return _finish(result)
+
+
+def _finish(result: dict[str, Any]) -> dict[str, Any]:
     result["loadavg_end"] = list(os.getloadavg())
     result["targets"] = {k: {"target": f"{op} {v:g}", "met": _meets(result.get(k), op, v)}
-                         for k, (op, v) in TARGETS.items()}
+                         for k, (op, v) in TARGETS.items() if k in result}
     return result
 
 
@@ -457,6 +479,14 @@ def _fmt(value: Any, digits: int = 1) -> str:
 
 
 def format_table(r: dict[str, Any]) -> str:
+    from benchmarks.service_baseline import format_table as baseline_table
+
+    if "t2i_p50_ms_c1" not in r:  # --baseline-only
+        return "\n".join([f"racm3 service benchmark: {r['bundle']} + {r['memory']}",
+                          f"{r['machine']}; torch threads {r['torch_threads']}; load "
+                          f"average {_fmt(r['loadavg_start'][0], 2)} at start, "
+                          f"{_fmt(r['loadavg_end'][0], 2)} at end", "",
+                          baseline_table(r), "", *_target_lines(r)])
     lines = [
         f"racm3 service benchmark: {r['bundle']} + {r['memory']}",
         f"{r['machine']}; torch threads {r['torch_threads']}; load average "
@@ -498,11 +528,18 @@ def format_table(r: dict[str, Any]) -> str:
                      f"{_fmt(r.get(f'cache_{backend}_miss_p50_ms'), 2):>12}")
     lines.append(f"{'HTTP /v1/retrieve (LRU)':28}{_fmt(r.get('cache_hit_http_ms'), 2):>12}"
                  f"{_fmt(r.get('cache_miss_http_ms'), 2):>12}")
-    lines += ["", "targets:"]
+    if "speedup_vs_baseline_c1" in r:
+        lines += ["", baseline_table(r)]
+    lines += ["", *_target_lines(r)]
+    return "\n".join(lines)
+
+
+def _target_lines(r: dict[str, Any]) -> list[str]:
+    lines = ["targets:"]
     for key, t in r["targets"].items():
         mark = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
         lines.append(f"  {key} = {_fmt(r.get(key), 2)} (target {t['target']}): {mark}")
-    return "\n".join(lines)
+    return lines
 
 
 def main(json_path: Path | None = None, **kwargs: Any) -> dict[str, Any]:

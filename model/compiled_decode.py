@@ -1,21 +1,22 @@
-"""Decoding after a shared prefill: prompt KV kept once per prompt, a static step.
+"""Decoding after a shared prefill: one cache per group of rows, a static step.
 
-`CM3Decoder.generate` with a `KVCache` gives every row its own copy of its prompt's keys
-and values and slices the cache to its current length, so each step reads R copies of
-the prompts and has new shapes. Here the cache is split in two (`DecodeState`):
+`CM3Decoder.generate` with one `KVCache` left-pads every row to the longest prompt of the
+batch: the unconditional (guidance) rows, three tokens long, attend over the full width
+of the conditional ones. And it slices the cache to its current length, so every step
+has new shapes. Here (`DecodeState`):
 
-- a prompt's KV is stored once (`PromptGroup`) and every row decoding from it reads that
-  one copy: a job's candidates share their prompt, and the guidance rows of a batch share
-  the unconditional one, which is a few tokens long instead of padded to the longest
-  prompt. Attention joins the prompt scores and the row's own scores in one softmax;
-- the generated tokens' KV is per row, in a static (rows, nh, max_new, hs) buffer
-  written at a slot given as a tensor.
+- rows come in groups (the conditional rows, then the unconditional ones), each group
+  with its own cache, as wide as its own longest prompt plus the tokens to generate, so
+  the guidance rows cost a few slots, not the longest prompt;
+- each cache is static: (rows, nh, prompt + new, hs), a step writes its key/value at a
+  slot given as a tensor and the slots not yet written are masked. The prompts' KV is
+  copied in from their single prefill (model/fast_decode.py).
 
 So a step's shapes depend only on the state's shapes, which makes `static_step` a single
 graph for `torch.compile`: on CUDA `mode="reduce-overhead"` captures it as a CUDA graph;
 on the CPU inductor fuses the norms, RoPE and SwiGLU into C++ kernels. Shapes are
-bucketed so a handful of graphs serve every batch: prompt lengths and the generated
-buffer round up to a multiple of `LEN_BUCKET`, prompt and row counts to a power of two.
+bucketed so a handful of graphs serve every batch: prompt and generated lengths round up
+to a multiple of `LEN_BUCKET`, row counts to a power of two.
 
 Compilation happens in `StepRunner.warmup`, before a server says it is ready, never on a
 request: a shape that was not warmed up runs the same step eagerly.
@@ -30,9 +31,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from model.decoder import CM3Decoder, apply_rope
+from model.decoder import CM3Decoder, DecoderConfig, apply_rope
 
 log = logging.getLogger(__name__)
 
@@ -50,83 +52,42 @@ def len_bucket(length: int) -> int:
 
 
 @dataclass
-class PromptGroup:
-    """Prompts whose KV every row of the group reads: rows p·m … p·m+m-1 read prompt p.
+class RowGroup:
+    """Rows decoding with one cache: k, v per layer (rows, nh, prompt_len + max_new, hs).
 
-    k, v: per layer (P, nh, T, hs), each prompt left-padded; mask (P, T) its real slots.
+    Each row's prompt is left-padded into slots [0, prompt_len); generated token t goes
+    to slot prompt_len + t. mask (rows, width) marks the slots a row may attend to.
     """
 
     k: list[Tensor]
     v: list[Tensor]
     mask: Tensor
-    rows_per_prompt: int
-
-    @property
-    def num_prompts(self) -> int:
-        return self.mask.size(0)
+    prompt_len: int
 
     @property
     def rows(self) -> int:
-        return self.num_prompts * self.rows_per_prompt
+        return self.mask.size(0)
 
 
 @dataclass
 class DecodeState:
-    """What a decoding step reads and writes, after a shared prefill.
+    """What a decoding step reads and writes: the groups' caches (conditional rows, then
+    unconditional ones), each row's next RoPE position and image-code run (R,), and the
+    tokens generated so far."""
 
-    groups cover the rows in order (conditional prompts, then unconditional ones). k, v:
-    per layer (R, nh, S, hs), the KV of the tokens generated so far, slot t for step t;
-    mask (R, S) the slots written. next_pos and code_run (R,): each row's next RoPE
-    position and the image codes in a row at its end.
-    """
-
-    groups: list[PromptGroup]
-    k: list[Tensor]
-    v: list[Tensor]
-    mask: Tensor
+    groups: list[RowGroup]
     next_pos: Tensor
     code_run: Tensor
-    length: int = 0  # tokens generated so far (slots written)
+    max_new: int
+    length: int = 0
 
     @property
     def rows(self) -> int:
-        return self.mask.size(0)
-
-    @property
-    def max_new(self) -> int:
-        return self.mask.size(1)
+        return self.next_pos.size(0)
 
     def shape_key(self) -> tuple:
         """What a compiled graph is specialised on."""
-        return (self.rows, self.max_new,
-                tuple((g.num_prompts, g.rows_per_prompt, g.mask.size(1)) for g in self.groups))
-
-
-def _attend(q: Tensor, group_k: list[Tensor], group_v: list[Tensor],
-            group_masks: list[Tensor], rows_per_prompt: list[int], k: Tensor, v: Tensor,
-            mask: Tensor, scale: float) -> Tensor:
-    """Attention of one query per row over its prompt (shared) and its own tokens.
-
-    q (R, nh, hs); k, v (R, nh, S, hs) with this step's key/value already written.
-    Returns (R, nh, hs).
-    """
-    own = torch.einsum("rhd,rhsd->rhs", q, k) * scale  # (R, nh, S)
-    own = own.masked_fill(~mask[:, None, :], float("-inf"))
-    out, start = [], 0
-    for pk, pv, pmask, m in zip(group_k, group_v, group_masks, rows_per_prompt, strict=True):
-        P, nh, T, hs = pk.shape
-        end = start + P * m
-        qg = q[start:end].view(P, m, nh, hs)
-        shared = torch.einsum("pmhd,phtd->pmht", qg, pk) * scale  # (P, m, nh, T)
-        shared = shared.masked_fill(~pmask[:, None, None, :], float("-inf"))
-        scores = torch.cat([shared.reshape(P * m, nh, T), own[start:end]], dim=-1)
-        probs = scores.softmax(dim=-1)
-        y = torch.einsum("pmht,phtd->pmhd", probs[..., :T].view(P, m, nh, T), pv)
-        y = y.reshape(P * m, nh, hs) + torch.einsum("rhs,rhsd->rhd", probs[..., T:],
-                                                    v[start:end])
-        out.append(y)
-        start = end
-    return torch.cat(out) if len(out) > 1 else out[0]
+        return (self.max_new, tuple((g.rows, g.prompt_len) for g in self.groups))
 
 
 def static_step(
@@ -134,26 +95,23 @@ def static_step(
     tok: Tensor,
     pos: Tensor,
     code_run: Tensor,
-    slot: Tensor,
-    k: list[Tensor],
-    v: list[Tensor],
-    mask: Tensor,
+    step: Tensor,
     group_k: list[list[Tensor]],
     group_v: list[list[Tensor]],
     group_masks: list[Tensor],
-    rows_per_prompt: list[int],
+    prompt_lens: list[int],
 ) -> tuple[Tensor, Tensor]:
     """One token per row through the decoder, over a `DecodeState`'s tensors.
 
     tok, pos, code_run (R,): the new token, its RoPE position, the image codes in a row
-    before it; slot (1,): where its key/value go in k, v (per layer (R, nh, S, hs)),
-    written in place; mask (R, S) must already include `slot`. group_k[g][layer] are the
-    groups' prompt keys. Returns the next-token logits (R, V) and the new code runs.
+    before it; step (1,): which generated token this is. Group g's rows are the next
+    `group_masks[g].size(0)` rows; its keys/values go to slot prompt_lens[g] + step of
+    group_k[g][layer], written in place, and its mask must already include that slot.
+    Returns the next-token logits (R, V) and the new code runs.
     """
     c = model.config
     R = tok.size(0)
     nh, hs = c.n_head, c.head_dim
-    scale = hs ** -0.5
     x = model.wte(tok)  # (R, C)
     if model.wge is not None:
         is_code = (tok >= c.image_offset) & (tok < c.image_offset + c.codebook_size)
@@ -163,21 +121,43 @@ def static_step(
         code_run = torch.zeros_like(code_run)
     cos = model.rope_cos[pos].view(R, 1, 1, hs)
     sin = model.rope_sin[pos].view(R, 1, 1, hs)
+    slots = [step + n for n in prompt_lens]
+    masks = [m[:, None, None, :] for m in group_masks]  # (rows, 1, 1, width)
     for i, block in enumerate(model.blocks):
         attn = block.attn
         qkv = attn.c_attn(block.ln_1(x)).view(R, 3, nh, hs)
         qk = apply_rope(qkv[:, :2], cos, sin)  # (R, 2, nh, hs)
-        k[i].index_copy_(2, slot, qk[:, 1].unsqueeze(2))
-        v[i].index_copy_(2, slot, qkv[:, 2].unsqueeze(2))
-        y = _attend(qk[:, 0], [g[i] for g in group_k],
-                    [g[i] for g in group_v], group_masks, rows_per_prompt, k[i], v[i], mask,
-                    scale)
-        x = x + attn.c_proj(y.reshape(R, c.n_embd))
+        q = qk[:, 0].unsqueeze(2)  # (R, nh, 1, hs)
+        k = qk[:, 1].unsqueeze(2)
+        v = qkv[:, 2].unsqueeze(2)
+        ys, start = [], 0
+        for gk, gv, mask, slot in zip(group_k, group_v, masks, slots, strict=True):
+            end = start + mask.size(0)
+            gk[i].index_copy_(2, slot, k[start:end])
+            gv[i].index_copy_(2, slot, v[start:end])
+            ys.append(F.scaled_dot_product_attention(q[start:end], gk[i], gv[i],
+                                                     attn_mask=mask))
+            start = end
+        y = torch.cat(ys) if len(ys) > 1 else ys[0]  # (R, nh, 1, hs)
+        x = x + attn.c_proj(y.view(R, c.n_embd))
         x = x + block.mlp(block.ln_2(x))
     return model.lm_head(model.ln_f(x)), code_run
 
 
 StepFn = Callable[..., tuple[Tensor, Tensor]]
+GroupBuffers = tuple[list[Tensor], list[Tensor], Tensor]  # k, v per layer; mask
+
+
+def allocate_buffers(config: DecoderConfig, shapes: Sequence[tuple[int, int]],
+                     dtype: torch.dtype, device: torch.device | str) -> list[GroupBuffers]:
+    """Zeroed caches for groups of (rows, width)."""
+    out = []
+    for rows, width in shapes:
+        shape = (rows, config.n_head, width, config.head_dim)
+        k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        out.append((k, v, torch.zeros(rows, width, dtype=torch.bool, device=device)))
+    return out
 
 
 def run_step(fn: StepFn, model: CM3Decoder, tok: Tensor, state: DecodeState) -> Tensor:
@@ -185,12 +165,14 @@ def run_step(fn: StepFn, model: CM3Decoder, tok: Tensor, state: DecodeState) -> 
     t = state.length
     if t >= state.max_new:
         raise ValueError(f"decode state full: {state.max_new} tokens generated")
-    state.mask[:, t] = True
-    slot = torch.tensor([t], device=tok.device)
+    for g in state.groups:
+        g.mask[:, g.prompt_len + t] = True
+    if fn is not static_step and tok.device.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()  # last step's outputs are consumed
     logits, code_run = fn(
-        model, tok, state.next_pos, state.code_run, slot, state.k, state.v, state.mask,
+        model, tok, state.next_pos, state.code_run, torch.tensor([t], device=tok.device),
         [g.k for g in state.groups], [g.v for g in state.groups],
-        [g.mask for g in state.groups], [g.rows_per_prompt for g in state.groups],
+        [g.mask for g in state.groups], [g.prompt_len for g in state.groups],
     )
     state.code_run = code_run.clone()  # a CUDA graph's outputs are overwritten next replay
     state.next_pos += 1
@@ -202,15 +184,43 @@ def run_step(fn: StepFn, model: CM3Decoder, tok: Tensor, state: DecodeState) -> 
 class StepRunner:
     """Runs `static_step` for one decoder, compiled for the shapes warmed up.
 
-    mode "on" compiles (with CUDA graphs on CUDA), "off" runs the step eagerly, "auto"
-    compiles and keeps the compiled step only for shapes where warm-up measured it faster.
+    On CUDA, "auto" and "on" compile every warmed-up shape (with CUDA graphs: launching
+    one graph is what a step then costs). On the CPU, "on" compiles each warmed-up shape
+    and keeps it where warm-up measured it faster than eager, while "auto" stays eager:
+    for the demo decoder compiling bought 1.2-1.3x per step at the price of minutes of
+    warm-up per shape (BENCHMARKS.md). "off" never compiles.
     """
 
     model: CM3Decoder
     mode: CompileMode = "auto"
     compiled: set[tuple] = field(default_factory=set)
     timings_ms: dict[tuple, tuple[float, float]] = field(default_factory=dict)
+    # A compiled shape's buffers, reused by every batch of that shape: a CUDA graph reads
+    # and writes the addresses it was captured with.
+    pool: dict[tuple, list[GroupBuffers]] = field(default_factory=dict)
     _compiled_fn: StepFn | None = None
+
+    def buffers(self, key: tuple, shapes: Sequence[tuple[int, int]], dtype: torch.dtype,
+                device: torch.device | str) -> list[GroupBuffers]:
+        """Zeroed caches for a state of shape `key`: the pooled ones for a compiled shape."""
+        pooled = self.pool.get(key)
+        if pooled is None or pooled[0][0][0].dtype != dtype:
+            return allocate_buffers(self.model.config, shapes, dtype, device)
+        for k, v, mask in pooled:
+            for t in (*k, *v, mask):
+                t.zero_()
+        return pooled
+
+    def _adopt(self, key: tuple, state: DecodeState) -> None:
+        self.compiled.add(key)
+        self.pool[key] = [(g.k, g.v, g.mask) for g in state.groups]
+        if state.next_pos.device.type == "cuda":
+            for g in state.groups:
+                for t in (*g.k, *g.v, g.mask):
+                    torch._dynamo.mark_static_address(t)
+
+    def compiles(self, device: torch.device) -> bool:
+        return self.mode == "on" or (self.mode == "auto" and device.type == "cuda")
 
     def _compile(self) -> StepFn:
         if self._compiled_fn is None:
@@ -230,9 +240,9 @@ class StepRunner:
 
         The states are scratch: their slots are overwritten.
         """
-        if self.mode == "off":
-            return
         for state in states:
+            if not self.compiles(state.next_pos.device):
+                return
             key = state.shape_key()
             if key in self.compiled or key in self.timings_ms:
                 continue
@@ -240,25 +250,27 @@ class StepRunner:
             t0 = time.perf_counter()
             self._time(fn, state, 1)  # the first call compiles
             log.info("decode step %s compiled in %.1f s", key, time.perf_counter() - t0)
-            if self.mode == "on":
-                self.compiled.add(key)
+            if self.mode == "on" or state.next_pos.device.type == "cuda":
+                self._adopt(key, state)
                 continue
             compiled_ms = self._time(fn, state, measure_steps)
             eager_ms = self._time(static_step, state, measure_steps)
             self.timings_ms[key] = (eager_ms, compiled_ms)
             if compiled_ms < eager_ms:
-                self.compiled.add(key)
+                self._adopt(key, state)
             log.info("decode step %s: eager %.2f ms, compiled %.2f ms: %s", key, eager_ms,
                      compiled_ms, "compiled" if key in self.compiled else "eager")
 
     @torch.inference_mode()
     def _time(self, fn: StepFn, state: DecodeState, steps: int) -> float:
         """Best ms per step of `fn` on `state` (rewinding it after each step)."""
-        dev = state.mask.device
+        dev = state.next_pos.device
         tok = torch.zeros(state.rows, dtype=torch.long, device=dev)
         best = float("inf")
         for _ in range(steps):
             state.length = 0
+            for g in state.groups:
+                g.mask[:, g.prompt_len] = False
             t0 = time.perf_counter()
             run_step(fn, self.model, tok, state)
             if dev.type == "cuda":
@@ -267,32 +279,3 @@ class StepRunner:
             state.next_pos -= 1
         state.length = 0
         return 1e3 * best
-
-
-class DecodeStepper:
-    """`CM3Decoder.generate`'s per-step forward on a `DecodeState` (`Prefilled.step`)."""
-
-    def __init__(self, runner: StepRunner, rows: int) -> None:
-        self.runner = runner
-        self.rows = rows  # the state may hold padding rows beyond these
-
-    def __call__(self, model: CM3Decoder, idx: Tensor, state: DecodeState) -> Tensor:
-        """idx (rows, 1) -> logits (rows, 1, V), appended to `state`."""
-        tok = idx[:, 0]
-        if state.rows > tok.size(0):  # padding rows decode a pad token; their logits drop
-            tok = torch.cat([tok, tok.new_zeros(state.rows - tok.size(0))])
-        logits = run_step(self.runner.step_fn(state), model, tok, state)
-        return logits[: self.rows, None]
-
-
-def new_state(model: CM3Decoder, groups: Sequence[PromptGroup], max_new: int,
-              next_pos: Tensor, code_run: Tensor) -> DecodeState:
-    """A state over `groups` with an empty, zeroed buffer for `max_new` tokens per row."""
-    c = model.config
-    R = sum(g.rows for g in groups)
-    ref = groups[0].k[0]
-    shape = (R, c.n_head, max_new, c.head_dim)
-    k = [torch.zeros(shape, dtype=ref.dtype, device=ref.device) for _ in range(c.n_layer)]
-    v = [torch.zeros(shape, dtype=ref.dtype, device=ref.device) for _ in range(c.n_layer)]
-    mask = torch.zeros(R, max_new, dtype=torch.bool, device=ref.device)
-    return DecodeState(list(groups), k, v, mask, next_pos, code_run)

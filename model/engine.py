@@ -136,6 +136,7 @@ class Engine:
             "device": self.device,
             "retrieval_guidance": {"default": guidance.DEFAULT_WEIGHT,
                                    "range": [0.0, guidance.MAX_WEIGHT]},
+            "fast_decode": None if self.fast is None else self.fast.describe(),
             "manifest": self.manifest,
         }
 
@@ -143,6 +144,12 @@ class Engine:
         job = T2IJob("a red square", [], n=1, num_candidates=1,
                      sampling=RequestSampling(seed=0, temperature=1.0))
         self.text_to_image([job])
+        if self.fast is not None:  # compile the decode step for the batches to come
+            self.fast.warmup()
+
+    def fast_decode_stats(self) -> dict[str, Any] | None:
+        """The fast path's counters (prefix cache hits, misses, bytes), None when it is off."""
+        return None if self.fast is None else self.fast.stats()
 
     # --- building blocks ---------------------------------------------------------------
 
@@ -345,6 +352,8 @@ class Engine:
         prompts = self.clip.encode_text([j.prompt for j in jobs for _ in range(per_job)])
         scores = (prompts * image).sum(-1)
         ranks = scores.copy()
+        if per_job == 1:  # a lone candidate needs no ranking: skip decoding the neighbours
+            return scores, ranks
         # every job's retrieved images in one VQ decode and one CLIP call
         owners, memory_codes = [], []
         for g, job in enumerate(jobs):

@@ -1,9 +1,9 @@
 """The engine's decoding fast path, and the switch that turns it off.
 
 `FastDecode` puts together:
-- shared prefill: each distinct prompt of a batch is prefilled once, its KV kept once
-  and read by all its rows (a job's candidates; all guidance rows read the one
-  unconditional prompt);
+- shared prefill: each distinct prompt of a batch is prefilled once and its KV copied
+  to all its rows (a job's candidates; every guidance row gets the one unconditional
+  prompt, in a cache of its group's own width, not padded to the longest prompt);
 - the cross-request prefix cache of documents' KV (model/prefix_cache.py);
 - the static decode step (model/compiled_decode.py), compiled at warm-up where that
   measured faster.
@@ -26,10 +26,11 @@ from torch import Tensor
 from model.compiled_decode import (
     CompileMode,
     DecodeState,
-    PromptGroup,
+    GroupBuffers,
+    RowGroup,
     StepRunner,
+    allocate_buffers,
     len_bucket,
-    new_state,
     pow2_bucket,
     run_step,
 )
@@ -40,15 +41,20 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX_CACHE_BYTES = 128 * 1024 * 1024
 UNCOND_LEN = 3  # `<img alt="<mask:0>" src="`: the unconditional t2i prompt
+WarmupShape = tuple[int, int, int, bool, int]
 
 
 @dataclass(frozen=True)
 class FastDecodeOptions:
     enabled: bool = True  # False: the plain path (the benchmark's baseline)
     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES  # 0: no cross-request cache
-    # "auto": compile each warmed-up shape where it measured faster than eager; "on":
-    # always (CUDA graphs on CUDA); "off": the static step, eagerly
+    # the decode step under torch.compile: "auto" on CUDA only, "on" also on the CPU
+    # (where each shape is kept compiled only if warm-up measured it faster), "off" never
+    # (see `StepRunner`)
     compile: CompileMode = "auto"
+    # Batches to compile the step for at warm-up: (jobs, candidates per job, prompt
+    # length, guided, new tokens). Other shapes run the same step eagerly.
+    warmup_shapes: tuple[WarmupShape, ...] = ()
 
 
 class RowStep:
@@ -64,27 +70,33 @@ class RowStep:
             tok = tok.new_zeros(state.rows).index_copy_(0, self.real_rows, tok)
         logits = run_step(self.runner.step_fn(state), model, tok, state)
         if self.real_rows is not None:
-            logits = logits.index_select(0, self.real_rows)
-        return logits[:, None]
+            return logits.index_select(0, self.real_rows)[:, None]
+        return logits.clone()[:, None]  # a CUDA graph overwrites its output next step
 
 
-def _group(model: CM3Decoder, prompts: Sequence[Sequence[SegmentKV]], rows_per_prompt: int,
-           bucket: bool) -> PromptGroup:
-    """The prompts' KV, each left-padded to the longest (and padding prompts when bucketed)."""
-    c = model.config
-    lengths = [p[-1].end for p in prompts]
-    T = len_bucket(max(lengths)) if bucket else max(lengths)
-    P = pow2_bucket(len(prompts)) if bucket else len(prompts)
-    ref = prompts[0][0].k[0]
-    shape = (P, c.n_head, T, c.head_dim)
-    k = [torch.zeros(shape, dtype=ref.dtype, device=ref.device) for _ in range(c.n_layer)]
-    v = [torch.zeros(shape, dtype=ref.dtype, device=ref.device) for _ in range(c.n_layer)]
-    mask = torch.zeros(P, T, dtype=torch.bool, device=ref.device)
-    for i, (nodes, n) in enumerate(zip(prompts, lengths, strict=True)):
-        write_segments(k, v, i, nodes, offset=T - n)
-        mask[i, T - n :] = True
-    mask[len(prompts):, T - 1] = True  # padding prompts see one zero slot: attention stays finite
-    return PromptGroup(k, v, mask, rows_per_prompt)
+def _fill_group(buffers: GroupBuffers, prompts: Sequence[Sequence[SegmentKV]],
+                row_prompt: Sequence[int], prompt_len: int) -> RowGroup:
+    """Rows reading prompts[row_prompt[r]], left-padded to `prompt_len`, in zeroed buffers
+    with room for the tokens to come (and padding rows beyond `row_prompt`)."""
+    k, v, mask = buffers
+    for p, rows in _runs(row_prompt):
+        n = prompts[p][-1].end
+        write_segments(k, v, rows, prompts[p], offset=prompt_len - n)
+        mask[rows, prompt_len - n : prompt_len] = True
+    # padding rows see one zero slot, so their attention stays finite
+    mask[len(row_prompt):, prompt_len - 1] = True
+    return RowGroup(k, v, mask, prompt_len)
+
+
+def _runs(row_prompt: Sequence[int]) -> list[tuple[int, slice]]:
+    """Maximal runs of rows reading the same prompt, as (prompt, rows)."""
+    runs: list[tuple[int, slice]] = []
+    start = 0
+    for r in range(1, len(row_prompt) + 1):
+        if r == len(row_prompt) or row_prompt[r] != row_prompt[start]:
+            runs.append((row_prompt[start], slice(start, r)))
+            start = r
+    return runs
 
 
 def build_state(
@@ -93,43 +105,57 @@ def build_state(
     streams: Sequence[Sequence[int]],
     num_samples: int,
     max_new_tokens: int,
-    bucket: bool = False,
+    runner: StepRunner | None = None,
 ) -> tuple[DecodeState, Tensor, Tensor | None]:
-    """The decode state for `streams` (parts of streams; each a list of prompt indices into
-    `prompt_kv`; every stream decodes `num_samples` rows).
+    """The decode state for `streams`: parts (conditional, unconditional) of prompt
+    indices into `prompt_kv`, each stream decoding `num_samples` rows, one group per part.
 
-    A part whose streams all share one prompt keeps it once for all their rows. Returns
-    the state, the (rows, 1, V) first logits in stream order, and where those rows sit
-    among the state's rows (None when there is no padding).
+    With a `runner` that compiles, shapes are bucketed and the buffers come from it (the
+    same tensors for every batch of a compiled shape, as a CUDA graph needs). Returns the
+    state, the (rows, 1, V) first logits in stream order, and where those rows sit among
+    the state's rows (None when there is no padding).
     """
-    groups, real, pos, run = [], [], [], []
-    logits = []
-    start = 0
-    for part in streams:
-        if not part:
-            continue
-        shared = len(set(part)) == 1
-        prompts = [prompt_kv[part[0]]] if shared else [prompt_kv[p] for p in part]
-        m = num_samples * (len(part) if shared else 1)
-        group = _group(model, prompts, m, bucket)
-        groups.append(group)
-        lengths = [p[-1].end for p in prompts]
-        for i in range(group.num_prompts):
-            real_prompt = i < len(prompts)
-            for _ in range(m):
-                if real_prompt:
-                    real.append(start)
-                pos.append(lengths[i] if real_prompt else 0)
-                run.append(prompts[i][-1].code_run if real_prompt else 0)
-                start += 1
-        logits += [prompt_kv[p][-1].logits for p in part for _ in range(num_samples)]
-    device = logits[0].device
+    bucket = runner is not None and runner.compiles(prompt_kv[0][0].k[0].device)
     max_new = len_bucket(max_new_tokens) if bucket else max_new_tokens
-    state = new_state(model, groups, max_new,
-                      torch.tensor(pos, dtype=torch.long, device=device),
-                      torch.tensor(run, dtype=torch.long, device=device))
+    plans = []  # (row_prompt, rows, prompt_len) per group
+    for part in streams:
+        if part:
+            row_prompt = [p for p in part for _ in range(num_samples)]
+            longest = max(prompt_kv[p][-1].end for p in part)
+            plans.append((row_prompt,
+                          pow2_bucket(len(row_prompt)) if bucket else len(row_prompt),
+                          len_bucket(longest) if bucket else longest))
+    ref = prompt_kv[0][0].k[0]
+    shapes = [(rows, prompt_len + max_new) for _, rows, prompt_len in plans]
+    key = (max_new, tuple((rows, prompt_len) for _, rows, prompt_len in plans))
+    buffers = (runner.buffers(key, shapes, ref.dtype, ref.device) if runner is not None
+               else allocate_buffers(model.config, shapes, ref.dtype, ref.device))
+    groups, real, pos, run, logits = [], [], [], [], []
+    start = 0
+    for (row_prompt, rows, prompt_len), buf in zip(plans, buffers, strict=True):
+        groups.append(_fill_group(buf, prompt_kv, row_prompt, prompt_len))
+        for r in range(rows):
+            p = prompt_kv[row_prompt[r]] if r < len(row_prompt) else None
+            if p is not None:
+                real.append(start + r)
+                logits.append(p[-1].logits)
+            pos.append(p[-1].end if p is not None else 0)
+            run.append(p[-1].code_run if p is not None else 0)
+        start += rows
+    device = logits[0].device
+    state = DecodeState(groups, torch.tensor(pos, dtype=torch.long, device=device),
+                        torch.tensor(run, dtype=torch.long, device=device), max_new)
     real_rows = None if len(real) == state.rows else torch.tensor(real, device=device)
     return state, torch.stack(logits)[:, None], real_rows
+
+
+def default_warmup_shapes(max_jobs: int, prompt_lens: Sequence[int] = (64, 128, 192),
+                          new_tokens: int = 64) -> tuple[WarmupShape, ...]:
+    """Text-to-image batches of 1, 2, 4 … `max_jobs` one-candidate jobs with guidance
+    (what the service's requests default to), at the given prompt lengths (the demo
+    bundle's prompts with 0, 1 and 2 documents fall in these buckets)."""
+    jobs = sorted({pow2_bucket(j) for j in range(1, max_jobs + 1)})
+    return tuple((j, 1, n, True, new_tokens) for j in jobs for n in prompt_lens)
 
 
 class SharedPrefill:
@@ -150,9 +176,8 @@ class SharedPrefill:
         parts = [[distinct.setdefault(tuple(p), len(distinct)) for p in part]
                  for part in (prompts, uncond or [])]
         kv = [prefill_prompt(self.model, p, self.cache) for p in distinct]
-        state, logits, real_rows = build_state(
-            self.model, kv, parts, num_samples, max_new_tokens,
-            bucket=self.runner.mode != "off")
+        state, logits, real_rows = build_state(self.model, kv, parts, num_samples,
+                                               max_new_tokens, self.runner)
         return Prefilled(state, logits, uncond is not None, RowStep(self.runner, real_rows))
 
 
@@ -165,10 +190,17 @@ class FastDecode:
         self.runner = StepRunner(model, options.compile)
         self.prefill = SharedPrefill(model, self.runner, self.cache)
 
-    def warmup(self, shapes: Iterable[tuple[int, int, int, bool]], max_new: int = 64) -> None:
-        """Compile the decode step before serving, for batches of (jobs, candidates per
-        job, prompt length, guided) decoding up to `max_new` tokens."""
-        self.runner.warmup(self.scratch_state(*s, max_new=max_new) for s in shapes)
+    def warmup(self, shapes: Iterable[WarmupShape] | None = None) -> None:
+        """Compile the decode step before serving, for `shapes` (default: the options')."""
+        shapes = self.options.warmup_shapes if shapes is None else shapes
+        self.runner.warmup(self.scratch_state(*s) for s in shapes)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "compile": self.options.compile,
+            "compiled_shapes": len(self.runner.compiled),
+            "prefix_cache_bytes": self.options.prefix_cache_bytes,
+        }
 
     def scratch_state(self, jobs: int, candidates: int, prompt_len: int, guided: bool,
                       max_new: int = 64) -> DecodeState:
@@ -185,14 +217,12 @@ class FastDecode:
 
         prompts = [[zeros(prompt_len)]] * jobs + [[zeros(UNCOND_LEN)]]
         parts = [list(range(jobs))] + ([[jobs] * jobs] if guided else [])
-        state, _, _ = build_state(self.model, prompts, parts, candidates, max_new, bucket=True)
+        state, _, _ = build_state(self.model, prompts, parts, candidates, max_new,
+                                  StepRunner(self.model, "on"))
         return state
 
     def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "compile": self.options.compile,
-            "compiled_shapes": len(self.runner.compiled),
-        }
+        out: dict[str, Any] = self.describe()
         if self.cache is not None:
             s = self.cache.stats()
             out["prefix_cache"] = {

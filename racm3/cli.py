@@ -44,6 +44,9 @@ def bench_decoder(
     dtype: str | None = typer.Option(None, help="float32 or bfloat16 (default: bf16 on cuda)"),
     hf: bool = typer.Option(True, help="compare with HF GPT2LMHeadModel.generate"),
     recompute: bool = typer.Option(True, help="measure KV cache vs full recomputation"),
+    compile_mode: str = typer.Option(
+        "auto", "--compile",
+        help="decode step under torch.compile: auto (on cuda only), on (cpu too), off"),
 ) -> None:
     """Decoding tokens/s at batch 1 and 8, against HF GPT-2 and against no KV cache."""
     from benchmarks.decoder import main as run_decoder_bench
@@ -60,6 +63,7 @@ def bench_decoder(
         dtype=dtype,
         compare_hf=hf,
         recompute=recompute,
+        compile=compile_mode,
     )
 
 
@@ -88,6 +92,12 @@ def bench_service(
     retrieval_queries: int = typer.Option(50, min=5, help="cache-miss queries (4x as many hits)"),
     redis_url: str = typer.Option("redis://127.0.0.1:6379/0", help="Redis for the cache arm"),
     threads: int = typer.Option(1, min=1, help="torch CPU threads"),
+    baseline: bool = typer.Option(
+        False, help="also measure the plain decoding path against the fast one (same run)"),
+    baseline_only: bool = typer.Option(
+        False, help="only the plain-vs-fast comparison (implies --baseline)"),
+    soak_s: float = typer.Option(0.0, min=0, help="with --baseline: soak the fast server "
+                                 "this long, sampling RSS and prefix-cache bytes"),
 ) -> None:
     """Embedded-mode latency (c=1/8/32), batching gain and cache hit vs miss, over HTTP."""
     from benchmarks.service import main as run_service_bench
@@ -101,6 +111,9 @@ def bench_service(
         retrieval_queries=retrieval_queries,
         redis_url=redis_url,
         threads=threads,
+        baseline=baseline or baseline_only,
+        full=not baseline_only,
+        soak_s=soak_s,
     )
 
 

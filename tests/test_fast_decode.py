@@ -133,15 +133,16 @@ def test_the_prefix_cache_keeps_to_its_byte_bound(model: CM3Decoder) -> None:
 
 
 def test_static_step_bucketed_shapes_give_the_same_tokens(model: CM3Decoder) -> None:
-    # "on" would compile; here the runner never compiled a shape, so it runs the static
-    # step eagerly on padded (bucketed) prompts and rows, as a compiled graph would see them
+    # "on" compiles at warm-up; with no warm-up the runner compiled nothing, so it runs the
+    # static step eagerly on bucketed shapes (padding rows and slots), as a graph sees them
     prompts = [_doc(1) + _tail(10, 6), _tail(11, 3), _doc(3) + _doc(4) + _tail(12, 9)]
     seeds = [1, 2, 3]
     plain = _generate(model, prompts, 2, seeds, True)
-    runner = StepRunner(model, "auto")
+    runner = StepRunner(model, "on")
     bucketed = SharedPrefill(model, runner)
     state = bucketed(prompts, [UNCOND] * 3, 2, 12).cache
-    assert state.rows > 12 and state.max_new == 64  # padding rows, bucketed buffer
+    assert state.rows == 16 and state.max_new == 64  # 8 + 8 rows for 6 + 6, 64 slots for 12
+    assert [g.prompt_len for g in state.groups] == [64, 64]
     assert torch.equal(_generate(model, prompts, 2, seeds, True, bucketed), plain)
 
 
@@ -153,3 +154,18 @@ def test_fast_decode_reports_its_cache(model: CM3Decoder) -> None:
     assert (stats["hits"], stats["misses"]) == (1, 3)
     assert 0 < stats["bytes"] <= stats["max_bytes"] == 1 << 20
     assert FastDecode(model, FastDecodeOptions(prefix_cache_bytes=0)).cache is None
+
+
+@pytest.mark.slow  # inductor compiles C++ for the CPU: minutes on a loaded 2-core machine
+def test_compiled_step_gives_the_tokens_of_the_eager_step(model: CM3Decoder) -> None:
+    prompts = [_doc(1) + _tail(10, 6), _tail(11, 3), _doc(3) + _doc(4) + _tail(12, 9)]
+    seeds = [1, 2, 3]
+    eager = SharedPrefill(model, StepRunner(model, "auto"))  # nothing compiled: eager
+    want = _generate(model, prompts, 2, seeds, True, eager)
+    runner = StepRunner(model, "on")
+    compiled = SharedPrefill(model, runner)
+    runner.warmup([compiled(prompts, [UNCOND] * 3, 2, 12).cache])
+    assert len(runner.compiled) == 1
+    assert torch.equal(_generate(model, prompts, 2, seeds, True, compiled), want)
+    assert torch.equal(_generate(model, prompts, 2, seeds, True, SharedPrefill(
+        model, StepRunner(model, "off"))), want)

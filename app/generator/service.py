@@ -112,6 +112,9 @@ class GeneratorService:
     async def start(self) -> None:
         try:
             self.engine = await asyncio.to_thread(self.engine_factory, self.settings)
+            fast_stats = getattr(self.engine, "fast_decode_stats", None)
+            if callable(fast_stats):
+                self.metrics.watch_prefix_cache(fast_stats)
             with self.metrics.stage("warmup"):
                 await asyncio.to_thread(self.engine.warmup)
             self.engine_info = dict(self.engine.info())
