@@ -209,10 +209,11 @@ class Gateway:
         *,
         thumbnails: bool,
         memory: str | None = None,
+        examples: int = 0,
     ) -> tuple[list[NeighbourDoc], str | None]:
         if not options.enabled:
             return [], None
-        k = self.retrieval_k(options)
+        k = self.retrieval_k(options, examples)
         with self.metrics.stage("retrieve"):
             out = await self.retriever.search(
                 [query], k, "rag", mode=options.mode, tokens=True, thumbnails=thumbnails,
@@ -220,8 +221,12 @@ class Gateway:
             )
         return out.neighbours[0], out.memory_version
 
-    def retrieval_k(self, options: RetrievalOptions) -> int:
-        k = self.settings.default_k if options.k is None else options.k
+    def retrieval_k(self, options: RetrievalOptions, examples: int = 0) -> int:
+        """Documents to retrieve. By default demonstrations take the place of retrieved
+        documents: the decoder was trained with at most `default_k` documents in context,
+        and with more it follows neither (racm3 eval --tasks examples). An explicit
+        `retrieval.k` is honoured."""
+        k = max(0, self.settings.default_k - examples) if options.k is None else options.k
         if k > self.settings.max_k:
             raise InvalidRequest(
                 f"retrieval.k must be <= {self.settings.max_k}", param="retrieval.k"
@@ -459,7 +464,7 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
         async def job_for(ticket: Ticket) -> tuple[T2IJob, str | None]:
             docs, version = await gw.neighbours(
                 RetrievalQuery(text=prompt), body.retrieval, thumbnails=body.return_neighbours,
-                memory=memory,
+                memory=memory, examples=len(examples),
             )
             sampling = _sampling(body, seed, body.guidance_scale)
             ticket.arrived()  # submitted next: no longer on its way
@@ -594,7 +599,8 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
 
         async def work(ticket: Ticket) -> ImagesResponse:
             docs, version = await gw.neighbours(
-                query, body.retrieval, thumbnails=body.return_neighbours, memory=memory
+                query, body.retrieval, thumbnails=body.return_neighbours, memory=memory,
+                examples=len(examples),
             )
             job = InfillJob(
                 rgb, region, prompt, docs, body.n, candidates,
@@ -621,7 +627,7 @@ def build_router(require_key: Callable[..., Any]) -> APIRouter:
         async def work(ticket: Ticket) -> CaptionResponse:
             docs, version = await gw.neighbours(
                 RetrievalQuery(image=rgb), body.retrieval, thumbnails=body.return_neighbours,
-                memory=memory,
+                memory=memory, examples=len(examples),
             )
             job = CaptionJob(rgb, docs, body.n, candidates, _sampling(body, seed), examples,
                              retrieval_guidance=body.retrieval_guidance)

@@ -23,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +54,9 @@ def _status(pid: int) -> dict[str, int]:
     return out
 
 
-def _arm(env: dict[str, str], names: list[str], queries: int, generations: int,
-         bundle: Path, log: Path) -> dict[str, Any]:
+@contextmanager
+def serve_process(env: dict[str, str], bundle: Path, log: Path) -> Iterator[tuple[str, int]]:
+    """`racm3 serve` (embedded) in its own process until ready: (url, pid)."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
@@ -72,30 +75,35 @@ def _arm(env: dict[str, str], names: list[str], queries: int, generations: int,
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"server did not start: {log.read_text()[-2000:]}")
             time.sleep(0.2)
-        ready = _status(proc.pid)
-        start = time.perf_counter()
-        with httpx.Client(base_url=url, timeout=120) as client:
-            for i in range(queries):
-                memory = names[i % len(names)]
-                body = {"text": f"{PROMPTS[i % len(PROMPTS)]} {i}", "k": 4}
-                if env.get("RACM3_MEMORIES"):
-                    body["memory"] = memory
-                r = client.post("/v1/retrieve", json=body)
-                r.raise_for_status()
-            for i in range(generations):
-                body = {"prompt": PROMPTS[i % len(PROMPTS)], "seed": i}
-                if env.get("RACM3_MEMORIES"):
-                    body["retrieval"] = {"memory": names[i % len(names)]}
-                client.post("/v1/images/generations", json=body).raise_for_status()
-        served = _status(proc.pid)
-        return {"memories": len(names), "ready_kib": ready, "served_kib": served,
-                "traffic_s": round(time.perf_counter() - start, 2)}
+        yield url, proc.pid
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def _arm(env: dict[str, str], names: list[str], queries: int, generations: int,
+         bundle: Path, log: Path) -> dict[str, Any]:
+    named = bool(env.get("RACM3_MEMORIES"))
+    with serve_process(env, bundle, log) as (url, pid):
+        ready = _status(pid)
+        start = time.perf_counter()
+        with httpx.Client(base_url=url, timeout=120) as client:
+            for i in range(queries):
+                body: dict[str, Any] = {"text": f"{PROMPTS[i % len(PROMPTS)]} {i}", "k": 4}
+                if named:
+                    body["memory"] = names[i % len(names)]
+                client.post("/v1/retrieve", json=body).raise_for_status()
+            for i in range(generations):
+                body = {"prompt": PROMPTS[i % len(PROMPTS)], "seed": i}
+                if named:
+                    body["retrieval"] = {"memory": names[i % len(names)]}
+                client.post("/v1/images/generations", json=body).raise_for_status()
+        served = _status(pid)
+    return {"memories": len(names), "ready_kib": ready, "served_kib": served,
+            "traffic_s": round(time.perf_counter() - start, 2)}
 
 
 def run(memory: Path, bundle: Path, queries: int = 300, generations: int = 6,

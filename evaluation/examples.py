@@ -8,11 +8,16 @@ attributes; a case is *adopted* when the output takes on the shared value(s).
 
 Measured per decoder, on the same prompts and seeds:
 
-- `demo_adopt_none`: no demonstrations, retrieval as usual: the rate by chance and habit;
-- `demo_adopt`: demonstrations before the retrieved documents (the API's default);
-- `demo_adopt_pure`: demonstrations alone (`retrieval.enabled=false`): in-context only;
-- `demo_prompt_acc`: with demonstrations, the share of the attributes the prompt does
-  state (size, position, ...) that the output still gets right.
+- `demo_adopt_none`: no demonstrations, K=2 retrieved documents (RA-CM3): the rate by
+  chance and habit;
+- `demo_adopt`: the two demonstrations as the whole context. This is what the API does
+  by default: demonstrations take the place of retrieved documents, because the decoder
+  was trained with at most K=2 documents in context;
+- `demo_adopt_k2` (RA-CM3): demonstrations plus K=2 retrieved documents (an explicit
+  `retrieval.k: 2`), four documents: more than the decoder ever saw;
+- `demo_adopt_<attributes>`: `demo_adopt` per kind of case;
+- `demo_prompt_acc*`: the share of the attributes the prompt does state (size,
+  position, ...) that the output gets right, in the same conditions.
 """
 
 from __future__ import annotations
@@ -103,25 +108,33 @@ def prompt_accuracy(predicted: Sequence[Attributes], cases: Sequence[DemoCase]) 
 def eval_examples(ev: Any, seed: int) -> dict[str, dict[str, float]]:
     """The task for `evaluation.evaluate.Evaluator` (`ev`): per decoder, the rates above."""
     cases = demo_cases(ev.world, ev.config.n, ev.config.seed)
-    prompts = [c.prompt for c in cases]
-    retrieved = ev.retrieve_for_texts(prompts)
+    retrieved = ev.retrieve_for_texts([c.prompt for c in cases])
     nobody: list[list[NeighbourDoc]] = [[] for _ in cases]
     out: dict[str, dict[str, float]] = {}
     for system in ("ra_cm3", "cm3"):
-        neighbours = retrieved if system == "ra_cm3" else nobody
-
         def judged(with_examples: bool, docs: Sequence[list[NeighbourDoc]],
                    system: str = system) -> list[Attributes]:
             images = generate(ev, system, cases, docs, with_examples, seed)
             return ev.judge.predict_attributes(images, ev.world)
 
-        with_demos = judged(True, neighbours)
-        out[system] = {
-            "demo_adopt_none": adoption(judged(False, neighbours), cases),
-            "demo_adopt": adoption(with_demos, cases),
-            "demo_adopt_pure": adoption(judged(True, nobody), cases),
-            "demo_prompt_acc": prompt_accuracy(with_demos, cases),
+        # CM3 has no retrieval: its neighbours are always none
+        none = judged(False, retrieved if system == "ra_cm3" else nobody)
+        demos = judged(True, nobody)
+        metrics = {
+            "demo_adopt_none": adoption(none, cases),
+            "demo_adopt": adoption(demos, cases),
+            "demo_prompt_acc_none": prompt_accuracy(none, cases),
+            "demo_prompt_acc": prompt_accuracy(demos, cases),
         }
+        for open_attrs in OPEN_SETS:
+            rows = [i for i, c in enumerate(cases) if tuple(c.shared) == open_attrs]
+            metrics[f"demo_adopt_{'_'.join(open_attrs)}"] = adoption(
+                [demos[i] for i in rows], [cases[i] for i in rows])
+        if system == "ra_cm3":
+            both = judged(True, retrieved)
+            metrics["demo_adopt_k2"] = adoption(both, cases)
+            metrics["demo_prompt_acc_k2"] = prompt_accuracy(both, cases)
+        out[system] = metrics
     ev.counts["examples"] = len(cases)
     return out
 

@@ -10,7 +10,11 @@ Conventions (numpy uint8 (H, W, 3) at I/O edges):
 - neighbours are the retrieved documents exactly as the memory stores them (the retriever
   passes `text_ids` / `image_codes` through verbatim), best first;
 - `SamplingParams.seed` is always set (the gateway draws one when the client did not),
-  and the same seed with the same inputs gives the same output.
+  and the same seed with the same inputs gives the same output;
+- `examples` are user-given documents, placed in context before the neighbours, in the
+  same layout;
+- a job with `progress` is streamed: the engine reports partial images to it and stops
+  the job once it is cancelled; its result is then never read.
 """
 
 from __future__ import annotations

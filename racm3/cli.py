@@ -160,6 +160,19 @@ def bench_memories(
                        generations=generations, workdir=workdir)
 
 
+@bench_app.command("streaming")
+def bench_streaming(
+    memory: Path = typer.Option(Path("memory"), help="A built memory to serve."),
+    bundle: Path = typer.Option(Path("bundles/demo"), help="Bundle to serve."),
+    json_path: Path | None = typer.Option(None, "--json", help="write the results here"),
+    requests: int = typer.Option(12, min=1, help="prompts per arm"),
+) -> None:
+    """Time to the first event and to the final image: plain vs streamed (0 and 3 partials)."""
+    from benchmarks.streaming import main as run_streaming_bench
+
+    run_streaming_bench(json_path=json_path, memory=memory, bundle=bundle, requests=requests)
+
+
 @bench_app.command("retriever")
 def bench_retriever(
     n: int = typer.Option(100_000, min=1_000, help="vectors in the memory"),

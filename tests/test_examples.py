@@ -42,6 +42,23 @@ def test_examples_steer_generation_with_and_without_retrieval(http):
         assert blue == images(http.post(GEN, json={**base, "examples": [BLUE, BLUE]}))
 
 
+def test_demonstrations_take_the_place_of_retrieved_documents(http):
+    """The decoder saw at most K=2 documents in training: by default each example takes a
+    retrieved document's place; an explicit retrieval.k is honoured."""
+    body = {"prompt": "a shape on the left", "seed": 3, "return_neighbours": True}
+    one = http.post(GEN, json={**body, "examples": [BLUE]}).json()
+    assert len(one["neighbours"]) <= 1
+    two = http.post(GEN, json={**body, "examples": [BLUE, RED]}).json()
+    assert two["neighbours"] == []
+    pure = http.post(GEN, json={**body, "examples": [BLUE, RED],
+                                "retrieval": {"enabled": False}}).json()
+    assert [d["b64_json"] for d in pure["data"]] == [d["b64_json"] for d in two["data"]]
+    explicit = http.post(GEN, json={**body, "examples": [BLUE, RED],
+                                    "retrieval": {"k": 2}}).json()
+    assert len(explicit["neighbours"]) >= 1
+    assert explicit["data"][0]["b64_json"] != two["data"][0]["b64_json"]
+
+
 def test_examples_on_infill_and_captions(http):
     image = png_b64(solid_image("white"))
     body = {"image": image, "box": [0, 0, 16, 32], "prompt": "a shape", "seed": 1,

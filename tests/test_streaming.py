@@ -117,6 +117,13 @@ def test_neighbours_event_comes_first(server):
     assert intro["type"] == "racm3.neighbours" and intro["seed"] == 2
     assert 1 <= len(intro["neighbours"]) <= 2 and intro["memory_version"]
     assert all(n["thumbnail"] for n in intro["neighbours"])
+    # The SDK passes racm3's event through too; a client tells it apart by its type.
+    sdk = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    with sdk.images.generate(prompt="a red square", stream=True, partial_images=1,
+                             extra_body={"seed": 2, "return_neighbours": True}) as stream:
+        first = next(iter(stream))
+    assert first.type == "racm3.neighbours"
+    assert first.model_extra["neighbours"] == intro["neighbours"]
 
 
 def test_openai_sdk_streams_an_edit(client):
