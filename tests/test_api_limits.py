@@ -32,8 +32,10 @@ def slow(models, delay_s: float):
 
 def post_many(url: str, n: int, *, retrieval: bool = False, timeout: float = 60.0):
     def one(i: int) -> httpx.Response:
+        # retrieval_guidance 0: a relevant neighbour would otherwise be copied whatever the
+        # seed, and these tests tell requests apart by their seeds' samples
         payload = {"prompt": f"a red square {i}", "seed": i,
-                   "retrieval": {"enabled": retrieval}}
+                   "retrieval": {"enabled": retrieval}, "retrieval_guidance": 0}
         return httpx.post(f"{url}{GEN}", json=payload, timeout=timeout)
 
     with ThreadPoolExecutor(n) as pool:
