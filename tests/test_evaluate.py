@@ -206,7 +206,7 @@ def test_eval_runs_only_the_tasks_asked_for(smoke_bundle, tmp_path: Path) -> Non
     assert result.exit_code == 0, result.output
     data = json.loads(json_path.read_text())
     assert data["meta"]["n"] == {"entity": 2}
-    assert all(set(values) == {"entity_acc", "entity_acc_prompt_rerank"}
+    assert all(set(values) == {"entity_acc", "entity_acc_prompt_rerank", "entity_retrieved"}
                for values in data["systems"].values())
     # without neighbours the retrieved images have no vote: both rankings keep one image
     for system in ("cm3", "retrieval_only"):
