@@ -214,10 +214,6 @@ class StepRunner:
     def _adopt(self, key: tuple, state: DecodeState) -> None:
         self.compiled.add(key)
         self.pool[key] = [(g.k, g.v, g.mask) for g in state.groups]
-        if state.next_pos.device.type == "cuda":
-            for g in state.groups:
-                for t in (*g.k, *g.v, g.mask):
-                    torch._dynamo.mark_static_address(t)
 
     def compiles(self, device: torch.device) -> bool:
         return self.mode == "on" or (self.mode == "auto" and device.type == "cuda")
@@ -225,6 +221,11 @@ class StepRunner:
     def _compile(self) -> StepFn:
         if self._compiled_fn is None:
             cuda = self.model.wte.weight.device.type == "cuda"
+            # one graph per warmed-up shape, all under the one compiled function
+            limit = max(64, getattr(torch._dynamo.config, "recompile_limit", 8))
+            torch._dynamo.config.recompile_limit = limit
+            torch._dynamo.config.accumulated_recompile_limit = max(
+                4 * limit, getattr(torch._dynamo.config, "accumulated_recompile_limit", 256))
             self._compiled_fn = torch.compile(
                 static_step, mode="reduce-overhead" if cuda else None, dynamic=False,
                 fullgraph=True)
@@ -232,25 +233,37 @@ class StepRunner:
 
     def step_fn(self, state: DecodeState) -> StepFn:
         if self._compiled_fn is not None and state.shape_key() in self.compiled:
-            return self._compiled_fn
+            return self._serve_compiled
         return static_step
 
-    def warmup(self, states: Iterable[DecodeState], measure_steps: int = 6) -> None:
-        """Compile (and in "auto" time against eager) the step for each state's shape.
+    def _serve_compiled(self, *args: object) -> tuple[Tensor, Tensor]:
+        """The compiled step, never compiling: should a guard fail on a request, the step
+        runs eagerly there instead."""
+        with torch.compiler.set_stance("eager_on_recompile"):
+            return self._compiled_fn(*args)
 
-        The states are scratch: their slots are overwritten.
-        """
+    def warmup(self, states: Iterable[DecodeState], measure_steps: int = 6) -> None:
+        """Compile the step for each state's shape (on the CPU, keep it only where it
+        measured faster than eager). The states are scratch: their slots are overwritten,
+        and a compiled shape's buffers are pooled for the batches to come."""
         for state in states:
-            if not self.compiles(state.next_pos.device):
+            device = state.next_pos.device
+            if not self.compiles(device):
                 return
             key = state.shape_key()
             if key in self.compiled or key in self.timings_ms:
                 continue
+            if device.type == "cuda":
+                # the graph writes the caches in place: they must keep their addresses,
+                # so they are marked before capture and reused (`buffers`) from then on
+                for g in state.groups:
+                    for t in (*g.k, *g.v, g.mask):
+                        torch._dynamo.mark_static_address(t)
             fn = self._compile()
             t0 = time.perf_counter()
-            self._time(fn, state, 1)  # the first call compiles
+            self._time(fn, state, 3)  # the first call compiles, the next ones capture
             log.info("decode step %s compiled in %.1f s", key, time.perf_counter() - t0)
-            if self.mode == "on" or state.next_pos.device.type == "cuda":
+            if device.type == "cuda":
                 self._adopt(key, state)
                 continue
             compiled_ms = self._time(fn, state, measure_steps)
