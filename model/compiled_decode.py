@@ -100,6 +100,7 @@ def static_step(
     group_v: list[list[Tensor]],
     group_masks: list[Tensor],
     prompt_lens: list[int],
+    widths: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One token per row through the decoder, over a `DecodeState`'s tensors.
 
@@ -107,6 +108,7 @@ def static_step(
     before it; step (1,): which generated token this is. Group g's rows are the next
     `group_masks[g].size(0)` rows; its keys/values go to slot prompt_lens[g] + step of
     group_k[g][layer], written in place, and its mask must already include that slot.
+    `widths` (eager only: it changes every step) limits attention to the slots written.
     Returns the next-token logits (R, V) and the new code runs.
     """
     c = model.config
@@ -122,7 +124,8 @@ def static_step(
     cos = model.rope_cos[pos].view(R, 1, 1, hs)
     sin = model.rope_sin[pos].view(R, 1, 1, hs)
     slots = [step + n for n in prompt_lens]
-    masks = [m[:, None, None, :] for m in group_masks]  # (rows, 1, 1, width)
+    widths = widths or [m.size(1) for m in group_masks]
+    masks = [m[:, None, None, :w] for m, w in zip(group_masks, widths, strict=True)]
     for i, block in enumerate(model.blocks):
         attn = block.attn
         qkv = attn.c_attn(block.ln_1(x)).view(R, 3, nh, hs)
@@ -131,12 +134,13 @@ def static_step(
         k = qk[:, 1].unsqueeze(2)
         v = qkv[:, 2].unsqueeze(2)
         ys, start = [], 0
-        for gk, gv, mask, slot in zip(group_k, group_v, masks, slots, strict=True):
+        for gk, gv, mask, slot, w in zip(group_k, group_v, masks, slots, widths,
+                                         strict=True):
             end = start + mask.size(0)
             gk[i].index_copy_(2, slot, k[start:end])
             gv[i].index_copy_(2, slot, v[start:end])
-            ys.append(F.scaled_dot_product_attention(q[start:end], gk[i], gv[i],
-                                                     attn_mask=mask))
+            ys.append(F.scaled_dot_product_attention(
+                q[start:end], gk[i][:, :, :w], gv[i][:, :, :w], attn_mask=mask))
             start = end
         y = torch.cat(ys) if len(ys) > 1 else ys[0]  # (R, nh, 1, hs)
         x = x + attn.c_proj(y.view(R, c.n_embd))
@@ -169,11 +173,13 @@ def run_step(fn: StepFn, model: CM3Decoder, tok: Tensor, state: DecodeState) -> 
         g.mask[:, g.prompt_len + t] = True
     if fn is not static_step and tok.device.type == "cuda":
         torch.compiler.cudagraph_mark_step_begin()  # last step's outputs are consumed
-    logits, code_run = fn(
-        model, tok, state.next_pos, state.code_run, torch.tensor([t], device=tok.device),
-        [g.k for g in state.groups], [g.v for g in state.groups],
-        [g.mask for g in state.groups], [g.prompt_len for g in state.groups],
-    )
+    args = (model, tok, state.next_pos, state.code_run, torch.tensor([t], device=tok.device),
+            [g.k for g in state.groups], [g.v for g in state.groups],
+            [g.mask for g in state.groups], [g.prompt_len for g in state.groups])
+    if fn is static_step:  # eager: attend to the slots written so far only
+        logits, code_run = fn(*args, [g.prompt_len + t + 1 for g in state.groups])
+    else:
+        logits, code_run = fn(*args)
     state.code_run = code_run.clone()  # a CUDA graph's outputs are overwritten next replay
     state.next_pos += 1
     state.length = t + 1
