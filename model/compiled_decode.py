@@ -100,6 +100,7 @@ def static_step(
     group_v: list[list[Tensor]],
     group_masks: list[Tensor],
     prompt_lens: list[int],
+    widths: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One token per row through the decoder, over a `DecodeState`'s tensors.
 
@@ -107,6 +108,7 @@ def static_step(
     before it; step (1,): which generated token this is. Group g's rows are the next
     `group_masks[g].size(0)` rows; its keys/values go to slot prompt_lens[g] + step of
     group_k[g][layer], written in place, and its mask must already include that slot.
+    `widths` (eager only: it changes every step) limits attention to the slots written.
     Returns the next-token logits (R, V) and the new code runs.
     """
     c = model.config
@@ -122,7 +124,8 @@ def static_step(
     cos = model.rope_cos[pos].view(R, 1, 1, hs)
     sin = model.rope_sin[pos].view(R, 1, 1, hs)
     slots = [step + n for n in prompt_lens]
-    masks = [m[:, None, None, :] for m in group_masks]  # (rows, 1, 1, width)
+    widths = widths or [m.size(1) for m in group_masks]
+    masks = [m[:, None, None, :w] for m, w in zip(group_masks, widths, strict=True)]
     for i, block in enumerate(model.blocks):
         attn = block.attn
         qkv = attn.c_attn(block.ln_1(x)).view(R, 3, nh, hs)
@@ -131,12 +134,13 @@ def static_step(
         k = qk[:, 1].unsqueeze(2)
         v = qkv[:, 2].unsqueeze(2)
         ys, start = [], 0
-        for gk, gv, mask, slot in zip(group_k, group_v, masks, slots, strict=True):
+        for gk, gv, mask, slot, w in zip(group_k, group_v, masks, slots, widths,
+                                         strict=True):
             end = start + mask.size(0)
             gk[i].index_copy_(2, slot, k[start:end])
             gv[i].index_copy_(2, slot, v[start:end])
-            ys.append(F.scaled_dot_product_attention(q[start:end], gk[i], gv[i],
-                                                     attn_mask=mask))
+            ys.append(F.scaled_dot_product_attention(
+                q[start:end], gk[i][:, :, :w], gv[i][:, :, :w], attn_mask=mask))
             start = end
         y = torch.cat(ys) if len(ys) > 1 else ys[0]  # (R, nh, 1, hs)
         x = x + attn.c_proj(y.view(R, c.n_embd))
@@ -169,11 +173,13 @@ def run_step(fn: StepFn, model: CM3Decoder, tok: Tensor, state: DecodeState) -> 
         g.mask[:, g.prompt_len + t] = True
     if fn is not static_step and tok.device.type == "cuda":
         torch.compiler.cudagraph_mark_step_begin()  # last step's outputs are consumed
-    logits, code_run = fn(
-        model, tok, state.next_pos, state.code_run, torch.tensor([t], device=tok.device),
-        [g.k for g in state.groups], [g.v for g in state.groups],
-        [g.mask for g in state.groups], [g.prompt_len for g in state.groups],
-    )
+    args = (model, tok, state.next_pos, state.code_run, torch.tensor([t], device=tok.device),
+            [g.k for g in state.groups], [g.v for g in state.groups],
+            [g.mask for g in state.groups], [g.prompt_len for g in state.groups])
+    if fn is static_step:  # eager: attend to the slots written so far only
+        logits, code_run = fn(*args, [g.prompt_len + t + 1 for g in state.groups])
+    else:
+        logits, code_run = fn(*args)
     state.code_run = code_run.clone()  # a CUDA graph's outputs are overwritten next replay
     state.next_pos += 1
     state.length = t + 1
@@ -214,10 +220,6 @@ class StepRunner:
     def _adopt(self, key: tuple, state: DecodeState) -> None:
         self.compiled.add(key)
         self.pool[key] = [(g.k, g.v, g.mask) for g in state.groups]
-        if state.next_pos.device.type == "cuda":
-            for g in state.groups:
-                for t in (*g.k, *g.v, g.mask):
-                    torch._dynamo.mark_static_address(t)
 
     def compiles(self, device: torch.device) -> bool:
         return self.mode == "on" or (self.mode == "auto" and device.type == "cuda")
@@ -225,6 +227,11 @@ class StepRunner:
     def _compile(self) -> StepFn:
         if self._compiled_fn is None:
             cuda = self.model.wte.weight.device.type == "cuda"
+            # one graph per warmed-up shape, all under the one compiled function
+            limit = max(64, getattr(torch._dynamo.config, "recompile_limit", 8))
+            torch._dynamo.config.recompile_limit = limit
+            torch._dynamo.config.accumulated_recompile_limit = max(
+                4 * limit, getattr(torch._dynamo.config, "accumulated_recompile_limit", 256))
             self._compiled_fn = torch.compile(
                 static_step, mode="reduce-overhead" if cuda else None, dynamic=False,
                 fullgraph=True)
@@ -232,25 +239,37 @@ class StepRunner:
 
     def step_fn(self, state: DecodeState) -> StepFn:
         if self._compiled_fn is not None and state.shape_key() in self.compiled:
-            return self._compiled_fn
+            return self._serve_compiled
         return static_step
 
-    def warmup(self, states: Iterable[DecodeState], measure_steps: int = 6) -> None:
-        """Compile (and in "auto" time against eager) the step for each state's shape.
+    def _serve_compiled(self, *args: object) -> tuple[Tensor, Tensor]:
+        """The compiled step, never compiling: should a guard fail on a request, the step
+        runs eagerly there instead."""
+        with torch.compiler.set_stance("eager_on_recompile"):
+            return self._compiled_fn(*args)
 
-        The states are scratch: their slots are overwritten.
-        """
+    def warmup(self, states: Iterable[DecodeState], measure_steps: int = 6) -> None:
+        """Compile the step for each state's shape (on the CPU, keep it only where it
+        measured faster than eager). The states are scratch: their slots are overwritten,
+        and a compiled shape's buffers are pooled for the batches to come."""
         for state in states:
-            if not self.compiles(state.next_pos.device):
+            device = state.next_pos.device
+            if not self.compiles(device):
                 return
             key = state.shape_key()
             if key in self.compiled or key in self.timings_ms:
                 continue
+            if device.type == "cuda":
+                # the graph writes the caches in place: they must keep their addresses,
+                # so they are marked before capture and reused (`buffers`) from then on
+                for g in state.groups:
+                    for t in (*g.k, *g.v, g.mask):
+                        torch._dynamo.mark_static_address(t)
             fn = self._compile()
             t0 = time.perf_counter()
-            self._time(fn, state, 1)  # the first call compiles
+            self._time(fn, state, 3)  # the first call compiles, the next ones capture
             log.info("decode step %s compiled in %.1f s", key, time.perf_counter() - t0)
-            if self.mode == "on" or state.next_pos.device.type == "cuda":
+            if device.type == "cuda":
                 self._adopt(key, state)
                 continue
             compiled_ms = self._time(fn, state, measure_steps)

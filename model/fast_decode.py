@@ -117,6 +117,11 @@ def build_state(
     """
     bucket = runner is not None and runner.compiles(prompt_kv[0][0].k[0].device)
     max_new = len_bucket(max_new_tokens) if bucket else max_new_tokens
+    if not bucket:
+        # Eager, a second group's extra attention call and cache writes cost more per
+        # step than the padded slots they save (measured on the CPU); compiled, they
+        # are inside one graph and the narrow group wins.
+        streams = [[p for part in streams for p in part]]
     plans = []  # (row_prompt, rows, prompt_len) per group
     for part in streams:
         if part:
