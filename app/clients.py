@@ -12,48 +12,36 @@ stays a 429), an unreachable service is 503, a timeout 504.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import json
 import math
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from app.errors import DependencyUnavailable, RequestTimeout, error_from_body
+from app.errors import ApiError, DependencyUnavailable, RequestTimeout, error_from_body
 from app.generator.service import GeneratorService
 from app.images import png_b64
 from app.retriever.service import RetrievalQuery, RetrieverService, SearchOutcome
 from app.schemas import (
-    CaptionJobWire,
-    CaptionsResultWire,
-    ClassifyJobWire,
-    ClassifyResultWire,
-    ImagesResultWire,
-    InfillJobWire,
-    InfillStreamJobWire,
+    GENERATOR_TASKS,
     QueryWire,
     ReadyResponse,
     ReloadResponse,
     SearchRequest,
     SearchResponse,
-    T2IJobWire,
-    T2IStreamJobWire,
 )
-from app.streaming import GenerationStream, open_http_stream, open_local_stream
-from model.jobs import (
-    CaptionJob,
-    ClassifyJob,
-    ClassifyResult,
-    GeneratedCaption,
-    GeneratedImage,
-    InfillJob,
-    T2IJob,
-)
+from app.streaming import GenerationStream, HttpStream, open_local_stream
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 
 class RetrieverClient(Protocol):
@@ -79,19 +67,15 @@ class RetrieverClient(Protocol):
 
 
 class GeneratorClient(Protocol):
-    async def text_to_image(self, job: T2IJob) -> list[GeneratedImage]: ...
-
-    async def caption(self, job: CaptionJob) -> list[GeneratedCaption]: ...
-
-    async def infill(self, job: InfillJob) -> list[GeneratedImage]: ...
-
-    async def classify(self, job: ClassifyJob) -> ClassifyResult: ...
-
-    async def text_to_image_stream(self, job: T2IJob, partial_images: int) -> GenerationStream:
-        """The job submitted, its events to read (app/streaming.py); raises if refused."""
+    async def generate(self, task: str, job: Any) -> Any:
+        """The result of one job of `task`, a key of `GENERATOR_TASKS`: the engine's
+        method of that name, with that method's job and result types."""
         ...
 
-    async def infill_stream(self, job: InfillJob, partial_images: int) -> GenerationStream: ...
+    async def stream(self, task: str, job: Any, partial_images: int) -> GenerationStream:
+        """The job submitted, its events to read (app/streaming.py); raises if refused.
+        Only the tasks that decode images stream."""
+        ...
 
     async def readiness(self) -> ReadyResponse: ...
 
@@ -149,23 +133,11 @@ class InProcessGeneratorClient:
     def __init__(self, service: GeneratorService) -> None:
         self.service = service
 
-    async def text_to_image(self, job: T2IJob) -> list[GeneratedImage]:
-        return await self.service.text_to_image(job)
+    async def generate(self, task: str, job: Any) -> Any:
+        return await self.service.generate(task, job)
 
-    async def caption(self, job: CaptionJob) -> list[GeneratedCaption]:
-        return await self.service.caption(job)
-
-    async def infill(self, job: InfillJob) -> list[GeneratedImage]:
-        return await self.service.infill(job)
-
-    async def classify(self, job: ClassifyJob) -> ClassifyResult:
-        return await self.service.classify(job)
-
-    async def text_to_image_stream(self, job: T2IJob, partial_images: int) -> GenerationStream:
-        return await open_local_stream(self.service.text_to_image, job, partial_images)
-
-    async def infill_stream(self, job: InfillJob, partial_images: int) -> GenerationStream:
-        return await open_local_stream(self.service.infill, job, partial_images)
+    async def stream(self, task: str, job: Any, partial_images: int) -> GenerationStream:
+        return await open_local_stream(partial(self.service.generate, task), job, partial_images)
 
     async def readiness(self) -> ReadyResponse:
         return _status(self.service.ready, await self.service.checks())
@@ -196,13 +168,30 @@ class _HttpBase:
     async def _request(
         self, method: str, url: str, body: BaseModel | None, model: type[M]
     ) -> M:
-        try:
+        with self._transport_errors(url):
             response = await self.http.request(
                 method,
                 url,
                 content=None if body is None else body.model_dump_json(exclude_none=True),
                 headers={"Content-Type": "application/json"} if body is not None else None,
             )
+        if response.status_code != 200:
+            try:
+                payload: Any = response.json()
+            except ValueError:
+                payload = None
+            raise _error_answer(response, payload)
+        try:
+            return model.model_validate_json(response.content)
+        except ValidationError:
+            raise DependencyUnavailable(f"{self.name} answered with an invalid body") from None
+
+    @contextlib.contextmanager
+    def _transport_errors(self, url: str) -> Iterator[None]:
+        """httpx's failures as `ApiError`s; a refused connection as `_Unreachable`, so that
+        the caller may try another replica."""
+        try:
+            yield
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
             raise _Unreachable(
                 f"{self.name} at {url} is unreachable ({type(exc).__name__})"
@@ -213,19 +202,6 @@ class _HttpBase:
             raise DependencyUnavailable(
                 f"{self.name} request failed ({type(exc).__name__})"
             ) from None
-        if response.status_code != 200:
-            try:
-                payload: Any = response.json()
-            except ValueError:
-                payload = None
-            err = error_from_body(response.status_code, payload, response.headers)
-            if response.status_code == 503:
-                raise _Unavailable(err.message, code=err.code) from None
-            raise err
-        try:
-            return model.model_validate_json(response.content)
-        except ValidationError:
-            raise DependencyUnavailable(f"{self.name} answered with an invalid body") from None
 
     async def _ready(self, base: str) -> ReadyResponse:
         try:
@@ -247,6 +223,14 @@ class _Unavailable(DependencyUnavailable):
 
 class _Unreachable(_Unavailable):
     """Connection refused / reset: safe to try another replica (nothing was processed)."""
+
+
+def _error_answer(response: httpx.Response, payload: Any) -> ApiError:
+    """The service's error answer rebuilt; a 503 as `_Unavailable`, as it took no job."""
+    err = error_from_body(response.status_code, payload, response.headers)
+    if response.status_code == 503:
+        return _Unavailable(err.message, code=err.code)
+    return err
 
 
 class HttpRetrieverClient(_HttpBase):
@@ -375,12 +359,14 @@ class HttpGeneratorClient(_HttpBase):
         rotated = self.workers[start:] + self.workers[:start]
         return sorted(rotated, key=lambda w: (not w.ready, w.inflight))
 
-    async def _call(self, path: str, body: BaseModel, model: type[M]) -> M:
+    async def _call(self, send: Callable[[_Worker], Awaitable[T]]) -> T:
+        """`send(worker)` on the best worker, moving on to the next while one is
+        unavailable (it took no job)."""
         last: DependencyUnavailable | None = None
         for worker in await self._order():
             worker.inflight += 1
             try:
-                return await self._request("POST", f"{worker.base}{path}", body, model)
+                return await send(worker)
             except _Unavailable as exc:
                 self._mark(worker, False)
                 last = exc
@@ -389,33 +375,46 @@ class HttpGeneratorClient(_HttpBase):
         why = last.message if last else "no workers"
         raise DependencyUnavailable(f"no generator worker is available ({why})")
 
-    async def text_to_image(self, job: T2IJob) -> list[GeneratedImage]:
-        wire = T2IJobWire.from_job(job)
-        out = await self._call("/internal/text_to_image", wire, ImagesResultWire)
-        return [g.to_result() for g in out.images]
-
-    async def caption(self, job: CaptionJob) -> list[GeneratedCaption]:
-        wire = CaptionJobWire.from_job(job)
-        out = await self._call("/internal/caption", wire, CaptionsResultWire)
-        return [c.to_result() for c in out.captions]
-
-    async def infill(self, job: InfillJob) -> list[GeneratedImage]:
-        out = await self._call("/internal/infill", InfillJobWire.from_job(job), ImagesResultWire)
-        return [g.to_result() for g in out.images]
-
-    async def classify(self, job: ClassifyJob) -> ClassifyResult:
-        wire = ClassifyJobWire.from_job(job)
-        out = await self._call("/internal/classify", wire, ClassifyResultWire)
+    async def generate(self, task: str, job: Any) -> Any:
+        wire = GENERATOR_TASKS[task]
+        body = wire.job.from_job(job)
+        out = await self._call(lambda worker: self._request(
+            "POST", f"{worker.base}/internal/{task}", body, wire.result))
         return out.to_result()
 
-    async def text_to_image_stream(self, job: T2IJob, partial_images: int) -> GenerationStream:
-        wire = T2IStreamJobWire.from_job(job).model_copy(update={"partial_images": partial_images})
-        return await open_http_stream(self, "/internal/text_to_image/stream", wire)
+    async def stream(self, task: str, job: Any, partial_images: int) -> GenerationStream:
+        stream_job = GENERATOR_TASKS[task].stream_job
+        if stream_job is None:
+            raise ValueError(f"the generator task {task!r} does not stream")
+        body = stream_job.from_job(job).model_copy(update={"partial_images": partial_images})
+        return await self._call(
+            lambda worker: self._open_stream(worker, f"/internal/{task}/stream", body))
 
-    async def infill_stream(self, job: InfillJob, partial_images: int) -> GenerationStream:
-        wire = InfillStreamJobWire.from_job(job).model_copy(
-            update={"partial_images": partial_images})
-        return await open_http_stream(self, "/internal/infill/stream", wire)
+    async def _open_stream(self, worker: _Worker, path: str, body: BaseModel) -> HttpStream:
+        """POST to a worker's streamed route and hand back its open NDJSON stream; the
+        worker counts one more job in flight until the stream is closed."""
+        url = f"{worker.base}{path}"
+        request = self.http.build_request(
+            "POST", url, content=body.model_dump_json(exclude_none=True),
+            headers={"Content-Type": "application/json"},
+        )
+        with self._transport_errors(url):
+            response = await self.http.send(request, stream=True)
+        if response.status_code != 200:
+            try:
+                raw = await response.aread()
+                payload: Any = json.loads(raw) if raw else None
+            except (httpx.HTTPError, ValueError):
+                payload = None
+            finally:
+                await response.aclose()
+            raise _error_answer(response, payload)
+        worker.inflight += 1
+
+        def release() -> None:
+            worker.inflight -= 1
+
+        return HttpStream(response, release)
 
     async def readiness(self) -> ReadyResponse:
         answers = await asyncio.gather(*(self._probe(w) for w in self.workers))

@@ -2,9 +2,11 @@
 (docs/architecture.md, "The request path").
 
 Every request is validated completely before any model sees it (TGI's rule): pydantic
-for shapes, then the configured limits here. Then: retrieve neighbours (retriever
-client) -> generate (generator client) -> encode. Both clients are interfaces, so the
-same routes serve embedded mode (in-process) and multi-service mode (HTTP).
+for shapes, then the configured limits here. A route ends by describing its request as a
+`Plan`, and `orchestrate` runs every plan the same way: retrieve neighbours (retriever
+client) -> build the job -> generate (generator client) -> respond. Both clients are
+interfaces, so the same routes serve embedded mode (in-process) and multi-service mode
+(HTTP).
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.batching import Ticket
 from app.clients import GeneratorClient, RetrieverClient
+from app.disconnect import run_until_disconnect
 from app.errors import InvalidRequest, QueueFull, RequestTimeout, Unauthorized
-from app.generator.service import run_until_disconnect
 from app.images import (
     DecodedImage,
     DecodedMask,
@@ -85,7 +87,9 @@ from app.streaming import (
 from model.jobs import (
     CaptionJob,
     ClassifyJob,
+    ClassifyResult,
     FewShotExample,
+    GeneratedCaption,
     GeneratedImage,
     InfillJob,
     NeighbourDoc,
@@ -440,332 +444,370 @@ def _box_region(image: DecodedImage, box: tuple[int, int, int, int], param: str)
     return box_mask(scaled, height, width, param)
 
 
-# --- routes --------------------------------------------------------------------------------
+# --- the one orchestration ---------------------------------------------------------------
+
+
+@dataclass
+class Streamed:
+    """A streamed answer: OpenAI's event names and fields, and how many partial images."""
+
+    context: StreamContext
+    partial_images: int
+
+
+@dataclass
+class Plan:
+    """A validated inference request: what to retrieve, the generator job to build from the
+    neighbours, and the answer to make of its result. `orchestrate` runs every plan."""
+
+    task: str  # a generator task (app/schemas.py's GENERATOR_TASKS)
+    query: RetrievalQuery
+    retrieval: RetrievalOptions
+    memory: str
+    return_neighbours: bool
+    make_job: Callable[[list[NeighbourDoc]], Any]
+    respond: Callable[[Any, list[NeighbourDoc], str | None], Any]
+    stream: Streamed | None = None
+    # demonstrations in the context take the place of retrieved documents by default
+    examples: int = 0
+
+
+async def orchestrate(gw: Gateway, request: Request, plan: Plan) -> Any:
+    """retrieve -> build the job -> generate -> respond, the same for every task; as
+    server-sent events when the plan streams."""
+
+    async def neighbours_and_job(ticket: Ticket) -> tuple[Any, list[NeighbourDoc], str | None]:
+        docs, version = await gw.neighbours(
+            plan.query, plan.retrieval, thumbnails=plan.return_neighbours, memory=plan.memory,
+            examples=plan.examples,
+        )
+        job = plan.make_job(docs)
+        ticket.arrived()  # submitted next: no longer on its way
+        return job, docs, version
+
+    if plan.stream is not None:
+        streamed = plan.stream
+
+        async def open_stream(ticket: Ticket) -> tuple[GenerationStream, bytes | None]:
+            job, docs, version = await neighbours_and_job(ticket)
+            opened = await gw.generator.stream(plan.task, job, streamed.partial_images)
+            intro = _neighbours_event(docs, version, streamed.context.seed,
+                                      plan.return_neighbours)
+            return opened, intro
+
+        return await stream_images(gw, request, plan.task, streamed.context, open_stream,
+                                   _finite)
+
+    async def work(ticket: Ticket) -> Any:
+        job, docs, version = await neighbours_and_job(ticket)
+        with gw.metrics.stage("generate"):
+            result = await gw.generator.generate(plan.task, job)
+        return plan.respond(result, docs, version)
+
+    return await gw.generate(request, plan.task, work)
+
+
+def _respond_with_images(
+    seed: int, include_neighbours: bool
+) -> Callable[[list[GeneratedImage], list[NeighbourDoc], str | None], ImagesResponse]:
+    def respond(
+        images: list[GeneratedImage], docs: list[NeighbourDoc], version: str | None
+    ) -> ImagesResponse:
+        return _images_response(images, seed, docs, include_neighbours, version)
+
+    return respond
+
+
+# --- routes: validation, then a plan -------------------------------------------------------
+
+
+async def generations(
+    body: ImageGenerationRequest, request: Request, gw: GatewayDep
+) -> ImagesResponse:
+    prompt = _check_prompt(gw, body.prompt)
+    candidates = _check_counts(gw, body.n, body.num_candidates)
+    await _check_size(gw, body.size)
+    gw.retrieval_k(body.retrieval)
+    memory = gw.memory_for(request, body.retrieval.memory, "retrieval.memory")
+    examples = await _decode_examples(gw, body.examples)
+    seed = _seed(body.seed)
+    sampling = _sampling(body, seed, body.guidance_scale)
+    streamed = None
+    if body.stream:
+        context = StreamContext(IMAGE_GENERATION, await _size_text(gw), seed)
+        streamed = Streamed(context, body.partial_images or 0)
+    return await orchestrate(gw, request, Plan(
+        examples=len(examples),
+        "text_to_image", RetrievalQuery(text=prompt), body.retrieval, memory,
+        body.return_neighbours,
+        make_job=lambda docs: T2IJob(prompt, docs, body.n, candidates, sampling, examples,
+                                     retrieval_guidance=body.retrieval_guidance),
+        respond=_respond_with_images(seed, body.return_neighbours),
+        stream=streamed,
+    ))
+
+
+async def edits(
+    request: Request,
+    gw: GatewayDep,
+    prompt: Annotated[str, Form(json_schema_extra=limit("max_prompt_chars"))],
+    image: Annotated[UploadFile | None, File(description="the image to edit")] = None,
+    image_list: Annotated[list[UploadFile] | None, File(alias="image[]")] = None,
+    mask: Annotated[UploadFile | None, File(description="alpha 0 = area to change")] = None,
+    n: Annotated[int, Form(ge=1, json_schema_extra=limit("max_n"))] = 1,
+    size: Annotated[str | None, Form()] = None,
+    response_format: Annotated[ResponseFormat, Form()] = "b64_json",
+    seed: Annotated[int | None, Form(ge=0, le=2**63 - 1)] = None,
+    temperature: Annotated[float, Form(ge=0, le=10, allow_inf_nan=False)] = 1.0,
+    top_k: Annotated[int | None, Form(ge=1)] = None,
+    top_p: Annotated[float | None, Form(gt=0, le=1, allow_inf_nan=False)] = None,
+    guidance_scale: Annotated[float, Form(ge=0, le=30, allow_inf_nan=False)] = 3.0,
+    num_candidates: Annotated[
+        int | None, Form(ge=1, json_schema_extra=limit("max_candidates"))
+    ] = None,
+    retrieval_k: Annotated[int | None, Form(ge=0, json_schema_extra=limit("max_k"))] = None,
+    retrieval_mode: Annotated[RetrievalModeName | None, Form()] = None,
+    retrieval_memory: Annotated[str | None, Form()] = None,
+    return_neighbours: Annotated[bool, Form()] = False,
+    stream: Annotated[bool | None, Form()] = False,
+    partial_images: Annotated[int | None, Form(ge=0, le=3)] = None,
+) -> ImagesResponse:
+    uploads = [u for u in ([image] if image is not None else []) + (image_list or [])]
+    if not uploads:
+        raise InvalidRequest("image is required (multipart file field 'image')", param="image")
+    if len(uploads) > 1:
+        raise InvalidRequest("exactly one image can be edited", param="image")
+    _check_prompt(gw, prompt)
+    candidates = _check_counts(gw, n, num_candidates)
+    await _check_size(gw, size)
+    rgb, region = await _edit_region(gw, uploads[0], mask)
+    sampling = _sampling(_FormSampling(temperature, top_k, top_p), _seed(seed), guidance_scale)
+    options = RetrievalOptions(k=retrieval_k, mode=retrieval_mode)
+    gw.retrieval_k(options)
+    memory = gw.memory_for(request, retrieval_memory, "retrieval_memory")
+    streamed = None
+    if stream:
+        context = StreamContext(IMAGE_EDIT, f"{rgb.shape[1]}x{rgb.shape[0]}", sampling.seed)
+        streamed = Streamed(context, partial_images or 0)
+    return await orchestrate(gw, request, Plan(
+        "infill", RetrievalQuery(text=prompt), options, memory, return_neighbours,
+        make_job=lambda docs: InfillJob(rgb, region, prompt, docs, n, candidates, sampling),
+        respond=_respond_with_images(sampling.seed, return_neighbours),
+        stream=streamed,
+    ))
+
+
+async def _edit_region(
+    gw: Gateway, upload: UploadFile, mask: UploadFile | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The uploaded image at its working size, and the area to change: the mask's, or
+    without one the image's own transparent area."""
+    raw = await _read_upload(gw, upload, "image")
+    source = await in_decode_thread(decode_image, raw, "image", gw.image_limits)
+    if mask is not None:
+        raw_mask = await _read_upload(gw, mask, "mask")
+        mask_img = await in_decode_thread(decode_mask, raw_mask, "mask", gw.image_limits)
+        return source.rgb, _region(source, mask_img, "mask")
+    if source.transparent is not None and source.transparent.any():
+        return source.rgb, _region(source, None, "image")
+    raise InvalidRequest(
+        "provide a mask, or an image whose transparent area (alpha 0) marks the edit",
+        param="mask",
+    )
+
+
+async def infill(body: InfillRequest, request: Request, gw: GatewayDep) -> ImagesResponse:
+    prompt = _check_prompt(gw, body.prompt, required=False)
+    candidates = _check_counts(gw, body.n, body.num_candidates)
+    if (body.mask is None) == (body.box is None):
+        raise InvalidRequest("give exactly one of mask or box", param="mask")
+    source = await _decode_full(gw, body.image, "image")
+    rgb = source.rgb
+    if body.mask is not None:
+        region = _region(source, await _decode_mask(gw, body.mask, "mask"), "mask")
+    else:
+        assert body.box is not None
+        region = _box_region(source, body.box, "box")
+    gw.retrieval_k(body.retrieval)
+    memory = gw.memory_for(request, body.retrieval.memory, "retrieval.memory")
+    examples = await _decode_examples(gw, body.examples)
+    seed = _seed(body.seed)
+    sampling = _sampling(body, seed, body.guidance_scale)
+    # Without a prompt the image itself finds its neighbours.
+    query = RetrievalQuery(text=prompt) if prompt else RetrievalQuery(image=rgb)
+    return await orchestrate(gw, request, Plan(
+        examples=len(examples),
+        "infill", query, body.retrieval, memory, body.return_neighbours,
+        make_job=lambda docs: InfillJob(rgb, region, prompt, docs, body.n, candidates,
+                                        sampling, examples),
+        respond=_respond_with_images(seed, body.return_neighbours),
+    ))
+
+
+async def captions(body: CaptionRequest, request: Request, gw: GatewayDep) -> CaptionResponse:
+    candidates = _check_counts(gw, body.n, body.num_candidates)
+    rgb = await _decode_image(gw, body.image, "image")
+    gw.retrieval_k(body.retrieval)
+    memory = gw.memory_for(request, body.retrieval.memory, "retrieval.memory")
+    examples = await _decode_examples(gw, body.examples)
+    seed = _seed(body.seed)
+
+    def respond(
+        caps: list[GeneratedCaption], docs: list[NeighbourDoc], version: str | None
+    ) -> CaptionResponse:
+        return CaptionResponse(
+            created=int(time.time()),
+            data=[CaptionObject(text=c.text, score=_finite(c.logprob)) for c in caps],
+            seed=seed,
+            neighbours=_public_neighbours(docs, body.return_neighbours),
+            memory_version=version if body.return_neighbours else None,
+        )
+
+    return await orchestrate(gw, request, Plan(
+        examples=len(examples),
+        "caption", RetrievalQuery(image=rgb), body.retrieval, memory, body.return_neighbours,
+        make_job=lambda docs: CaptionJob(rgb, docs, body.n, candidates, _sampling(body, seed),
+                                         examples, retrieval_guidance=body.retrieval_guidance),
+        respond=respond,
+    ))
+
+
+async def classify(body: ClassifyRequest, request: Request, gw: GatewayDep) -> ClassifyResponse:
+    s = gw.settings
+    if len(body.labels) > s.max_labels:
+        raise InvalidRequest(f"at most {s.max_labels} labels", param="labels")
+    for i, label in enumerate(body.labels):
+        _check_prompt(gw, label, param=f"labels.{i}")
+    if len(set(body.labels)) != len(body.labels):
+        raise InvalidRequest("labels must be distinct", param="labels")
+    rgb = await _decode_image(gw, body.image, "image")
+    examples = await _decode_examples(gw, body.examples)
+    gw.retrieval_k(body.retrieval)
+    memory = gw.memory_for(request, body.retrieval.memory, "retrieval.memory")
+
+    def respond(
+        result: ClassifyResult, docs: list[NeighbourDoc], version: str | None
+    ) -> ClassifyResponse:
+        return ClassifyResponse(
+            label=result.label,
+            scores={k: _finite(v) for k, v in result.scores.items()},
+            neighbours=_public_neighbours(docs, body.return_neighbours),
+            memory_version=version if body.return_neighbours else None,
+        )
+
+    return await orchestrate(gw, request, Plan(
+        "classify", RetrievalQuery(image=rgb), body.retrieval, memory, body.return_neighbours,
+        make_job=lambda docs: ClassifyJob(rgb, list(body.labels), docs, examples),
+        respond=respond,
+    ))
+
+
+# Retrieval alone: no generator job, so no plan.
+
+
+async def retrieve(body: RetrieveRequest, request: Request, gw: GatewayDep) -> RetrieveResponse:
+    if body.text is None and body.image is None:
+        raise InvalidRequest("give text, image or both", param="text")
+    text = _check_prompt(gw, body.text, param="text") if body.text is not None else None
+    if body.k > gw.settings.max_knn_results:
+        raise InvalidRequest(f"k must be <= {gw.settings.max_knn_results}", param="k")
+    memory = gw.memory_for(request, body.memory, "memory")
+    image = None if body.image is None else await _decode_image(gw, body.image, "image")
+    query = RetrievalQuery(text=text, image=image)
+
+    async def work() -> RetrieveResponse:
+        with gw.metrics.stage("retrieve"):
+            out = await gw.retriever.search(
+                [query], body.k, body.strategy, mode=body.mode, tokens=False,
+                thumbnails=body.return_thumbnails, memory=memory,
+            )
+        neighbours = _public_neighbours(out.neighbours[0], True) or []
+        return RetrieveResponse(memory_version=out.memory_version, data=neighbours,
+                                memory=memory)
+
+    return await gw.run(request, work())
+
+
+async def knn_service(
+    body: KnnServiceRequest, request: Request, gw: GatewayDep
+) -> list[KnnResult]:
+    if body.image_url:
+        raise InvalidRequest(
+            "image_url is not supported: this server never fetches URLs; send the image "
+            "as base64 in 'image'",
+            param="image_url",
+        )
+    given = [x for x in (body.text, body.image, body.embedding_input) if x]
+    if len(given) != 1:
+        raise InvalidRequest(
+            "give exactly one of text, image or embedding_input", param="text"
+        )
+    # With one unnamed memory `indice_name` is ignored, so that clip-retrieval's
+    # ClipClient keeps working with its default index name; named memories check it.
+    named = gw.settings.memories is not None
+    memory = gw.memory_for(request, body.indice_name if named else None, "indice_name")
+    most = gw.settings.max_knn_results
+    for param, value in (("num_images", body.num_images),
+                         ("num_result_ids", body.num_result_ids)):
+        if value is not None and value > most:
+            raise InvalidRequest(f"{param} must be <= {most}", param=param)
+    text = _check_prompt(gw, body.text, param="text") if body.text else None
+    image = await _decode_image(gw, body.image, "image") if body.image else None
+    embedding = None
+    if body.embedding_input:
+        embedding = _unit_embedding(body.embedding_input)
+    query = RetrievalQuery(text=text, image=image, embedding=embedding)
+
+    async def work() -> list[KnnResult]:
+        with gw.metrics.stage("retrieve"):
+            # clip-retrieval's contract is CLIP similarity order: dense unless asked
+            out = await gw.retriever.search(
+                [query], body.num_images, "knn", mode=body.mode or "dense", tokens=False,
+                thumbnails=True, memory=memory,
+            )
+        return _knn_results(out.neighbours[0], body.deduplicate)
+
+    return await gw.run(request, work())
+
+
+def _knn_results(docs: list[NeighbourDoc], deduplicate: bool) -> list[KnnResult]:
+    """clip-retrieval's result rows; with `deduplicate`, one per distinct thumbnail."""
+    results: list[KnnResult] = []
+    seen: set[bytes] = set()
+    for d in docs:
+        if deduplicate and d.thumbnail_png is not None:
+            digest = hashlib.sha256(d.thumbnail_png).digest()
+            if digest in seen:
+                continue
+            seen.add(digest)
+        results.append(
+            KnnResult(
+                id=d.id,
+                similarity=_finite(d.score),
+                caption=d.caption,
+                image=None if d.thumbnail_png is None else b64(d.thumbnail_png),
+            )
+        )
+    return results
 
 
 def build_router(require_key: Callable[..., Any]) -> APIRouter:
     """The inference routes (API-key protected when keys are configured)."""
     router = APIRouter(dependencies=[Depends(require_key)], responses=INFERENCE_ERRORS)
-
-    @router.post(
-        "/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True
-    )
-    async def generations(
-        body: ImageGenerationRequest, request: Request, gw: GatewayDep
-    ) -> ImagesResponse:
-        prompt = _check_prompt(gw, body.prompt)
-        candidates = _check_counts(gw, body.n, body.num_candidates)
-        await _check_size(gw, body.size)
-        gw.retrieval_k(body.retrieval)
-        memory = gw.memory_for(request, body.retrieval.memory, "retrieval.memory")
-        examples = await _decode_examples(gw, body.examples)
-        seed = _seed(body.seed)
-
-        async def job_for(ticket: Ticket) -> tuple[T2IJob, str | None]:
-            docs, version = await gw.neighbours(
-                RetrievalQuery(text=prompt), body.retrieval, thumbnails=body.return_neighbours,
-                memory=memory, examples=len(examples),
-            )
-            sampling = _sampling(body, seed, body.guidance_scale)
-            ticket.arrived()  # submitted next: no longer on its way
-            return T2IJob(prompt, docs, body.n, candidates, sampling, examples,
-                          retrieval_guidance=body.retrieval_guidance), version
-
-        if body.stream:
-            async def open_stream(ticket: Ticket) -> tuple[GenerationStream, bytes | None]:
-                job, version = await job_for(ticket)
-                stream = await gw.generator.text_to_image_stream(job, body.partial_images or 0)
-                return stream, _neighbours_event(job.neighbours, version, seed,
-                                                 body.return_neighbours)
-
-            ctx = StreamContext(IMAGE_GENERATION, await _size_text(gw), seed)
-            return await stream_images(gw, request, "text_to_image", ctx, open_stream, _finite)
-
-        async def work(ticket: Ticket) -> ImagesResponse:
-            job, version = await job_for(ticket)
-            with gw.metrics.stage("generate"):
-                images = await gw.generator.text_to_image(job)
-            return _images_response(images, seed, job.neighbours, body.return_neighbours,
-                                    version)
-
-        return await gw.generate(request, "text_to_image", work)
-
-    @router.post(
-        "/v1/images/edits", response_model=ImagesResponse, response_model_exclude_none=True
-    )
-    async def edits(
-        request: Request,
-        gw: GatewayDep,
-        prompt: Annotated[str, Form(json_schema_extra=limit("max_prompt_chars"))],
-        image: Annotated[UploadFile | None, File(description="the image to edit")] = None,
-        image_list: Annotated[list[UploadFile] | None, File(alias="image[]")] = None,
-        mask: Annotated[UploadFile | None, File(description="alpha 0 = area to change")] = None,
-        n: Annotated[int, Form(ge=1, json_schema_extra=limit("max_n"))] = 1,
-        size: Annotated[str | None, Form()] = None,
-        response_format: Annotated[ResponseFormat, Form()] = "b64_json",
-        seed: Annotated[int | None, Form(ge=0, le=2**63 - 1)] = None,
-        temperature: Annotated[float, Form(ge=0, le=10, allow_inf_nan=False)] = 1.0,
-        top_k: Annotated[int | None, Form(ge=1)] = None,
-        top_p: Annotated[float | None, Form(gt=0, le=1, allow_inf_nan=False)] = None,
-        guidance_scale: Annotated[float, Form(ge=0, le=30, allow_inf_nan=False)] = 3.0,
-        num_candidates: Annotated[
-            int | None, Form(ge=1, json_schema_extra=limit("max_candidates"))
-        ] = None,
-        retrieval_k: Annotated[int | None, Form(ge=0, json_schema_extra=limit("max_k"))] = None,
-        retrieval_mode: Annotated[RetrievalModeName | None, Form()] = None,
-        retrieval_memory: Annotated[str | None, Form()] = None,
-        return_neighbours: Annotated[bool, Form()] = False,
-        stream: Annotated[bool | None, Form()] = False,
-        partial_images: Annotated[int | None, Form(ge=0, le=3)] = None,
-    ) -> ImagesResponse:
-        uploads = [u for u in ([image] if image is not None else []) + (image_list or [])]
-        if not uploads:
-            raise InvalidRequest("image is required (multipart file field 'image')", param="image")
-        if len(uploads) > 1:
-            raise InvalidRequest("exactly one image can be edited", param="image")
-        _check_prompt(gw, prompt)
-        candidates = _check_counts(gw, n, num_candidates)
-        await _check_size(gw, size)
-        raw = await _read_upload(gw, uploads[0], "image")
-        source = await in_decode_thread(decode_image, raw, "image", gw.image_limits)
-        rgb = source.rgb
-        if mask is not None:
-            raw_mask = await _read_upload(gw, mask, "mask")
-            mask_img = await in_decode_thread(decode_mask, raw_mask, "mask", gw.image_limits)
-            region = _region(source, mask_img, "mask")
-        elif source.transparent is not None and source.transparent.any():
-            region = _region(source, None, "image")
-        else:
-            raise InvalidRequest(
-                "provide a mask, or an image whose transparent area (alpha 0) marks the edit",
-                param="mask",
-            )
-        params = _FormSampling(temperature, top_k, top_p)
-        the_seed = _seed(seed)
-        options = RetrievalOptions(k=retrieval_k, mode=retrieval_mode)
-        gw.retrieval_k(options)
-        memory = gw.memory_for(request, retrieval_memory, "retrieval_memory")
-
-        async def job_for(ticket: Ticket) -> tuple[InfillJob, str | None]:
-            docs, version = await gw.neighbours(
-                RetrievalQuery(text=prompt), options, thumbnails=return_neighbours, memory=memory
-            )
-            job = InfillJob(
-                rgb, region, prompt, docs, n, candidates,
-                _sampling(params, the_seed, guidance_scale),
-            )
-            ticket.arrived()  # submitted next: no longer on its way
-            return job, version
-
-        if stream:
-            async def open_stream(ticket: Ticket) -> tuple[GenerationStream, bytes | None]:
-                job, version = await job_for(ticket)
-                opened = await gw.generator.infill_stream(job, partial_images or 0)
-                return opened, _neighbours_event(job.neighbours, version, the_seed,
-                                                 return_neighbours)
-
-            ctx = StreamContext(IMAGE_EDIT, f"{rgb.shape[1]}x{rgb.shape[0]}", the_seed)
-            return await stream_images(gw, request, "infill", ctx, open_stream, _finite)
-
-        async def work(ticket: Ticket) -> ImagesResponse:
-            job, version = await job_for(ticket)
-            with gw.metrics.stage("generate"):
-                images = await gw.generator.infill(job)
-            return _images_response(images, the_seed, job.neighbours, return_neighbours,
-                                    version)
-
-        return await gw.generate(request, "infill", work)
-
-    @router.post(
-        "/v1/images/infill", response_model=ImagesResponse, response_model_exclude_none=True
-    )
-    async def infill(body: InfillRequest, request: Request, gw: GatewayDep) -> ImagesResponse:
-        prompt = _check_prompt(gw, body.prompt, required=False)
-        candidates = _check_counts(gw, body.n, body.num_candidates)
-        if (body.mask is None) == (body.box is None):
-            raise InvalidRequest("give exactly one of mask or box", param="mask")
-        source = await _decode_full(gw, body.image, "image")
-        rgb = source.rgb
-        if body.mask is not None:
-            region = _region(source, await _decode_mask(gw, body.mask, "mask"), "mask")
-        else:
-            assert body.box is not None
-            region = _box_region(source, body.box, "box")
-        gw.retrieval_k(body.retrieval)
-        memory = gw.memory_for(request, body.retrieval.memory, "retrieval.memory")
-        examples = await _decode_examples(gw, body.examples)
-        seed = _seed(body.seed)
-        query = RetrievalQuery(text=prompt) if prompt else RetrievalQuery(image=rgb)
-
-        async def work(ticket: Ticket) -> ImagesResponse:
-            docs, version = await gw.neighbours(
-                query, body.retrieval, thumbnails=body.return_neighbours, memory=memory,
-                examples=len(examples),
-            )
-            job = InfillJob(
-                rgb, region, prompt, docs, body.n, candidates,
-                _sampling(body, seed, body.guidance_scale), examples,
-            )
-            ticket.arrived()  # submitted next: no longer on its way
-            with gw.metrics.stage("generate"):
-                images = await gw.generator.infill(job)
-            return _images_response(images, seed, docs, body.return_neighbours, version)
-
-        return await gw.generate(request, "infill", work)
-
-    @router.post(
-        "/v1/images/captions", response_model=CaptionResponse, response_model_exclude_none=True
-    )
-    async def captions(body: CaptionRequest, request: Request, gw: GatewayDep) -> CaptionResponse:
-        candidates = _check_counts(gw, body.n, body.num_candidates)
-        rgb = await _decode_image(gw, body.image, "image")
-        gw.retrieval_k(body.retrieval)
-        memory = gw.memory_for(request, body.retrieval.memory, "retrieval.memory")
-        examples = await _decode_examples(gw, body.examples)
-        seed = _seed(body.seed)
-
-        async def work(ticket: Ticket) -> CaptionResponse:
-            docs, version = await gw.neighbours(
-                RetrievalQuery(image=rgb), body.retrieval, thumbnails=body.return_neighbours,
-                memory=memory, examples=len(examples),
-            )
-            job = CaptionJob(rgb, docs, body.n, candidates, _sampling(body, seed), examples,
-                             retrieval_guidance=body.retrieval_guidance)
-            ticket.arrived()  # submitted next: no longer on its way
-            with gw.metrics.stage("generate"):
-                caps = await gw.generator.caption(job)
-            return CaptionResponse(
-                created=int(time.time()),
-                data=[CaptionObject(text=c.text, score=_finite(c.logprob)) for c in caps],
-                seed=seed,
-                neighbours=_public_neighbours(docs, body.return_neighbours),
-                memory_version=version if body.return_neighbours else None,
-            )
-
-        return await gw.generate(request, "caption", work)
-
-    @router.post(
-        "/v1/images/classify", response_model=ClassifyResponse, response_model_exclude_none=True
-    )
-    async def classify(
-        body: ClassifyRequest, request: Request, gw: GatewayDep
-    ) -> ClassifyResponse:
-        s = gw.settings
-        if len(body.labels) > s.max_labels:
-            raise InvalidRequest(f"at most {s.max_labels} labels", param="labels")
-        for i, label in enumerate(body.labels):
-            _check_prompt(gw, label, param=f"labels.{i}")
-        if len(set(body.labels)) != len(body.labels):
-            raise InvalidRequest("labels must be distinct", param="labels")
-        rgb = await _decode_image(gw, body.image, "image")
-        examples = await _decode_examples(gw, body.examples)
-        gw.retrieval_k(body.retrieval)
-        memory = gw.memory_for(request, body.retrieval.memory, "retrieval.memory")
-
-        async def work(ticket: Ticket) -> ClassifyResponse:
-            docs, version = await gw.neighbours(
-                RetrievalQuery(image=rgb), body.retrieval, thumbnails=body.return_neighbours,
-                memory=memory,
-            )
-            job = ClassifyJob(rgb, list(body.labels), docs, examples)
-            ticket.arrived()  # submitted next: no longer on its way
-            with gw.metrics.stage("generate"):
-                result = await gw.generator.classify(job)
-            return ClassifyResponse(
-                label=result.label,
-                scores={k: _finite(v) for k, v in result.scores.items()},
-                neighbours=_public_neighbours(docs, body.return_neighbours),
-                memory_version=version if body.return_neighbours else None,
-            )
-
-        return await gw.generate(request, "classify", work)
-
-    @router.post("/v1/retrieve", response_model=RetrieveResponse, response_model_exclude_none=True)
-    async def retrieve(body: RetrieveRequest, request: Request, gw: GatewayDep) -> RetrieveResponse:
-        if body.text is None and body.image is None:
-            raise InvalidRequest("give text, image or both", param="text")
-        text = _check_prompt(gw, body.text, param="text") if body.text is not None else None
-        if body.k > gw.settings.max_knn_results:
-            raise InvalidRequest(f"k must be <= {gw.settings.max_knn_results}", param="k")
-        memory = gw.memory_for(request, body.memory, "memory")
-        image = None if body.image is None else await _decode_image(gw, body.image, "image")
-        query = RetrievalQuery(text=text, image=image)
-
-        async def work() -> RetrieveResponse:
-            with gw.metrics.stage("retrieve"):
-                out = await gw.retriever.search(
-                    [query], body.k, body.strategy, mode=body.mode, tokens=False,
-                    thumbnails=body.return_thumbnails, memory=memory,
-                )
-            neighbours = _public_neighbours(out.neighbours[0], True) or []
-            return RetrieveResponse(memory_version=out.memory_version, data=neighbours,
-                                    memory=memory)
-
-        return await gw.run(request, work())
-
+    for path, route, model in (
+        ("/v1/images/generations", generations, ImagesResponse),
+        ("/v1/images/edits", edits, ImagesResponse),
+        ("/v1/images/infill", infill, ImagesResponse),
+        ("/v1/images/captions", captions, CaptionResponse),
+        ("/v1/images/classify", classify, ClassifyResponse),
+        ("/v1/retrieve", retrieve, RetrieveResponse),
+    ):
+        router.add_api_route(path, route, methods=["POST"], response_model=model,
+                             response_model_exclude_none=True)
     # clip-retrieval's ClipClient posts JSON without a Content-Type header.
     knn_router = APIRouter(strict_content_type=False)
-
-    @knn_router.post(
-        "/knn-service", response_model=list[KnnResult], response_model_exclude_none=True
-    )
-    async def knn_service(
-        body: KnnServiceRequest, request: Request, gw: GatewayDep
-    ) -> list[KnnResult]:
-        if body.image_url:
-            raise InvalidRequest(
-                "image_url is not supported: this server never fetches URLs; send the image "
-                "as base64 in 'image'",
-                param="image_url",
-            )
-        given = [x for x in (body.text, body.image, body.embedding_input) if x]
-        if len(given) != 1:
-            raise InvalidRequest(
-                "give exactly one of text, image or embedding_input", param="text"
-            )
-        # With one unnamed memory `indice_name` is ignored, so that clip-retrieval's
-        # ClipClient keeps working with its default index name; named memories check it.
-        named = gw.settings.memories is not None
-        memory = gw.memory_for(request, body.indice_name if named else None, "indice_name")
-        most = gw.settings.max_knn_results
-        for param, value in (("num_images", body.num_images),
-                             ("num_result_ids", body.num_result_ids)):
-            if value is not None and value > most:
-                raise InvalidRequest(f"{param} must be <= {most}", param=param)
-        text = _check_prompt(gw, body.text, param="text") if body.text else None
-        image = await _decode_image(gw, body.image, "image") if body.image else None
-        embedding = None
-        if body.embedding_input:
-            embedding = _unit_embedding(body.embedding_input)
-        query = RetrievalQuery(text=text, image=image, embedding=embedding)
-
-        async def work() -> list[KnnResult]:
-            with gw.metrics.stage("retrieve"):
-                # clip-retrieval's contract is CLIP similarity order: dense unless asked
-                out = await gw.retriever.search(
-                    [query], body.num_images, "knn", mode=body.mode or "dense", tokens=False,
-                    thumbnails=True, memory=memory,
-                )
-            results: list[KnnResult] = []
-            seen: set[bytes] = set()
-            for d in out.neighbours[0]:
-                if body.deduplicate and d.thumbnail_png is not None:
-                    digest = hashlib.sha256(d.thumbnail_png).digest()
-                    if digest in seen:
-                        continue
-                    seen.add(digest)
-                results.append(
-                    KnnResult(
-                        id=d.id,
-                        similarity=_finite(d.score),
-                        caption=d.caption,
-                        image=None if d.thumbnail_png is None else b64(d.thumbnail_png),
-                    )
-                )
-            return results
-
-        return await gw.run(request, work())
-
+    knn_router.add_api_route("/knn-service", knn_service, methods=["POST"],
+                             response_model=list[KnnResult], response_model_exclude_none=True)
     router.include_router(knn_router)
     return router
 

@@ -24,7 +24,6 @@ from app.retriever.documents import DocumentAppender, build_documents_router
 from app.retriever.service import build_router as build_retriever_router
 from app.schemas import finish_openapi
 from app.serve import Components
-from app.streaming import build_worker_router as build_worker_stream_router
 from app.studio import build_studio_router
 
 VERSION = "0.1.0"
@@ -86,7 +85,6 @@ def create_app(components: Components) -> FastAPI:
         app.state.generator_service = components.generator
         if components.gateway is None:
             app.include_router(build_generator_router(require_key))
-            app.include_router(build_worker_stream_router(require_key))
             app.include_router(build_generator_info_router())
     return app
 

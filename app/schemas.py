@@ -14,6 +14,7 @@ beside each internal model.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -702,6 +703,13 @@ class GeneratedImageWire(BaseModel):
 class ImagesResultWire(BaseModel):
     images: list[GeneratedImageWire]
 
+    @classmethod
+    def from_result(cls, images: list[GeneratedImage]) -> ImagesResultWire:
+        return cls(images=[GeneratedImageWire.from_result(g) for g in images])
+
+    def to_result(self) -> list[GeneratedImage]:
+        return [g.to_result() for g in self.images]
+
 
 class CaptionWire(BaseModel):
     text: str
@@ -714,10 +722,21 @@ class CaptionWire(BaseModel):
 class CaptionsResultWire(BaseModel):
     captions: list[CaptionWire]
 
+    @classmethod
+    def from_result(cls, captions: list[GeneratedCaption]) -> CaptionsResultWire:
+        return cls(captions=[CaptionWire(text=c.text, logprob=c.logprob) for c in captions])
+
+    def to_result(self) -> list[GeneratedCaption]:
+        return [c.to_result() for c in self.captions]
+
 
 class ClassifyResultWire(BaseModel):
     label: str
     scores: dict[str, float]
+
+    @classmethod
+    def from_result(cls, result: ClassifyResult) -> ClassifyResultWire:
+        return cls(label=result.label, scores=result.scores)
 
     def to_result(self) -> ClassifyResult:
         return ClassifyResult(label=self.label, scores=dict(self.scores))
@@ -732,6 +751,26 @@ class T2IStreamJobWire(T2IJobWire):
 
 class InfillStreamJobWire(InfillJobWire):
     partial_images: int = Field(0, ge=0, le=3)
+
+
+@dataclass(frozen=True)
+class TaskWire:
+    """How one generator task crosses from the gateway to a worker: the job's body, the
+    result's body and, for the tasks that decode images, the streamed job's body. Each
+    has `from_job`/`to_job` or `from_result`/`to_result`, so that the worker's routes and
+    the HTTP client are written once for every task."""
+
+    job: type[Any]
+    result: type[Any]
+    stream_job: type[Any] | None = None
+
+
+GENERATOR_TASKS: dict[str, TaskWire] = {
+    "text_to_image": TaskWire(T2IJobWire, ImagesResultWire, T2IStreamJobWire),
+    "infill": TaskWire(InfillJobWire, ImagesResultWire, InfillStreamJobWire),
+    "caption": TaskWire(CaptionJobWire, CaptionsResultWire),
+    "classify": TaskWire(ClassifyJobWire, ClassifyResultWire),
+}
 
 
 class UsageWire(BaseModel):

@@ -6,8 +6,9 @@ Three hops, one event model (`PartialImage`, then `Finished`):
   engine calls from its thread; `open_local_stream` submits the job to the worker's
   batcher and reads the sink from the event loop.
 - worker -> gateway (multi-service mode): `/internal/{task}/stream` answers NDJSON, one
-  `StreamEventWire` per line, written as each event happens; `open_http_stream` reads it
-  line by line, so nothing is buffered on the way.
+  `StreamEventWire` per line, written as each event happens; `HttpStream` reads it
+  line by line, so nothing is buffered on the way. The worker's routes are in
+  `app/generator/service.py`, the balancing across workers in `app/clients.py`.
 - gateway -> client: `text/event-stream` with OpenAI's event types and fields
   (`image_generation.partial_image` / `.completed`, `image_edit.*`), preceded by
   racm3's own `racm3.neighbours` event when the request asked for its neighbours.
@@ -33,11 +34,12 @@ from typing import Any, Protocol
 import anyio
 import httpx
 import numpy as np
-from fastapi import APIRouter, Depends, Request
+from fastapi import Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
+from app.disconnect import run_until_disconnect
 from app.errors import (
     ApiError,
     DependencyUnavailable,
@@ -50,10 +52,8 @@ from app.images import decode_rgb_b64, png_b64
 from app.schemas import (
     INTERNAL_IMAGE_LIMITS,
     GeneratedImageWire,
-    InfillStreamJobWire,
     Neighbour,
     StreamEventWire,
-    T2IStreamJobWire,
     UsageWire,
 )
 from model.jobs import GeneratedImage
@@ -187,7 +187,7 @@ def _line(event: StreamEventWire) -> bytes:
     return event.model_dump_json(exclude_none=True).encode() + b"\n"
 
 
-async def _ndjson(stream: GenerationStream) -> AsyncIterator[bytes]:
+async def ndjson_events(stream: GenerationStream) -> AsyncIterator[bytes]:
     while True:
         try:
             event = await stream.next()
@@ -232,32 +232,6 @@ class ClosingStreamingResponse(StreamingResponse):
                 self._on_close()
 
 
-def build_worker_router(require_key: Callable[..., Any]) -> APIRouter:
-    """The worker's streamed routes (the gateway's `open_http_stream` reads them)."""
-    router = APIRouter(dependencies=[Depends(require_key)])
-
-    def service(request: Request) -> Any:
-        return request.app.state.generator_service
-
-    @router.post("/internal/text_to_image/stream", response_model=None)
-    async def text_to_image_stream(
-        body: T2IStreamJobWire, svc: Any = Depends(service)
-    ) -> StreamingResponse:
-        stream = await open_local_stream(svc.text_to_image, body.to_job(), body.partial_images)
-        return ClosingStreamingResponse(_ndjson(stream), stream,
-                                        media_type="application/x-ndjson")
-
-    @router.post("/internal/infill/stream", response_model=None)
-    async def infill_stream(
-        body: InfillStreamJobWire, svc: Any = Depends(service)
-    ) -> StreamingResponse:
-        stream = await open_local_stream(svc.infill, body.to_job(), body.partial_images)
-        return ClosingStreamingResponse(_ndjson(stream), stream,
-                                        media_type="application/x-ndjson")
-
-    return router
-
-
 class HttpStream:
     """A worker's NDJSON stream, read line by line as it arrives."""
 
@@ -297,51 +271,6 @@ class HttpStream:
         if self._release is not None:
             self._release()
             self._release = None
-
-
-async def open_http_stream(client: Any, path: str, body: BaseModel) -> HttpStream:
-    """POST `body` to a worker's streamed route, balanced like `HttpGeneratorClient._call`:
-    an unreachable worker is skipped; an error answer is raised as the same `ApiError`."""
-    from app.clients import _Unreachable
-
-    last: Exception | None = None
-    for base in client._order():
-        client.inflight[base] += 1
-
-        def release(base: str = base) -> None:
-            client.inflight[base] -= 1
-
-        request = client.http.build_request(
-            "POST", f"{base}{path}", content=body.model_dump_json(exclude_none=True),
-            headers={"Content-Type": "application/json"},
-        )
-        try:
-            response = await client.http.send(request, stream=True)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
-            release()
-            client._down_until[base] = time.monotonic() + client.unreachable_backoff_s
-            last = _Unreachable(f"generator at {base} is unreachable ({type(exc).__name__})")
-            continue
-        except httpx.TimeoutException:
-            release()
-            raise RequestTimeout("generator did not answer in time") from None
-        except httpx.HTTPError as exc:
-            release()
-            raise DependencyUnavailable(f"generator request failed ({type(exc).__name__})") \
-                from None
-        if response.status_code != 200:
-            try:
-                raw = await response.aread()
-                payload: Any = json.loads(raw) if raw else None
-            except (httpx.HTTPError, ValueError):
-                payload = None
-            finally:
-                await response.aclose()
-                release()
-            raise error_from_body(response.status_code, payload, response.headers)
-        return HttpStream(response, release)
-    why = getattr(last, "message", "no workers")
-    raise DependencyUnavailable(f"no generator worker reachable ({why})")
 
 
 # --- gateway -> client: OpenAI's server-sent events ------------------------------------
@@ -442,8 +371,6 @@ async def stream_images(gw: Any, request: Request, task: str, ctx: StreamContext
     """The gateway's streamed answer. `prepare(ticket)` retrieves, submits and returns the
     open stream (and the neighbours event, if any): everything that can still fail with a
     plain JSON error. The request counts as in flight until its stream ends."""
-    from app.generator.service import run_until_disconnect
-
     s = gw.settings
     if gw.inflight >= s.max_inflight:
         raise QueueFull(f"gateway busy ({gw.inflight} requests in flight); retry later",

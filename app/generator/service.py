@@ -11,30 +11,23 @@ size (see `model.jobs`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import inspect
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from functools import partial
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
 
 from app.batching import DynamicBatcher
-from app.errors import ApiError, NotReady
+from app.disconnect import run_until_disconnect
+from app.errors import NotReady
 from app.images import resize_mask, resize_rgb
 from app.metrics import Metrics
-from app.schemas import (
-    CaptionJobWire,
-    CaptionsResultWire,
-    CaptionWire,
-    ClassifyJobWire,
-    ClassifyResultWire,
-    GeneratedImageWire,
-    ImagesResultWire,
-    InfillJobWire,
-    InfoResponse,
-    T2IJobWire,
-)
+from app.schemas import GENERATOR_TASKS, InfoResponse, TaskWire
 from app.settings import GeneratorSettings
+from app.streaming import ClosingStreamingResponse, ndjson_events, open_local_stream
 from model.jobs import (
     CaptionJob,
     ClassifyJob,
@@ -49,42 +42,7 @@ from model.jobs import (
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 EngineFactory = Callable[[GeneratorSettings], Engine]
-
-
-class ClientDisconnected(ApiError):
-    """The client went away; nobody reads this response (nginx's 499 convention)."""
-
-    status_code = 499
-    error_type = "client_closed_request"
-    default_code = "client_disconnected"
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    # The body has been read by now, so the next ASGI message is the disconnect.
-    while True:
-        message = await request.receive()
-        if message.get("type") == "http.disconnect":
-            return
-
-
-async def run_until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it if the HTTP client disconnects first."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.create_task(_wait_for_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        raise ClientDisconnected("client disconnected; job cancelled")
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
 
 
 class GeneratorService:
@@ -183,6 +141,12 @@ class GeneratorService:
         self._fit_examples(job.examples)
         return await self._submit("classify", job)
 
+    async def generate(self, task: str, job: Any) -> Any:
+        """The job of `task`, one of `GENERATOR_TASKS`, fitted and run by its method above."""
+        if task not in GENERATOR_TASKS:
+            raise ValueError(f"unknown generator task {task!r}")
+        return await getattr(self, task)(job)
+
     def _run_batch(self, task: Any, jobs: Sequence[Any]) -> list[Any]:
         """Runs on the batcher's engine thread."""
         assert self.engine is not None
@@ -201,40 +165,51 @@ def _service(request: Request) -> GeneratorService:
 
 
 def build_router(require_key: Callable[..., Any]) -> APIRouter:
-    """Internal routes of the worker (the gateway's HttpGeneratorClient calls them)."""
+    """Internal routes of the worker, one per task and one streamed per image task (the
+    gateway's HttpGeneratorClient calls them)."""
     router = APIRouter(dependencies=[Depends(require_key)])
-
-    @router.post("/internal/text_to_image", response_model=ImagesResultWire)
-    async def text_to_image(
-        body: T2IJobWire, request: Request, svc: GeneratorService = Depends(_service)
-    ) -> ImagesResultWire:
-        images = await run_until_disconnect(request, svc.text_to_image(body.to_job()))
-        return ImagesResultWire(images=[GeneratedImageWire.from_result(g) for g in images])
-
-    @router.post("/internal/caption", response_model=CaptionsResultWire)
-    async def caption(
-        body: CaptionJobWire, request: Request, svc: GeneratorService = Depends(_service)
-    ) -> CaptionsResultWire:
-        caps = await run_until_disconnect(request, svc.caption(body.to_job()))
-        return CaptionsResultWire(
-            captions=[CaptionWire(text=c.text, logprob=c.logprob) for c in caps]
-        )
-
-    @router.post("/internal/infill", response_model=ImagesResultWire)
-    async def infill(
-        body: InfillJobWire, request: Request, svc: GeneratorService = Depends(_service)
-    ) -> ImagesResultWire:
-        images = await run_until_disconnect(request, svc.infill(body.to_job()))
-        return ImagesResultWire(images=[GeneratedImageWire.from_result(g) for g in images])
-
-    @router.post("/internal/classify", response_model=ClassifyResultWire)
-    async def classify(
-        body: ClassifyJobWire, request: Request, svc: GeneratorService = Depends(_service)
-    ) -> ClassifyResultWire:
-        result = await run_until_disconnect(request, svc.classify(body.to_job()))
-        return ClassifyResultWire(label=result.label, scores=result.scores)
-
+    for task, wire in GENERATOR_TASKS.items():
+        router.add_api_route(f"/internal/{task}", _job_route(task, wire), methods=["POST"],
+                             response_model=wire.result)
+    for task, wire in GENERATOR_TASKS.items():
+        if wire.stream_job is not None:
+            router.add_api_route(f"/internal/{task}/stream", _stream_route(task, wire.stream_job),
+                                 methods=["POST"], response_model=None)
     return router
+
+
+def _job_route(task: str, wire: TaskWire) -> Callable[..., Awaitable[Any]]:
+    async def run_job(
+        body: Any, request: Request, svc: GeneratorService = Depends(_service)
+    ) -> Any:
+        result = await run_until_disconnect(request, svc.generate(task, body.to_job()))
+        return wire.result.from_result(result)
+
+    return _with_body_type(run_job, wire.job)
+
+
+def _stream_route(task: str, stream_job: type[Any]) -> Callable[..., Awaitable[Any]]:
+    async def stream_job_events(
+        body: Any, svc: GeneratorService = Depends(_service)
+    ) -> StreamingResponse:
+        stream = await open_local_stream(partial(svc.generate, task), body.to_job(),
+                                         body.partial_images)
+        return ClosingStreamingResponse(ndjson_events(stream), stream,
+                                        media_type="application/x-ndjson")
+
+    return _with_body_type(stream_job_events, stream_job)
+
+
+def _with_body_type(route: Callable[..., Awaitable[Any]], body_type: type[Any]
+                    ) -> Callable[..., Awaitable[Any]]:
+    """FastAPI reads a route's body model from its signature: each task's route is the same
+    function with its own wire model put there."""
+    signature = inspect.signature(route)
+    route.__signature__ = signature.replace(parameters=[  # type: ignore[attr-defined]
+        p.replace(annotation=body_type) if p.name == "body" else p
+        for p in signature.parameters.values()
+    ])
+    return route
 
 
 def build_info_router() -> APIRouter:
