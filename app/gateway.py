@@ -537,9 +537,9 @@ async def generations(
         context = StreamContext(IMAGE_GENERATION, await _size_text(gw), seed)
         streamed = Streamed(context, body.partial_images or 0)
     return await orchestrate(gw, request, Plan(
-        examples=len(examples),
         "text_to_image", RetrievalQuery(text=prompt), body.retrieval, memory,
         body.return_neighbours,
+        examples=len(examples),
         make_job=lambda docs: T2IJob(prompt, docs, body.n, candidates, sampling, examples,
                                      retrieval_guidance=body.retrieval_guidance),
         respond=_respond_with_images(seed, body.return_neighbours),
@@ -636,8 +636,8 @@ async def infill(body: InfillRequest, request: Request, gw: GatewayDep) -> Image
     # Without a prompt the image itself finds its neighbours.
     query = RetrievalQuery(text=prompt) if prompt else RetrievalQuery(image=rgb)
     return await orchestrate(gw, request, Plan(
-        examples=len(examples),
         "infill", query, body.retrieval, memory, body.return_neighbours,
+        examples=len(examples),
         make_job=lambda docs: InfillJob(rgb, region, prompt, docs, body.n, candidates,
                                         sampling, examples),
         respond=_respond_with_images(seed, body.return_neighbours),
@@ -664,8 +664,8 @@ async def captions(body: CaptionRequest, request: Request, gw: GatewayDep) -> Ca
         )
 
     return await orchestrate(gw, request, Plan(
-        examples=len(examples),
         "caption", RetrievalQuery(image=rgb), body.retrieval, memory, body.return_neighbours,
+        examples=len(examples),
         make_job=lambda docs: CaptionJob(rgb, docs, body.n, candidates, _sampling(body, seed),
                                          examples, retrieval_guidance=body.retrieval_guidance),
         respond=respond,
