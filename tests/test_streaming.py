@@ -97,8 +97,10 @@ def test_openai_sdk_iterates_partial_and_completed_events(server, client):
 
 
 def test_partial_images_zero_sends_only_the_completed_events(client):
+    # retrieval_guidance 0: a copied neighbour would make both images the same
     events = list(client.images.generate(prompt="a blue circle", n=2, stream=True,
-                                         partial_images=0, extra_body={"seed": 1}))
+                                         partial_images=0,
+                                         extra_body={"seed": 1, "retrieval_guidance": 0}))
     assert [e.type for e in events] == ["image_generation.completed"] * 2
     assert events[0].b64_json != events[1].b64_json
 
