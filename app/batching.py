@@ -255,11 +255,15 @@ class DynamicBatcher(Generic[J, R]):
                 )
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # the engine failed: every caller in the batch gets the error
-            log.exception("%s batch of %d failed", self.name, len(batch))
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(exc)
+        except Exception as exc:
+            if len(batch) == 1:
+                self._fail(batch[0], exc)
+                return
+            # One job can break the whole batch (an input the engine cannot take): run each
+            # job alone, so only the job at fault fails and the others complete.
+            log.warning("%s batch of %d failed (%s: %s); running its jobs one by one",
+                        self.name, len(batch), type(exc).__name__, exc)
+            await self._run_alone(task, batch, loop)
             return
         finally:
             self.running = 0
@@ -270,3 +274,24 @@ class DynamicBatcher(Generic[J, R]):
         for p, result in zip(batch, results, strict=True):
             if not p.future.done():
                 p.future.set_result(result)
+
+    async def _run_alone(self, task: Hashable, batch: list[_Pending], loop: Any) -> None:
+        for p in batch:
+            if p.future.done():  # its client left meanwhile
+                continue
+            try:
+                (result,) = await loop.run_in_executor(
+                    self._executor, self.run_batch, task, [p.job])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._fail(p, exc)
+            else:
+                if not p.future.done():
+                    p.future.set_result(result)
+
+    def _fail(self, p: _Pending, exc: Exception) -> None:
+        # One line, not a traceback per job: the error handler logs the request's id.
+        log.error("%s job failed: %s: %s", self.name, type(exc).__name__, exc)
+        if not p.future.done():
+            p.future.set_exception(exc)

@@ -158,8 +158,16 @@ class Engine:
         image = self.space.codes_to_ids(codes) if codes is not None else []
         return [IMG_OPEN_ID, *text, SRC_ID, *image, IMG_CLOSE_ID]
 
-    def context_ids(self, neighbours: Sequence[NeighbourDoc]) -> list[int]:
-        """`[retrieved doc, <break>]*`, best neighbour first (as in training)."""
+    def context_ids(self, neighbours: Sequence[NeighbourDoc], reserve: int | None = None,
+                    ) -> list[int]:
+        """`[retrieved doc, <break>]*`, best neighbour first (as in training).
+
+        Only the documents that fit the decoder's window beside `reserve` tokens (the main
+        document and what will be generated) are kept, best first: a request retrieving
+        more than the window holds is answered with fewer documents rather than failing
+        the batch it joined."""
+        budget = self.decoder.config.block_size - (
+            self.default_reserve if reserve is None else reserve)
         ids: list[int] = []
         for nb in neighbours:
             codes = None if nb.image_codes is None else np.asarray(nb.image_codes).reshape(
@@ -167,8 +175,22 @@ class Engine:
             text = nb.text_ids
             if text is None and nb.caption:
                 text = self.tokenizer.encode(nb.caption)
-            ids += [*self.doc_ids(text, codes), BREAK_ID]
+            doc = [*self.doc_ids(text, codes), BREAK_ID]
+            if len(ids) + len(doc) > budget:
+                break
+            ids += doc
         return ids
+
+    @property
+    def default_reserve(self) -> int:
+        # a whole document (caption and image) plus a caption's or an image's generation
+        return 2 * self.space.image_len + 2 * MAX_CAPTION_TOKENS + 16
+
+    def _check_fits(self, prompt_len: int, new_tokens: int) -> None:
+        limit = self.decoder.config.block_size
+        if prompt_len + new_tokens > limit:
+            raise ValueError(f"the request needs {prompt_len + new_tokens} tokens; the "
+                             f"decoder's window holds {limit}")
 
     def with_examples(self, jobs: list[J]) -> list[J]:
         """Jobs whose demonstrations (`examples`) lead their neighbours as documents in
@@ -275,9 +297,12 @@ class Engine:
         for key, members in self._group(jobs).items():
             n_cand = key[-1]
             group = [jobs[i] for i in members]
-            caps = [self.tokenizer.encode(j.prompt) for j in group]
+            caps = [self.space.text_to_ids(self.tokenizer.encode(j.prompt)) for j in group]
+            for c in caps:
+                self._check_fits(len(c) + 2, self.space.image_len)
             prompts = [
-                [*self.context_ids(j.neighbours), IMG_OPEN_ID, *self.space.text_to_ids(c), SRC_ID]
+                [*self.context_ids(j.neighbours, len(c) + 2 + self.space.image_len),
+                 IMG_OPEN_ID, *c, SRC_ID]
                 for j, c in zip(group, caps, strict=True)
             ]
             uncond = [[IMG_OPEN_ID, mask_id(0), SRC_ID]] * len(group)

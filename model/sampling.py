@@ -84,10 +84,15 @@ def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gener
     return g
 
 
+MIN_TEMPERATURE = 1e-4
+
+
 def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
     if temperature <= 0:
         raise ValueError("temperature must be > 0 here; temperature 0 is greedy, see `sample`")
-    return logits if temperature == 1.0 else logits / temperature
+    # Below this a division turns logits into ±inf and the softmax into NaN; sampling at
+    # 1e-4 is already argmax for any logits a model produces.
+    return logits if temperature == 1.0 else logits / max(temperature, MIN_TEMPERATURE)
 
 
 def apply_top_k(logits: Tensor, k: int) -> Tensor:
@@ -106,6 +111,7 @@ def apply_top_p(logits: Tensor, p: float) -> Tensor:
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # the top token always has 0 before it
     drop_sorted = mass_before >= p
+    drop_sorted[..., 0] = False  # a p too small for float32 (1e-300 is 0) keeps the top token
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
