@@ -126,17 +126,18 @@ def default_engine_factory(settings: GeneratorSettings) -> Any:
     # and the retriever then reuses the CLIP the engine loaded (same bundle, same device).
     with _LOAD_LOCK:
         return Engine.from_bundle(_bundle(str(settings.bundle_dir), device),
-                                  fast=fast_decode_options(settings))
+                                  fast=fast_decode_options(settings, device))
 
 
-def fast_decode_options(settings: GeneratorSettings) -> Any:
+def fast_decode_options(settings: GeneratorSettings, device: str = "cpu") -> Any:
     """The engine's decoding fast path as the settings ask, with the batch shapes the
     worker will run compiled at warm-up: up to `max_batch_size` text-to-image jobs of
     one candidate with guidance, at the prompt lengths of 0, 1 and 2 documents."""
     from model.fast_decode import FastDecodeOptions, default_warmup_shapes
 
     return FastDecodeOptions(
-        enabled=settings.fast_decode,
+        enabled=(str(device).startswith("cuda") if settings.fast_decode is None
+                 else settings.fast_decode),
         prefix_cache_bytes=settings.prefix_cache_bytes,
         compile=settings.decode_compile,
         warmup_shapes=default_warmup_shapes(settings.max_batch_size),

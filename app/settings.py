@@ -115,8 +115,9 @@ class GeneratorSettings(_Base):
     queue_size: int = Field(64, ge=1)
     request_timeout_s: float = Field(60.0, gt=0)
     # The decoding fast path (shared prefill, prefix cache, static step); false runs the
-    # plain path, which `racm3 bench service` measures it against.
-    fast_decode: bool = True
+    # plain path, which `racm3 bench service` measures it against. None: on CUDA only:
+    # on the CPU the plain path measured faster for distinct prompts (BENCHMARKS.md).
+    fast_decode: bool | None = None
     # Documents' KV kept across requests (LRU), at most this many bytes; 0 turns it off.
     prefix_cache_bytes: int = Field(128 * 1024 * 1024, ge=0)
     # torch.compile the decode step at warm-up, for the batch shapes the worker runs:

@@ -371,7 +371,9 @@ def run(
             loop.close()
         return _finish(result)
     try:
-        with embedded_server() as (url, app):
+        # With --baseline this server is the fast path's arm, so it runs the fast path
+        # whatever the device's default.
+        with embedded_server(**({"fast_decode": True} if baseline else {})) as (url, app):
             result["server"] = {k: app.state.components.generator.describe()[k]
                                 for k in ("max_batch_size", "max_wait_ms",
                                           "max_expected_wait_ms", "queue_size")}

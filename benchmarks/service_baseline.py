@@ -86,11 +86,12 @@ def compare(
     progress: Callable[[str], None] = print,
     fast_url_app: tuple[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Old (plain) path against the new (fast) one; `fast_url_app` reuses a running fast
-    server (the default settings) instead of starting one."""
+    """Old (plain) path against the new (fast) one; `fast_url_app` reuses a running server
+    started with the fast path on instead of starting one."""
     out: dict[str, Any] = {}
     with embedded_server(fast_decode=False) as (old_url, old_app), (
-            _reuse(fast_url_app) if fast_url_app else embedded_server()) as (new_url, new_app):
+            _reuse(fast_url_app) if fast_url_app else embedded_server(fast_decode=True)
+    ) as (new_url, new_app):
         arms = {"baseline": (old_url, old_app), "fast": (new_url, new_app)}
         out["fast_decode"] = new_app.state.components.generator.engine_info.get("fast_decode")
         for url, _ in arms.values():  # warm-up: allocator, retriever caches of fixed docs

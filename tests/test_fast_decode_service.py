@@ -41,7 +41,7 @@ def _serve(models, **generator) -> tuple[list[list[str]], str, dict]:  # noqa: A
 
 
 def test_fast_path_draws_the_plain_paths_images_and_reports_its_cache(real_models):  # noqa: F811
-    fast, metrics, info = _serve(real_models, decode_compile="off",
+    fast, metrics, info = _serve(real_models, fast_decode=True, decode_compile="off",
                                  prefix_cache_bytes=8 * 2**20)
     plain, plain_metrics, plain_info = _serve(real_models, fast_decode=False)
     assert fast == plain  # same seeds, same images, whichever path decoded them
