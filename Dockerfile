@@ -14,12 +14,17 @@ WORKDIR /app
 RUN pip install torch==2.14.1 torchvision==0.29.1
 
 COPY pyproject.toml README* ./
-COPY app ./app
+# The layers, lowest first (docs/architecture.md)
 COPY model ./model
 COPY retrieval ./retrieval
+COPY app ./app
+COPY world ./world
+COPY evaluation ./evaluation
+COPY training ./training
 COPY benchmarks ./benchmarks
+COPY racm3 ./racm3
 # Checked from / so that the installed package is imported, not the sources in /app.
-RUN pip install . && cd / && python -c "import app.serve"
+RUN pip install . && cd / && python -c "import app.serve, racm3.cli"
 
 COPY docker/entrypoint.sh docker/healthcheck.py /docker/
 RUN chmod 0755 /docker/entrypoint.sh \

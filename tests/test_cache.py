@@ -166,7 +166,7 @@ def test_retriever_service_hits_redis_and_skips_the_encoder(
         service = app.state.components.retriever
         strategy = replace(service.strategies["rag"], mode=service.default_mode)
         key = cache_key(memory_version, RetrievalQuery(text=query["text"]).canonical(), 3,
-                        strategy.cache_hash())
+                        strategy.cache_hash(), memory="default")
         stored = decode_hits(redis_sync.get(key))  # cached under the memory version
         assert [i for i, _ in stored] == [d["id"] for d in first["data"]]
         assert 0 < redis_sync.ttl(key) <= 3600
