@@ -378,6 +378,7 @@ INVALID = {422: _error("invalid input: a field, its type or a limit; `param` nam
 # What every inference route can answer besides 200, for the OpenAPI document.
 INFERENCE_ERRORS: dict[int | str, dict[str, Any]] = {
     **UNAUTHORIZED,
+    404: _error("the named memory does not exist, or the API key may not use it"),
     413: _error("the body or an image is too large"),
     **INVALID,
     429: _error("the server is busy: retry after `Retry-After` seconds", headers=_RETRY_AFTER),
@@ -387,6 +388,7 @@ INFERENCE_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 RELOAD_ERRORS: dict[int | str, dict[str, Any]] = {
     **UNAUTHORIZED,
+    404: _error("the named memory does not exist, or the API key may not use it"),
     409: _error("the published version was refused; the previous one keeps serving"),
     503: _error("the retriever is not available", headers=_RETRY_AFTER),
 }
