@@ -64,7 +64,7 @@ def memory_state(memory_dir) -> tuple[str | None, list[str]]:
 
 def test_added_documents_are_published_and_served(served):
     live, memory_dir = served
-    before = httpx.get(f"{live.url}/v1/info").json()["memory"]
+    before = httpx.get(f"{live.url}/v1/info", headers=AUTH).json()["memory"]
     flags = [striped([(220, 30, 30), (250, 250, 250), (30, 60, 220)]),
              striped([(30, 180, 60), (10, 10, 10)])]
     r = post_documents(live.url, [("a.png", png_bytes(flags[0])), ("b.png", png_bytes(flags[1]))],
@@ -78,7 +78,7 @@ def test_added_documents_are_published_and_served(served):
     manifest = read_manifest(pub.version_dir(memory_dir, out["memory_version"]))
     assert manifest.parent == before["version"] and manifest.counts["added"] == 2
 
-    info = httpx.get(f"{live.url}/v1/info").json()["memory"]
+    info = httpx.get(f"{live.url}/v1/info", headers=AUTH).json()["memory"]
     assert (info["version"], info["documents"]) == (out["memory_version"], out["documents"])
     for doc_id, caption, image in zip(out["ids"], ["the flag of Merovia", "the flag of Tessaly"],
                                       flags, strict=True):
@@ -152,7 +152,7 @@ def test_appends_run_off_the_event_loop_one_at_a_time(served):
         return real_build(docs)
 
     appender._build = held_build
-    before = httpx.get(f"{live.url}/v1/info").json()["memory"]
+    before = httpx.get(f"{live.url}/v1/info", headers=AUTH).json()["memory"]
     try:
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(post_documents, live.url,
