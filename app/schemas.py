@@ -393,6 +393,12 @@ RELOAD_ERRORS: dict[int | str, dict[str, Any]] = {
     503: _error("the retriever is not available", headers=_RETRY_AFTER),
 }
 
+DOCUMENTS_ERRORS: dict[int | str, dict[str, Any]] = {
+    **RELOAD_ERRORS,
+    413: _error("the body or an image is too large"),
+    **INVALID,
+}
+
 
 def apply_limits(openapi: dict[str, Any], limits: Mapping[str, int]) -> dict[str, Any]:
     """Write the configured limits into an OpenAPI document, in place: each schema marked

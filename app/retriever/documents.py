@@ -34,7 +34,7 @@ from PIL import Image
 from app.errors import ApiError, DependencyUnavailable, InvalidRequest, error_from_body
 from app.images import ImageLimits, decode_image, encode_png, in_decode_thread
 from app.retriever.service import RetrieverService
-from app.schemas import DocumentsResponse
+from app.schemas import DOCUMENTS_ERRORS, DocumentsResponse
 
 if TYPE_CHECKING:
     from retrieval.build import BuildReport
@@ -192,7 +192,7 @@ async def _forward(docs: list[NewDocument], base_url: str, api_key: str | None) 
 
 def build_documents_router(require_key: Callable[..., Any]) -> APIRouter:
     """`POST /admin/documents`: multipart `image` files with one `caption` field each."""
-    router = APIRouter(dependencies=[Depends(require_key)])
+    router = APIRouter(dependencies=[Depends(require_key)], responses=DOCUMENTS_ERRORS)
 
     @router.post("/admin/documents", response_model=DocumentsResponse)
     async def add_documents(
