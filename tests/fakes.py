@@ -78,8 +78,13 @@ def slow_step_engine(engine: Any, delay_s: float) -> Any:
 
     from model.engine import Engine
 
+    from model.fast_decode import FastDecodeOptions
+
     decoder = copy.deepcopy(engine.decoder)
     decoder.register_forward_pre_hook(lambda module, args: time.sleep(delay_s))
+    # The plain decoding path: its step is the decoder's forward pass, which the hook
+    # slows. The fast path's static step bypasses forward and would run at full speed.
     return Engine(decoder, engine.space, engine.tokenizer, engine.vq, engine.clip,
                   manifest=engine.manifest, image_size=engine.image_size,
-                  device=engine.device, name=engine.name)
+                  device=engine.device, name=engine.name,
+                  fast=FastDecodeOptions(enabled=False))
