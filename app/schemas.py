@@ -547,7 +547,9 @@ class SamplingWire(_Strict):
 
     @classmethod
     def from_params(cls, p: SamplingParams) -> SamplingWire:
-        return cls(**p.__dict__)
+        # no filter travels as null, as the client's request said it
+        return cls(seed=p.seed, temperature=p.temperature, top_k=p.top_k or None,
+                   top_p=None if p.top_p == 1.0 else p.top_p, guidance_scale=p.guidance_scale)
 
     def to_params(self) -> SamplingParams:
         return SamplingParams(**self.model_dump())

@@ -457,9 +457,7 @@ class Evaluator:
 
         def doc(name: str, variant: int, template: int) -> list[int]:
             attrs = {"kind": "entity", "entity": name}
-            image = self.world.render(attrs, variant)
-            pixels = torch.from_numpy(image[None]).permute(0, 3, 1, 2).float().div(255.0)
-            codes = vq.encode(pixels.to(self.engine.device)).cpu().numpy()[0]
+            codes = vq.encode_images([self.world.render(attrs, variant)])[0]
             return Document(self.world.caption(attrs, template), codes).to_ids(space, tok.encode)
 
         nll: dict[str, list[torch.Tensor]] = {"same": [], "none": [], "other": []}

@@ -1,5 +1,8 @@
 """The VQ image tokenizer: images (B, 3, H, W) in [0, 1] <-> code grids (B, h, w) int64.
 
+`VQModel.encode` / `decode` work on tensors; `encode_images` / `decode_codes` are the same
+pair for uint8 (B, H, W, 3) numpy pixels, the one place that conversion is written.
+
 A convolutional encoder/decoder in the taming-transformers mould (ResNet blocks, GroupNorm,
 strided-conv down / nearest-neighbour up, no attention) around a vector quantizer whose
 codebook is an exponential moving average of the encoder outputs assigned to each code
@@ -24,9 +27,11 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -97,6 +102,18 @@ _PRESETS: dict[str, dict] = {
     "large": dict(image_size=256, channels=128, channel_mult=(1, 1, 2, 4), stem_stride=1,
                   num_res_blocks=2, code_dim=32, codebook_size=8192),
 }
+
+
+def images_to_tensor(images: np.ndarray | Sequence[np.ndarray]) -> Tensor:
+    """uint8 (B, H, W, 3) pixels -> float (B, 3, H, W) in [0, 1], on the CPU."""
+    batch = torch.from_numpy(np.ascontiguousarray(np.stack(images)))
+    return batch.permute(0, 3, 1, 2).float().div(255.0)
+
+
+def tensor_to_images(images: Tensor) -> np.ndarray:
+    """float (B, 3, H, W) in [0, 1] -> uint8 (B, H, W, 3) pixels, rounded, as numpy."""
+    pixels = images.clamp(0, 1).permute(0, 2, 3, 1) * 255
+    return pixels.round().to(torch.uint8).cpu().numpy()
 
 
 def _norm(ch: int) -> nn.GroupNorm:
@@ -368,6 +385,16 @@ class VQModel(nn.Module):
             size = self.config.image_size
             return torch.zeros(0, 3, size, size, device=codes.device)
         return torch.cat(out).to(codes.device)
+
+    def encode_images(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """uint8 (B, H, W, 3) pixels -> int64 (B, h, w) codes, as numpy: `encode` at the
+        edge where images are arrays (serving, the memory build, training corpora)."""
+        return self.encode(images_to_tensor(images).to(self.device)).cpu().numpy()
+
+    def decode_codes(self, codes: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """int (B, h, w) codes -> uint8 (B, H, W, 3) pixels, as numpy; the inverse edge."""
+        t = torch.as_tensor(np.asarray(codes), dtype=torch.long, device=self.device)
+        return tensor_to_images(self.decode(t))
 
     def _check_images(self, images: Tensor) -> None:
         size = self.config.image_size

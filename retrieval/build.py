@@ -373,17 +373,9 @@ def build_from_source(
     **options: Any,
 ) -> BuildReport:
     """`build_memory` with model objects: a ClipEncoder (`embed_documents`), a
-    TextTokenizer (`encode`) and a VQModel (`encode` on float (B, 3, H, W) in [0, 1]).
+    TextTokenizer (`encode`) and a VQModel (`encode_images` on uint8 (B, H, W, 3)).
     `options` are build_memory's (index_type, chunk_size, append, progress, skip_report)."""
-    import torch
-
-    def encode_images(images: np.ndarray) -> np.ndarray:
-        batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-        device = getattr(vq, "device", "cpu")
-        with torch.no_grad():
-            return vq.encode(batch.float().div(255.0).to(device)).cpu().numpy()
-
     return build_memory(items, out_dir, embed=clip.embed_documents,
-                        tokenize_text=tokenizer.encode, encode_images=encode_images,
+                        tokenize_text=tokenizer.encode, encode_images=vq.encode_images,
                         ids=ids, codebook_size=vq.config.codebook_size,
                         text_vocab_size=tokenizer.vocab_size, **options)

@@ -43,6 +43,7 @@ def test_simple_prompts_are_drawn_right(bundle: Bundle, tmp_path: Path):
     from retrieval.memory import Memory
     from retrieval.search import SearchStrategy, search
     from world import World, WorldConfig
+    from world import source as _  # noqa: F401  (registers the "world" source)
 
     world = World(WorldConfig.from_dict(bundle.manifest["world"]))
     build_from_bundle(bundle, "world", "memory", tmp_path / "memory", limit=2000,
@@ -70,8 +71,6 @@ def test_candidates_that_agree_with_the_retrieved_images_rank_first(bundle: Bund
     """For an entity only the memory knows, CLIP's prompt score cannot pick the right
     flag (CLIP never saw it); the retrieved image can, and the ranking uses it: its CLIP
     embedding and, given the candidates' codes, how many of its codes they share."""
-    import torch
-
     from model.engine import CODE_AGREEMENT_WEIGHT, Engine
     from model.jobs import NeighbourDoc, SamplingParams, T2IJob
     from world import World, WorldConfig
@@ -85,8 +84,7 @@ def test_candidates_that_agree_with_the_retrieved_images_rank_first(bundle: Bund
         attrs = {"kind": "entity", "entity": name}
         candidates = np.stack([world.render({"kind": "entity", "entity": other}, 0),
                                world.render(attrs, 0)])
-        pixels = torch.from_numpy(world.render(attrs, 1)[None]).permute(0, 3, 1, 2) / 255.0
-        codes = bundle.vq.encode(pixels).cpu().numpy()[0]
+        codes = bundle.vq.encode_images([world.render(attrs, 1)])[0]
         caption = world.caption(attrs)
         sampling = SamplingParams(seed=0)
         with_memory = T2IJob(caption, [NeighbourDoc(0, 1.0, caption, None, codes)], 1, 2,
@@ -96,8 +94,7 @@ def test_candidates_that_agree_with_the_retrieved_images_rank_first(bundle: Bund
                                    rtol=1e-5, atol=1e-6)
         wins += bool(ranks[1] - ranks[0] > scores[1] - scores[0])
         # the candidates' own codes add their agreement with the retrieved codes
-        cand_codes = bundle.vq.encode(torch.from_numpy(candidates).permute(0, 3, 1, 2)
-                                      / 255.0).cpu().numpy()
+        cand_codes = bundle.vq.encode_images(candidates)
         _, by_codes = engine.rerank_scores([with_memory], candidates, 2, cand_codes)
         agreement = (cand_codes == codes[None]).mean(axis=(1, 2))
         np.testing.assert_allclose(by_codes - ranks, CODE_AGREEMENT_WEIGHT * agreement,
