@@ -35,10 +35,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from model.checkpoint import build_config
+from model.checkpoint import build_config, load_module, save_checkpoint
 
 
 @dataclass
@@ -412,7 +412,7 @@ class VQModel(nn.Module):
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.config.codebook_size):
             raise ValueError(f"codes out of range [0, {self.config.codebook_size})")
 
-    # --- checkpoints: <name>.json (the config) + <name>.safetensors (never pickled) ----------
+    # --- checkpoints: the common format (model/checkpoint.py) ---------------------------
 
     # EMA statistics stay fp32 in an fp16 checkpoint: they are sums that resumed training
     # keeps accumulating, and fp16 would round them.
@@ -423,22 +423,9 @@ class VQModel(nn.Module):
         """Write `<name>.json` and `<name>.safetensors`; returns the weights path."""
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"unsupported checkpoint dtype {dtype}")
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {}
-        for key, value in self.state_dict().items():
-            value = value.detach().to("cpu")
-            if value.is_floating_point():
-                value = value.float() if key in self._FP32_STATE else value.to(dtype)
-            state[key] = value.contiguous()
-        weights = directory / f"{name}.safetensors"
-        config = directory / f"{name}.json"
-        # write-then-rename, so a reader never sees half a checkpoint
-        save_file(state, str(weights) + ".tmp", metadata={"format": "pt"})
-        os.replace(str(weights) + ".tmp", weights)
-        config.with_suffix(".json.tmp").write_text(json.dumps(self.config.to_dict(), indent=2))
-        os.replace(config.with_suffix(".json.tmp"), config)
-        return weights
+        save_checkpoint(self, self.config.to_dict(), directory, name, dtype=dtype,
+                        keep_fp32=self._FP32_STATE)
+        return Path(directory) / f"{name}.safetensors"
 
     @classmethod
     def load(cls, directory: str | os.PathLike, name: str = "vq",
@@ -449,7 +436,11 @@ class VQModel(nn.Module):
         for path in (config_path, weights_path):
             if not path.is_file():
                 raise FileNotFoundError(f"VQ checkpoint file missing: {path}")
-        model = cls(VQConfig.from_dict(json.loads(config_path.read_text())))
+        saved = json.loads(config_path.read_text())
+        if "format" in saved:
+            return load_module(cls, VQConfig, directory, name, device=device)
+        # A bundle trained before the VQ used the common format: its JSON is the bare config.
+        model = cls(VQConfig.from_dict(saved))
         model.load_state_dict(load_file(str(weights_path)), strict=True)  # casts to fp32
         return model.to(device).eval()
 
