@@ -92,7 +92,7 @@ def _t2i_quality(neighbours: list[list[Any]], targets: list[dict], judge: Any,
 
     from evaluation.metrics import attribute_match, caption_attribute_accuracy
 
-    images = np.stack([np.asarray(Image.open(io.BytesIO(row[0].image_bytes)).convert("RGB"))
+    images = np.stack([np.asarray(Image.open(io.BytesIO(row[0].thumbnail_png)).convert("RGB"))
                        for row in neighbours])
     return {
         "judge_top1": attribute_match(judge.predict_attributes(images, world),
@@ -142,7 +142,7 @@ def run(bundle_dir: Path, memory_dir: Path, n: int = 200, new_names: int = 10,
     from model.bundle import Bundle, bundle_diversity_threshold
     from retrieval.lexical_index import LEXICAL_FILES, LexicalIndex
     from retrieval.memory import Memory
-    from retrieval.search import SearchStrategy, search
+    from retrieval.search import SearchStrategy, neighbours, search
     from world import World, WorldConfig, n_templates
     from world.captions import caption as render_caption
     from world.entities import entity_names
@@ -165,7 +165,9 @@ def run(bundle_dir: Path, memory_dir: Path, n: int = 200, new_names: int = 10,
                            if it.attributes["kind"] != "entity"), n))
 
     def retrieve(memory: Memory, texts: list[str], mode: str) -> list[list[Any]]:
-        return search(memory, clip.encode_text(texts), 2, strategies[mode], texts=texts)
+        found = search(memory, clip.encode_text(texts), 2, strategies[mode], texts=texts)
+        return [neighbours(memory, hits, text, thumbnails=True)
+                for hits, text in zip(found, texts, strict=True)]
 
     memory = Memory.load(memory_dir)
     out: dict[str, Any] = {"memory_version": memory.version, "documents": len(memory)}
@@ -191,8 +193,8 @@ def run(bundle_dir: Path, memory_dir: Path, n: int = 200, new_names: int = 10,
     vectors = clip.encode_text(texts)
     cost: dict[str, Any] = {}
     for mode in MODES:
-        calls = [lambda i=i, text=text, mode=mode: search(
-            memory, vectors[i : i + 1], 2, strategies[mode], texts=[text])
+        calls = [lambda i=i, text=text, mode=mode: neighbours(memory, search(
+            memory, vectors[i : i + 1], 2, strategies[mode], texts=[text])[0], text)
             for i, text in enumerate(texts)]
         _latency_ms(calls, 1)  # warm the page cache
         cost[mode] = _latency_ms(calls, 3)

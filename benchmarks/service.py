@@ -163,12 +163,11 @@ def engine_batch_scaling(app: Any, repeats: int = 5) -> dict[str, float]:
     """The engine alone, called directly (no HTTP, no retrieval, no queue): text-to-image
     with 1 job vs 8 jobs in one call, default sampling, two neighbours in context. This is
     the ceiling for what dynamic batching can gain in the service."""
-    from model.jobs import NeighbourDoc, SamplingParams, T2IJob
+    from model.jobs import SamplingParams, T2IJob
 
     engine = app.state.components.generator.engine
     snap = app.state.components.retriever.snapshot()
-    docs = [NeighbourDoc(d.id, 0.5, d.caption, d.text_ids, d.image_codes)
-            for d in snap.documents([0, 1])]
+    docs = snap.neighbours([(0, 0.5), (1, 0.5)], None, tokens=True, thumbnails=False)
     gen = prompts()
 
     def batch(size: int) -> list[T2IJob]:

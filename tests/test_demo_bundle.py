@@ -38,10 +38,10 @@ def test_every_component_loads(bundle: Bundle):
 
 def test_simple_prompts_are_drawn_right(bundle: Bundle, tmp_path: Path):
     from model.engine import Engine
-    from model.jobs import NeighbourDoc, SamplingParams, T2IJob
+    from model.jobs import SamplingParams, T2IJob
     from retrieval.from_bundle import build_from_bundle
     from retrieval.memory import Memory
-    from retrieval.search import SearchStrategy, search
+    from retrieval.search import SearchStrategy, neighbours, search
     from world import World, WorldConfig
     from world import source as _  # noqa: F401  (registers the "world" source)
 
@@ -52,13 +52,12 @@ def test_simple_prompts_are_drawn_right(bundle: Bundle, tmp_path: Path):
     memory = Memory.load(tmp_path / "memory")
     prompts = [p for p in world.eval_prompts("object") if p.group == "seen"][:10]
     queries = bundle.clip.encode_text([p.caption for p in prompts])
-    neighbours = search(memory, queries, 2, SearchStrategy(k=2, diversity_threshold=threshold))
+    found = search(memory, queries, 2, SearchStrategy(k=2, diversity_threshold=threshold))
     engine = Engine.from_bundle(bundle)
     jobs = [
-        T2IJob(p.caption, [NeighbourDoc(n.id, n.score, n.caption, n.text_ids, n.image_codes)
-                           for n in nbs], n=1, num_candidates=8,
+        T2IJob(p.caption, neighbours(memory, hits), n=1, num_candidates=8,
                sampling=SamplingParams(seed=i, temperature=0.5, top_k=16, guidance_scale=2.0))
-        for i, (p, nbs) in enumerate(zip(prompts, neighbours, strict=True))
+        for i, (p, hits) in enumerate(zip(prompts, found, strict=True))
     ]
     images = np.stack([r[0].image for r in engine.text_to_image(jobs)])
     predicted = load_judge(bundle).predict_attributes(images, world)
