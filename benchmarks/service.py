@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
-import json
 import logging
 import os
 import platform
@@ -43,6 +42,7 @@ import httpx
 import numpy as np
 
 from benchmarks.machine import cpu_name
+from benchmarks.output import publish
 
 log = logging.getLogger(__name__)
 
@@ -576,9 +576,7 @@ def _target_lines(r: dict[str, Any]) -> list[str]:
 def main(json_path: Path | None = None, **kwargs: Any) -> dict[str, Any]:
     result = run(progress=lambda msg: print(f"... {msg}", flush=True),  # noqa: T201
                  **kwargs)
-    print(format_table(result))  # noqa: T201 - a benchmark's job is to print its table
+    publish(result, format_table(result), json_path, print_json=False, sort_keys=True)
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2, sort_keys=True))
         print(f"wrote {json_path}")  # noqa: T201
     return result

@@ -14,7 +14,6 @@ other processes held the cores) is given beside it.
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from benchmarks.machine import cpu_name
+from benchmarks.output import publish
 from model.bundle import DEFAULT_BUNDLE, Bundle
 from model.decoder import CM3Decoder, DecoderConfig
 from model.tokens import PAD_ID, TokenSpace
@@ -131,9 +131,4 @@ def format_table(r: dict[str, Any]) -> str:
 
 def main(json_path: Path | None = None, **kwargs: Any) -> dict[str, Any]:
     result = run(**kwargs)
-    print(format_table(result))  # noqa: T201 - a benchmark's job is to print its table
-    print(json.dumps(result, indent=2))  # noqa: T201
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return publish(result, format_table(result), json_path)
