@@ -45,7 +45,7 @@ class Recipe:
     clip_model: str = "racm3-clip-demo"
     clip_steps: int = 1500
     clip_batch: int = 128
-    # the invented-name text-text term (model/train_clip.py, `InventedNames`)
+    # the invented-name text-text term (training/train_clip.py, `InventedNames`)
     clip_name_pairs: int = 64
     clip_name_weight: float = 0.5
     judge_steps: int = 600
