@@ -16,7 +16,6 @@ import contextlib
 import hashlib
 import hmac
 import math
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
@@ -96,6 +95,7 @@ from model.jobs import (
     SamplingParams,
     T2IJob,
 )
+from model.sampling import draw_seed
 
 T = TypeVar("T")
 
@@ -315,7 +315,7 @@ def _unit_embedding(values: list[float]) -> np.ndarray:
 
 
 def _seed(seed: int | None) -> int:
-    return secrets.randbelow(2**31) if seed is None else seed
+    return draw_seed() if seed is None else seed
 
 
 def _sampling(body: Any, seed: int, guidance_scale: float = 1.0) -> SamplingParams:

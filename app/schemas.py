@@ -547,7 +547,9 @@ class SamplingWire(_Strict):
 
     @classmethod
     def from_params(cls, p: SamplingParams) -> SamplingWire:
-        return cls(**p.__dict__)
+        # no filter travels as null, as the client's request said it
+        return cls(seed=p.seed, temperature=p.temperature, top_k=p.top_k or None,
+                   top_p=None if p.top_p == 1.0 else p.top_p, guidance_scale=p.guidance_scale)
 
     def to_params(self) -> SamplingParams:
         return SamplingParams(**self.model_dump())
@@ -564,6 +566,20 @@ class _JobWire(_Strict):
     num_candidates: int = Field(1, ge=1)
     sampling: SamplingWire
     examples: list[ExampleWire] = Field(default_factory=list)
+
+    @staticmethod
+    def _shared_from(job: T2IJob | CaptionJob | InfillJob) -> dict[str, Any]:
+        """The fields every generation job has, as wire values."""
+        return {"neighbours": [NeighbourWire.from_doc(d) for d in job.neighbours],
+                "n": job.n, "num_candidates": job.num_candidates,
+                "sampling": SamplingWire.from_params(job.sampling),
+                "examples": _examples_to_wire(job.examples)}
+
+    def _shared(self) -> dict[str, Any]:
+        """The fields every generation job has, as the engine takes them."""
+        return {"neighbours": [d.to_doc() for d in self.neighbours], "n": self.n,
+                "num_candidates": self.num_candidates, "sampling": self.sampling.to_params(),
+                "examples": _examples_from_wire(self.examples)}
 
 
 def _rgb(data: str, param: str) -> np.ndarray:
@@ -587,26 +603,12 @@ class T2IJobWire(_JobWire):
 
     @classmethod
     def from_job(cls, job: T2IJob) -> T2IJobWire:
-        return cls(
-            prompt=job.prompt,
-            neighbours=[NeighbourWire.from_doc(d) for d in job.neighbours],
-            n=job.n,
-            num_candidates=job.num_candidates,
-            sampling=SamplingWire.from_params(job.sampling),
-            examples=_examples_to_wire(job.examples),
-            retrieval_guidance=job.retrieval_guidance,
-        )
+        return cls(prompt=job.prompt, retrieval_guidance=job.retrieval_guidance,
+                   **cls._shared_from(job))
 
     def to_job(self) -> T2IJob:
-        return T2IJob(
-            prompt=self.prompt,
-            neighbours=[d.to_doc() for d in self.neighbours],
-            n=self.n,
-            num_candidates=self.num_candidates,
-            sampling=self.sampling.to_params(),
-            examples=_examples_from_wire(self.examples),
-            retrieval_guidance=self.retrieval_guidance,
-        )
+        return T2IJob(prompt=self.prompt, retrieval_guidance=self.retrieval_guidance,
+                      **self._shared())
 
 
 class CaptionJobWire(_JobWire):
@@ -615,26 +617,12 @@ class CaptionJobWire(_JobWire):
 
     @classmethod
     def from_job(cls, job: CaptionJob) -> CaptionJobWire:
-        return cls(
-            image=png_b64(job.image),
-            neighbours=[NeighbourWire.from_doc(d) for d in job.neighbours],
-            n=job.n,
-            num_candidates=job.num_candidates,
-            sampling=SamplingWire.from_params(job.sampling),
-            examples=_examples_to_wire(job.examples),
-            retrieval_guidance=job.retrieval_guidance,
-        )
+        return cls(image=png_b64(job.image), retrieval_guidance=job.retrieval_guidance,
+                   **cls._shared_from(job))
 
     def to_job(self) -> CaptionJob:
-        return CaptionJob(
-            image=_rgb(self.image, "image"),
-            neighbours=[d.to_doc() for d in self.neighbours],
-            n=self.n,
-            num_candidates=self.num_candidates,
-            sampling=self.sampling.to_params(),
-            examples=_examples_from_wire(self.examples),
-            retrieval_guidance=self.retrieval_guidance,
-        )
+        return CaptionJob(image=_rgb(self.image, "image"),
+                          retrieval_guidance=self.retrieval_guidance, **self._shared())
 
 
 class InfillJobWire(_JobWire):
@@ -644,29 +632,14 @@ class InfillJobWire(_JobWire):
 
     @classmethod
     def from_job(cls, job: InfillJob) -> InfillJobWire:
-        return cls(
-            image=png_b64(job.image),
-            mask=png_b64(job.mask.astype(np.uint8) * 255),
-            prompt=job.prompt,
-            neighbours=[NeighbourWire.from_doc(d) for d in job.neighbours],
-            n=job.n,
-            num_candidates=job.num_candidates,
-            sampling=SamplingWire.from_params(job.sampling),
-            examples=_examples_to_wire(job.examples),
-        )
+        return cls(image=png_b64(job.image), mask=png_b64(job.mask.astype(np.uint8) * 255),
+                   prompt=job.prompt, **cls._shared_from(job))
 
     def to_job(self) -> InfillJob:
         raw = decode_base64(self.mask, "mask", INTERNAL_IMAGE_LIMITS.max_bytes)
-        return InfillJob(
-            image=_rgb(self.image, "image"),
-            mask=decode_mask(raw, "mask", INTERNAL_IMAGE_LIMITS).mask,
-            prompt=self.prompt,
-            neighbours=[d.to_doc() for d in self.neighbours],
-            n=self.n,
-            num_candidates=self.num_candidates,
-            sampling=self.sampling.to_params(),
-            examples=_examples_from_wire(self.examples),
-        )
+        return InfillJob(image=_rgb(self.image, "image"),
+                         mask=decode_mask(raw, "mask", INTERNAL_IMAGE_LIMITS).mask,
+                         prompt=self.prompt, **self._shared())
 
 
 class ClassifyJobWire(_Strict):

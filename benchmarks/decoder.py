@@ -18,7 +18,6 @@ held the cores; wall-clock numbers stay the headline. Compilation happens before
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import time
@@ -29,6 +28,7 @@ from typing import Any, NamedTuple
 import torch
 
 from benchmarks.machine import cpu_name
+from benchmarks.output import publish
 from model.decoder import CM3Decoder, DecoderConfig
 from model.fast_decode import FastDecode, FastDecodeOptions
 from model.sampling import SamplingParams
@@ -137,58 +137,67 @@ def run(
 
     with torch.inference_mode():
         for B in batch_sizes:
-            # no special tokens: a random <break> would split the prompt into segments
-            idx = torch.randint(NUM_SPECIAL, config.vocab_size, (B, prompt_len), device=dev)
-            ones = torch.ones_like(idx)
-            rows = idx.tolist()
-
-            def fast_fn(rows: list[list[int]] = rows) -> torch.Tensor:
-                prefilled = fast.prefill(rows, None, 1, new_tokens)
-                return ours.generate(None, params, eos_id=None, prefilled=prefilled)
-
-            def plain_fn(idx: torch.Tensor = idx) -> torch.Tensor:
-                return ours.generate(idx, params, eos_id=None)
-
-            def hf_fn(idx: torch.Tensor = idx, ones: torch.Tensor = ones) -> torch.Tensor:
-                return hf.generate(
-                    idx, attention_mask=ones, max_new_tokens=new_tokens, do_sample=False
-                )
-
-            # warm-up: compile this batch's step shape, allocator, lazy initialisation
-            t0 = time.perf_counter()
-            fast.runner.warmup([fast.prefill(rows, None, 1, new_tokens).cache])
-            result[f"warmup_s_b{B}"] = time.perf_counter() - t0
-            result[f"compiled_b{B}"] = bool(fast.runner.compiled)
-            result[f"same_tokens_as_plain_b{B}"] = bool(torch.equal(fast_fn(), plain_fn()))
-            if hf is not None:
-                hf_fn()
-            arms: dict[str, list[Timing]] = {"fast": [], "plain": [], "hf": []}
-            for _ in range(repeats):
-                arms["fast"].append(_timed(fast_fn, dev))
-                arms["plain"].append(_timed(plain_fn, dev))
-                if hf is not None:
-                    arms["hf"].append(_timed(hf_fn, dev))
-            t, t_plain = _median(arms["fast"]), _median(arms["plain"])
-            result[f"tokens_per_s_b{B}"] = B * new_tokens / t.wall
-            result[f"ms_per_step_b{B}"] = 1e3 * t.wall / new_tokens
-            result[f"plain_tokens_per_s_b{B}"] = B * new_tokens / t_plain.wall
-            result[f"plain_ms_per_step_b{B}"] = 1e3 * t_plain.wall / new_tokens
-            result[f"vs_plain_b{B}"] = t_plain.wall / t.wall
-            if hf is not None:
-                t_hf = _median(arms["hf"])
-                result[f"hf_tokens_per_s_b{B}"] = B * new_tokens / t_hf.wall
-                result[f"hf_ms_per_step_b{B}"] = 1e3 * t_hf.wall / new_tokens
-                result[f"vs_hf_b{B}"] = t_hf.wall / t.wall
-                result[f"plain_vs_hf_b{B}"] = t_hf.wall / t_plain.wall
-                if dev.type == "cpu":
-                    result[f"vs_hf_b{B}_cpu"] = t_hf.cpu / t.cpu
-                    result[f"plain_vs_hf_b{B}_cpu"] = t_hf.cpu / t_plain.cpu
+            result.update(_measure_batch(B, ours, hf, fast, params, config.vocab_size,
+                                         prompt_len, new_tokens, repeats, dev))
             log.info("batch %d done", B)
         result["compiled_shapes"] = len(fast.runner.compiled)
         result["step_timings_ms"] = {str(k): v for k, v in fast.runner.timings_ms.items()}
 
         if recompute:
             result.update(_kv_vs_recompute(ours, params, prompt_len, new_tokens, dev, repeats))
+    return result
+
+
+def _measure_batch(B: int, ours: CM3Decoder, hf: Any, fast: FastDecode,
+                   params: SamplingParams, vocab_size: int, prompt_len: int, new_tokens: int,
+                   repeats: int, dev: torch.device) -> dict[str, Any]:
+    """The fast path, the plain one and Hugging Face (when given) on one batch of B random
+    prompts, alternately, `repeats` times each; tokens/s and the ratios."""
+    # no special tokens: a random <break> would split the prompt into segments
+    idx = torch.randint(NUM_SPECIAL, vocab_size, (B, prompt_len), device=dev)
+    ones = torch.ones_like(idx)
+    rows = idx.tolist()
+
+    def fast_fn() -> torch.Tensor:
+        prefilled = fast.prefill(rows, None, 1, new_tokens)
+        return ours.generate(None, params, eos_id=None, prefilled=prefilled)
+
+    def plain_fn() -> torch.Tensor:
+        return ours.generate(idx, params, eos_id=None)
+
+    def hf_fn() -> torch.Tensor:
+        return hf.generate(idx, attention_mask=ones, max_new_tokens=new_tokens, do_sample=False)
+
+    result: dict[str, Any] = {}
+    # warm-up: compile this batch's step shape, allocator, lazy initialisation
+    t0 = time.perf_counter()
+    fast.runner.warmup([fast.prefill(rows, None, 1, new_tokens).cache])
+    result[f"warmup_s_b{B}"] = time.perf_counter() - t0
+    result[f"compiled_b{B}"] = bool(fast.runner.compiled)
+    result[f"same_tokens_as_plain_b{B}"] = bool(torch.equal(fast_fn(), plain_fn()))
+    if hf is not None:
+        hf_fn()
+    arms: dict[str, list[Timing]] = {"fast": [], "plain": [], "hf": []}
+    for _ in range(repeats):
+        arms["fast"].append(_timed(fast_fn, dev))
+        arms["plain"].append(_timed(plain_fn, dev))
+        if hf is not None:
+            arms["hf"].append(_timed(hf_fn, dev))
+    t, t_plain = _median(arms["fast"]), _median(arms["plain"])
+    result[f"tokens_per_s_b{B}"] = B * new_tokens / t.wall
+    result[f"ms_per_step_b{B}"] = 1e3 * t.wall / new_tokens
+    result[f"plain_tokens_per_s_b{B}"] = B * new_tokens / t_plain.wall
+    result[f"plain_ms_per_step_b{B}"] = 1e3 * t_plain.wall / new_tokens
+    result[f"vs_plain_b{B}"] = t_plain.wall / t.wall
+    if hf is not None:
+        t_hf = _median(arms["hf"])
+        result[f"hf_tokens_per_s_b{B}"] = B * new_tokens / t_hf.wall
+        result[f"hf_ms_per_step_b{B}"] = 1e3 * t_hf.wall / new_tokens
+        result[f"vs_hf_b{B}"] = t_hf.wall / t.wall
+        result[f"plain_vs_hf_b{B}"] = t_hf.wall / t_plain.wall
+        if dev.type == "cpu":
+            result[f"vs_hf_b{B}_cpu"] = t_hf.cpu / t.cpu
+            result[f"plain_vs_hf_b{B}_cpu"] = t_hf.cpu / t_plain.cpu
     return result
 
 
@@ -283,8 +292,4 @@ def format_table(r: dict[str, Any]) -> str:
 
 def main(json_path: Path | None = None, **kwargs: Any) -> dict[str, Any]:
     result = run(**kwargs)
-    print(format_table(result))  # noqa: T201 - a benchmark's job is to print its table
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return publish(result, format_table(result), json_path, print_json=False)

@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.generator.protocol import NeighbourDoc, SamplingParams, T2IJob
 from model.bundle import DEFAULT_BUNDLE, Bundle
 from model.decoder import CM3Decoder, DecoderConfig
 from model.engine import Engine
 from model.fast_decode import FastDecodeOptions
+from model.jobs import NeighbourDoc, SamplingParams, T2IJob
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,6 @@ Ratios are hybrid / dense, measured in the same run.
 
 from __future__ import annotations
 
-import json
 import platform
 import shutil
 import statistics
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.machine import cpu_name
+from benchmarks.output import publish
 
 PHRASINGS = ("the flag of {}", "{}'s national banner", "show me the flag of {} please",
              "a picture of {}'s flag")
@@ -92,7 +92,7 @@ def _t2i_quality(neighbours: list[list[Any]], targets: list[dict], judge: Any,
 
     from evaluation.metrics import attribute_match, caption_attribute_accuracy
 
-    images = np.stack([np.asarray(Image.open(io.BytesIO(row[0].image_bytes)).convert("RGB"))
+    images = np.stack([np.asarray(Image.open(io.BytesIO(row[0].thumbnail_png)).convert("RGB"))
                        for row in neighbours])
     return {
         "judge_top1": attribute_match(judge.predict_attributes(images, world),
@@ -138,87 +138,33 @@ def run(bundle_dir: Path, memory_dir: Path, n: int = 200, new_names: int = 10,
         threads: int = 1, workdir: Path | None = None) -> dict[str, Any]:
     import torch
 
-    from evaluation.evaluate import EvalConfig, Evaluator
+    from evaluation.judge import load_judge
     from model.bundle import Bundle, bundle_diversity_threshold
-    from retrieval.lexical_index import LEXICAL_FILES, LexicalIndex
+    from retrieval.lexical_index import LexicalIndex
     from retrieval.memory import Memory
-    from retrieval.search import SearchStrategy, search
-    from world import World, WorldConfig, n_templates
-    from world.captions import caption as render_caption
-    from world.entities import entity_names
-    from world.rng import Rng
+    from retrieval.search import SearchStrategy
+    from world import World, WorldConfig
 
     torch.set_num_threads(threads)
     bundle = Bundle(bundle_dir)
     world = World(WorldConfig.from_dict(bundle.manifest["world"]))
-    clip, judge = bundle.clip, bundle.judge
     dense = SearchStrategy(k=2, diversity_threshold=bundle_diversity_threshold(bundle.manifest))
     strategies = {"dense": dense, "hybrid": replace(dense, mode="hybrid")}
-    # The eval's own prompt lists (Evaluator's, without loading its decoders).
-    prompts = types.SimpleNamespace(world=world, config=EvalConfig(n=n))
-    entity = Evaluator.entity_prompts(prompts)
-    t2i = Evaluator.t2i_prompts(prompts)
-    dev_entity = [(render_caption({"kind": "entity", "entity": e}, t), {"entity": e})
-                  for e in world.train_entities for t in range(n_templates("entity"))][:n]
-    train = (world.sample("train", i) for i in range(world.split_size("train")))
-    dev_t2i = list(islice(((it.caption, it.attributes) for it in train
-                           if it.attributes["kind"] != "entity"), n))
-
-    def retrieve(memory: Memory, texts: list[str], mode: str) -> list[list[Any]]:
-        return search(memory, clip.encode_text(texts), 2, strategies[mode], texts=texts)
+    sets = _prompt_sets(world, n)
+    retrieve = _retriever(bundle.clip, strategies)
 
     memory = Memory.load(memory_dir)
     out: dict[str, Any] = {"memory_version": memory.version, "documents": len(memory)}
     t0 = time.perf_counter()
     LexicalIndex.from_store(memory.store)
     out["lexical_build_from_store_s"] = time.perf_counter() - t0
-
-    quality: dict[str, dict[str, Any]] = {}
-    for mode in MODES:
-        quality[mode] = {
-            "entity": _first_and_among(retrieve(memory, [p for p, _ in entity], mode),
-                                       [a["entity"] for _, a in entity]),
-            "dev_entity": _first_and_among(retrieve(memory, [p for p, _ in dev_entity], mode),
-                                           [a["entity"] for _, a in dev_entity]),
-            "t2i": _t2i_quality(retrieve(memory, [p for p, _ in t2i], mode),
-                                [a for _, a in t2i], judge, world),
-            "dev_t2i": _t2i_quality(retrieve(memory, [p for p, _ in dev_t2i], mode),
-                                    [a for _, a in dev_t2i], judge, world),
-        }
-
-    # latency: the same encoded queries for both modes, one at a time
-    texts = [p for p, _ in entity[:50]] + [p for p, _ in t2i[:50]]
-    vectors = clip.encode_text(texts)
-    cost: dict[str, Any] = {}
-    for mode in MODES:
-        calls = [lambda i=i, text=text, mode=mode: search(
-            memory, vectors[i : i + 1], 2, strategies[mode], texts=[text])
-            for i, text in enumerate(texts)]
-        _latency_ms(calls, 1)  # warm the page cache
-        cost[mode] = _latency_ms(calls, 3)
-
+    judge = load_judge(bundle)
+    quality = {mode: _quality(lambda texts, m=mode: retrieve(memory, texts, m), sets, judge,
+                              world) for mode in MODES}
+    cost = _search_latency(memory, bundle.clip, strategies, sets)
     with tempfile.TemporaryDirectory(dir=workdir) as scratch:
-        work = Path(scratch)
-        copy = work / "memory"
-        shutil.copytree(memory_dir, copy)
-        known = set(world.entities)
-        names = [x for x in entity_names(new_names + len(known), Rng.from_key(
-            "racm3-bench-hybrid", 0)) if x not in known][:new_names]
-        out["append_s"] = _append_flags(bundle_dir, copy, names, bundle.image_size, work)
-        t0 = time.perf_counter()
-        appended = Memory.load(copy)
-        out["load_with_lexical_s"] = time.perf_counter() - t0
-        vdir = appended.path
-        out["lexical_mb"] = sum((vdir / f).stat().st_size for f in LEXICAL_FILES) / 1e6
-        t0 = time.perf_counter()
-        LexicalIndex.load(vdir)
-        out["lexical_load_ms"] = 1e3 * (time.perf_counter() - t0)
-        asked = [(p.format(name), name) for name in names for p in PHRASINGS]
-        for mode in MODES:
-            hits = _first_and_among(retrieve(appended, [p for p, _ in asked], mode),
-                                    [name for _, name in asked])
-            quality[mode]["new_names"] = hits
-        appended.store.close()
+        out.update(_new_names(bundle, world, memory_dir, Path(scratch), new_names, retrieve,
+                              quality))
 
     out.update(quality=quality, latency=cost, ratios={
         "search_p50_hybrid_over_dense": cost["hybrid"]["p50_ms"] / cost["dense"]["p50_ms"],
@@ -231,6 +177,102 @@ def run(bundle_dir: Path, memory_dir: Path, n: int = 200, new_names: int = 10,
                      "new_names": new_names, "k": 2, "threads": threads}
     out["machine"] = {"cpu": cpu_name(), "python": platform.python_version(),
                       "torch": torch.__version__}
+    return out
+
+
+def _prompt_sets(world: Any, n: int) -> dict[str, list[tuple[str, dict]]]:
+    """(prompt, attributes) lists: the eval's own entity and text-to-image prompts
+    (Evaluator's, without loading its decoders), and the same kinds from the train split."""
+    from evaluation.evaluate import EvalConfig, Evaluator
+    from world import n_templates
+    from world.captions import caption as render_caption
+
+    prompts = types.SimpleNamespace(world=world, config=EvalConfig(n=n))
+    train = (world.sample("train", i) for i in range(world.split_size("train")))
+    return {
+        "entity": Evaluator.entity_prompts(prompts),
+        "t2i": Evaluator.t2i_prompts(prompts),
+        "dev_entity": [(render_caption({"kind": "entity", "entity": e}, t), {"entity": e})
+                       for e in world.train_entities
+                       for t in range(n_templates("entity"))][:n],
+        "dev_t2i": list(islice(((it.caption, it.attributes) for it in train
+                                if it.attributes["kind"] != "entity"), n)),
+    }
+
+
+def _retriever(clip: Any, strategies: dict[str, Any]) -> Any:
+    """retrieve(memory, texts, mode): each text's K=2 neighbours, with their images."""
+    from retrieval.search import neighbours, search
+
+    def retrieve(memory: Any, texts: list[str], mode: str) -> list[list[Any]]:
+        found = search(memory, clip.encode_text(texts), 2, strategies[mode], texts=texts)
+        return [neighbours(memory, hits, text, thumbnails=True)
+                for hits, text in zip(found, texts, strict=True)]
+
+    return retrieve
+
+
+def _quality(retrieve: Any, sets: dict[str, list[tuple[str, dict]]], judge: Any,
+             world: Any) -> dict[str, Any]:
+    """One mode's retrieval quality on every prompt set."""
+    return {
+        "entity": _first_and_among(retrieve([p for p, _ in sets["entity"]]),
+                                   [a["entity"] for _, a in sets["entity"]]),
+        "dev_entity": _first_and_among(retrieve([p for p, _ in sets["dev_entity"]]),
+                                       [a["entity"] for _, a in sets["dev_entity"]]),
+        "t2i": _t2i_quality(retrieve([p for p, _ in sets["t2i"]]),
+                            [a for _, a in sets["t2i"]], judge, world),
+        "dev_t2i": _t2i_quality(retrieve([p for p, _ in sets["dev_t2i"]]),
+                                [a for _, a in sets["dev_t2i"]], judge, world),
+    }
+
+
+def _search_latency(memory: Any, clip: Any, strategies: dict[str, Any],
+                    sets: dict[str, list[tuple[str, dict]]]) -> dict[str, Any]:
+    """Per mode: the same encoded queries, one at a time, search and documents."""
+    from retrieval.search import neighbours, search
+
+    texts = [p for p, _ in sets["entity"][:50]] + [p for p, _ in sets["t2i"][:50]]
+    vectors = clip.encode_text(texts)
+    cost: dict[str, Any] = {}
+    for mode in MODES:
+        calls = [lambda i=i, text=text, mode=mode: neighbours(memory, search(
+            memory, vectors[i : i + 1], 2, strategies[mode], texts=[text])[0], text)
+            for i, text in enumerate(texts)]
+        _latency_ms(calls, 1)  # warm the page cache
+        cost[mode] = _latency_ms(calls, 3)
+    return cost
+
+
+def _new_names(bundle: Any, world: Any, memory_dir: Path, work: Path, count: int,
+               retrieve: Any, quality: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Append flags under names nobody has seen to a copy of the memory: what the append
+    and the lexical index cost, and (into `quality`) whether each mode finds the names."""
+    from retrieval.lexical_index import LEXICAL_FILES, LexicalIndex
+    from retrieval.memory import Memory
+    from world.entities import entity_names
+    from world.rng import Rng
+
+    out: dict[str, Any] = {}
+    copy = work / "memory"
+    shutil.copytree(memory_dir, copy)
+    known = set(world.entities)
+    names = [x for x in entity_names(count + len(known), Rng.from_key(
+        "racm3-bench-hybrid", 0)) if x not in known][:count]
+    out["append_s"] = _append_flags(bundle.path, copy, names, bundle.image_size, work)
+    t0 = time.perf_counter()
+    appended = Memory.load(copy)
+    out["load_with_lexical_s"] = time.perf_counter() - t0
+    vdir = appended.path
+    out["lexical_mb"] = sum((vdir / f).stat().st_size for f in LEXICAL_FILES) / 1e6
+    t0 = time.perf_counter()
+    LexicalIndex.load(vdir)
+    out["lexical_load_ms"] = 1e3 * (time.perf_counter() - t0)
+    asked = [(p.format(name), name) for name in names for p in PHRASINGS]
+    for mode in MODES:
+        quality[mode]["new_names"] = _first_and_among(
+            retrieve(appended, [p for p, _ in asked], mode), [name for _, name in asked])
+    appended.store.close()
     return out
 
 
@@ -265,8 +307,4 @@ def format_table(r: dict[str, Any]) -> str:
 
 def main(json_path: Path | None = None, **kwargs: Any) -> dict[str, Any]:
     result = run(**kwargs)
-    print(json.dumps(result, indent=2))
-    print(format_table(result))
-    if json_path:
-        json_path.write_text(json.dumps(result, indent=2))
-    return result
+    return publish(result, format_table(result), json_path)

@@ -17,7 +17,6 @@ the query terms' postings); the peer is tantivy with its default tokenizer.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import statistics
 import tempfile
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.machine import cpu_name
+from benchmarks.output import publish
 
 TOP = 16
 
@@ -160,8 +160,4 @@ def format_table(r: dict[str, Any]) -> str:
 
 def main(json_path: Path | None = None, **kwargs: Any) -> dict[str, Any]:
     result = run(**kwargs)
-    print(json.dumps(result, indent=2))
-    print(format_table(result))
-    if json_path:
-        json_path.write_text(json.dumps(result, indent=2))
-    return result
+    return publish(result, format_table(result), json_path)

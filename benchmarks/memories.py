@@ -15,7 +15,6 @@ The process's peak (VmHWM) is recorded too: loading, not serving, sets it.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -31,6 +30,7 @@ from typing import Any
 import httpx
 
 from benchmarks.machine import cpu_name
+from benchmarks.output import publish
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ("a small blue square on the left", "a big red circle at the top",
@@ -156,9 +156,4 @@ def format_table(r: dict[str, Any]) -> str:
 
 def main(json_path: Path | None = None, **kwargs: Any) -> dict[str, Any]:
     result = run(**kwargs)
-    print(format_table(result))  # noqa: T201 - a benchmark's job is to print its table
-    print(json.dumps(result, indent=2))  # noqa: T201
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return publish(result, format_table(result), json_path)

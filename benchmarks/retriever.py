@@ -21,7 +21,6 @@ polluted by earlier phases and every family starts cold in the same way.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -37,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.machine import cpu_name
+from benchmarks.output import publish
 
 FAMILIES = ("flat", "hnsw", "ivf", "ivfpq", "auto")
 K = 10
@@ -245,8 +245,4 @@ def format_table(r: dict[str, Any]) -> str:
 
 def main(json_path: Path | None = None, **kwargs: Any) -> dict[str, Any]:
     result = run(**kwargs)
-    print(format_table(result))  # noqa: T201 - a benchmark's job is to print its table
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return publish(result, format_table(result), json_path, print_json=False)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
-import json
 import logging
 import os
 import platform
@@ -43,15 +42,18 @@ import httpx
 import numpy as np
 
 from benchmarks.machine import cpu_name
+from benchmarks.output import publish
 
 log = logging.getLogger(__name__)
 
 CONCURRENCY = (1, 8, 32)
+# What the service is held to (BENCHMARKS.md, "Service"): a lone text-to-image request,
+# the gain of batching, a cached retrieval, and the fast decoding path over the plain one.
 TARGETS = {
-    "t2i_p50_ms_c1": ("<=", 300.0),  # issue 5
+    "t2i_p50_ms_c1": ("<=", 300.0),
     "batching_throughput_ratio_c8": (">=", 3.0),
     "cache_hit_ms": ("<=", 2.0),
-    "speedup_vs_baseline_c1": (">=", 2.0),  # issue 17: the fast decoding path
+    "speedup_vs_baseline_c1": (">=", 2.0),
     "speedup_vs_baseline_c8": (">=", 2.0),
 }
 SIZES = ("small", "big")
@@ -163,12 +165,11 @@ def engine_batch_scaling(app: Any, repeats: int = 5) -> dict[str, float]:
     """The engine alone, called directly (no HTTP, no retrieval, no queue): text-to-image
     with 1 job vs 8 jobs in one call, default sampling, two neighbours in context. This is
     the ceiling for what dynamic batching can gain in the service."""
-    from model.jobs import NeighbourDoc, SamplingParams, T2IJob
+    from model.jobs import SamplingParams, T2IJob
 
     engine = app.state.components.generator.engine
     snap = app.state.components.retriever.snapshot()
-    docs = [NeighbourDoc(d.id, 0.5, d.caption, d.text_ids, d.image_codes)
-            for d in snap.documents([0, 1])]
+    docs = snap.neighbours([(0, 0.5), (1, 0.5)], None, tokens=True, thumbnails=False)
     gen = prompts()
 
     def batch(size: int) -> list[T2IJob]:
@@ -336,23 +337,9 @@ def run(
 ) -> dict[str, Any]:
     """`full`: the latency, batching and retrieval measurements; `baseline`: the plain
     decoding path against the fast one (benchmarks/service_baseline.py)."""
-    import torch
-
-    from app.settings import clear_settings_cache, get_retriever_settings
     from benchmarks.service_baseline import compare
 
-    # The services read their bundle and memory from RACM3_* settings; point them here.
-    if bundle_dir is not None:
-        os.environ["RACM3_BUNDLE_DIR"] = str(bundle_dir)
-    if memory_dir is not None:
-        os.environ["RACM3_MEMORY_DIR"] = str(memory_dir)
-    os.environ.pop("RACM3_REDIS_URL", None)  # the served app uses its in-process LRU
-    clear_settings_cache()
-    torch.set_num_threads(threads)
-    rs = get_retriever_settings()
-    from app.serve import preflight
-
-    preflight("embedded")
+    rs = _serve_from(bundle_dir, memory_dir, threads)
     result: dict[str, Any] = {
         "bundle": str(rs.bundle_dir),
         "memory": str(rs.memory_dir),
@@ -379,67 +366,12 @@ def run(
                                           "max_expected_wait_ms", "queue_size")}
             result["decoder_params"] = app.state.components.generator.engine_info.get(
                 "decoder_params")
-            loop.run_until_complete(closed_loop(url, "/v1/images/generations",
-                                                _t2i_bodies(gen, 4, 10_000), 4))  # warm-up
-            for c in CONCURRENCY:
-                n = _requests_for(c, requests)
-                progress(f"text-to-image at concurrency {c} ({n} requests)")
-                stages = _stage_sums(app)
-                t2i = loop.run_until_complete(closed_loop(
-                    url, "/v1/images/generations", _t2i_bodies(gen, n, 1000 * c), c))
-                if c == 1:  # where a lone request's time goes, by server-side stage
-                    result["t2i_stages_ms_c1"] = _stage_means_ms(stages, _stage_sums(app))
-                progress(f"captions at concurrency {c} ({n} requests)")
-                cap = loop.run_until_complete(closed_loop(
-                    url, "/v1/images/captions", _caption_bodies(rs.memory_dir, 100 * c, n), c))
-                for name, r in (("t2i", t2i), ("caption", cap)):
-                    result[f"{name}_p50_ms_c{c}"] = r.percentile_ms(50)
-                    result[f"{name}_p99_ms_c{c}"] = r.percentile_ms(99)
-                    result[f"{name}_rps_c{c}"] = r.throughput
-                    if r.errors:
-                        result[f"{name}_errors_c{c}"] = r.errors
-            progress("text-to-image at concurrency 1 without classifier-free guidance")
-            no_cfg = [{**b, "guidance_scale": 1.0} for b in _t2i_bodies(gen, requests, 7000)]
-            result["t2i_p50_ms_c1_no_cfg"] = loop.run_until_complete(closed_loop(
-                url, "/v1/images/generations", no_cfg, 1)).percentile_ms(50)
-            progress("retrieval over HTTP: hit vs miss")
-            http = loop.run_until_complete(retrieval_http(url, retrieval_queries))
-            result["cache_hit_http_ms"] = http["hit_p50_ms"]
-            result["cache_miss_http_ms"] = http["miss_p50_ms"]
-
-            progress("batching (max batch 8) vs none (max batch 1) at concurrency 8")
-            with embedded_server(max_batch_size=1) as (url1, app1):
-                half = max(8, batching_requests // 2)
-                runs = {8: Run(), 1: Run()}
-                before = _batch_stats(app)
-                for round_ in range(2):  # alternate, so drifting load hits both alike
-                    for size, u in ((8, url), (1, url1)):
-                        bodies = _t2i_bodies(gen, half, 50_000 + 1000 * round_ + size)
-                        runs[size] = runs[size].merge(loop.run_until_complete(
-                            closed_loop(u, "/v1/images/generations", bodies, 8)))
-                after = _batch_stats(app)
-            result["t2i_rps_c8_batched"] = runs[8].throughput
-            result["t2i_rps_c8_unbatched"] = runs[1].throughput
-            result["t2i_p50_ms_c8_unbatched"] = runs[1].percentile_ms(50)
-            result["batching_throughput_ratio_c8"] = runs[8].throughput / runs[1].throughput
-            result["mean_batch_size_c8"] = (after[1] - before[1]) / max(after[0] - before[0], 1)
-            # How much of the batched arm's wall time the engine thread was computing.
-            result["engine_busy_frac_c8"] = (after[2] - before[2]) / runs[8].wall_s
-
+            result.update(_latencies(loop, url, app, gen, rs.memory_dir, requests,
+                                     retrieval_queries, progress))
+            result.update(_batching(loop, url, app, gen, batching_requests, progress))
             progress("the engine alone: 1 job vs 8 jobs per call")
             result.update(engine_batch_scaling(app))
-
-            clip = _shared_clip(app)
-            for backend, url_ in (("redis", redis_url), ("lru", None)):
-                progress(f"retriever cache hit vs miss ({backend})")
-                try:
-                    r = loop.run_until_complete(retrieval_cache(clip, url_, retrieval_queries))
-                except Exception as exc:  # noqa: BLE001 - report, don't abort the run
-                    result[f"cache_{backend}_error"] = f"{type(exc).__name__}: {exc}"
-                    continue
-                result[f"cache_{backend}_status"] = r.pop("status")
-                for k, v in r.items():
-                    result[f"cache_{backend}_{k}"] = v
+            result.update(_cache_backends(loop, app, redis_url, retrieval_queries, progress))
             if baseline:
                 result.update(compare(loop, gen, requests=requests, soak_s=soak_s,
                                       progress=progress, fast_url_app=(url, app)))
@@ -451,6 +383,105 @@ def run(
     result["cache_hit_ms"] = result.get(f"cache_{backend}_hit_p50_ms")
     result["cache_miss_ms"] = result.get(f"cache_{backend}_miss_p50_ms")
     return _finish(result)
+
+
+def _serve_from(bundle_dir: Path | None, memory_dir: Path | None, threads: int) -> Any:
+    """Point the services' RACM3_* settings at this bundle and memory; their settings."""
+    import torch
+
+    from app.serve import preflight
+    from app.settings import clear_settings_cache, get_retriever_settings
+
+    if bundle_dir is not None:
+        os.environ["RACM3_BUNDLE_DIR"] = str(bundle_dir)
+    if memory_dir is not None:
+        os.environ["RACM3_MEMORY_DIR"] = str(memory_dir)
+    os.environ.pop("RACM3_REDIS_URL", None)  # the served app uses its in-process LRU
+    clear_settings_cache()
+    torch.set_num_threads(threads)
+    settings = get_retriever_settings()
+    preflight("embedded")
+    return settings
+
+
+def _latencies(loop: asyncio.AbstractEventLoop, url: str, app: Any, gen: Iterator[str],
+               memory_dir: Path, requests: int, retrieval_queries: int,
+               progress: Callable[[str], None]) -> dict[str, Any]:
+    """Text-to-image and caption latency at each concurrency, text-to-image without
+    guidance, and a retrieval over HTTP hit against a miss."""
+    result: dict[str, Any] = {}
+    loop.run_until_complete(closed_loop(url, "/v1/images/generations",
+                                        _t2i_bodies(gen, 4, 10_000), 4))  # warm-up
+    for c in CONCURRENCY:
+        n = _requests_for(c, requests)
+        progress(f"text-to-image at concurrency {c} ({n} requests)")
+        stages = _stage_sums(app)
+        t2i = loop.run_until_complete(closed_loop(
+            url, "/v1/images/generations", _t2i_bodies(gen, n, 1000 * c), c))
+        if c == 1:  # where a lone request's time goes, by server-side stage
+            result["t2i_stages_ms_c1"] = _stage_means_ms(stages, _stage_sums(app))
+        progress(f"captions at concurrency {c} ({n} requests)")
+        cap = loop.run_until_complete(closed_loop(
+            url, "/v1/images/captions", _caption_bodies(memory_dir, 100 * c, n), c))
+        for name, r in (("t2i", t2i), ("caption", cap)):
+            result[f"{name}_p50_ms_c{c}"] = r.percentile_ms(50)
+            result[f"{name}_p99_ms_c{c}"] = r.percentile_ms(99)
+            result[f"{name}_rps_c{c}"] = r.throughput
+            if r.errors:
+                result[f"{name}_errors_c{c}"] = r.errors
+    progress("text-to-image at concurrency 1 without classifier-free guidance")
+    no_cfg = [{**b, "guidance_scale": 1.0} for b in _t2i_bodies(gen, requests, 7000)]
+    result["t2i_p50_ms_c1_no_cfg"] = loop.run_until_complete(closed_loop(
+        url, "/v1/images/generations", no_cfg, 1)).percentile_ms(50)
+    progress("retrieval over HTTP: hit vs miss")
+    http = loop.run_until_complete(retrieval_http(url, retrieval_queries))
+    result["cache_hit_http_ms"] = http["hit_p50_ms"]
+    result["cache_miss_http_ms"] = http["miss_p50_ms"]
+    return result
+
+
+def _batching(loop: asyncio.AbstractEventLoop, url: str, app: Any, gen: Iterator[str],
+              batching_requests: int, progress: Callable[[str], None]) -> dict[str, Any]:
+    """The served app (max batch 8) against a second one that never batches, at
+    concurrency 8, in alternating rounds."""
+    progress("batching (max batch 8) vs none (max batch 1) at concurrency 8")
+    with embedded_server(max_batch_size=1) as (url1, _):
+        half = max(8, batching_requests // 2)
+        runs = {8: Run(), 1: Run()}
+        before = _batch_stats(app)
+        for round_ in range(2):  # alternate, so drifting load hits both alike
+            for size, u in ((8, url), (1, url1)):
+                bodies = _t2i_bodies(gen, half, 50_000 + 1000 * round_ + size)
+                runs[size] = runs[size].merge(loop.run_until_complete(
+                    closed_loop(u, "/v1/images/generations", bodies, 8)))
+        after = _batch_stats(app)
+    return {
+        "t2i_rps_c8_batched": runs[8].throughput,
+        "t2i_rps_c8_unbatched": runs[1].throughput,
+        "t2i_p50_ms_c8_unbatched": runs[1].percentile_ms(50),
+        "batching_throughput_ratio_c8": runs[8].throughput / runs[1].throughput,
+        "mean_batch_size_c8": (after[1] - before[1]) / max(after[0] - before[0], 1),
+        # How much of the batched arm's wall time the engine thread was computing.
+        "engine_busy_frac_c8": (after[2] - before[2]) / runs[8].wall_s,
+    }
+
+
+def _cache_backends(loop: asyncio.AbstractEventLoop, app: Any, redis_url: str,
+                    retrieval_queries: int, progress: Callable[[str], None]) -> dict[str, Any]:
+    """The retriever's cache hit against a miss, with Redis and with the in-process LRU."""
+    result: dict[str, Any] = {}
+    clip = _shared_clip(app)
+    for backend, url_ in (("redis", redis_url), ("lru", None)):
+        progress(f"retriever cache hit vs miss ({backend})")
+        try:
+            r = loop.run_until_complete(retrieval_cache(clip, url_, retrieval_queries))
+        except Exception as exc:  # noqa: BLE001 - report, don't abort the run
+            result[f"cache_{backend}_error"] = f"{type(exc).__name__}: {exc}"
+            continue
+        result[f"cache_{backend}_status"] = r.pop("status")
+        for k, v in r.items():
+            result[f"cache_{backend}_{k}"] = v
+    return result
 
 
 def _finish(result: dict[str, Any]) -> dict[str, Any]:
@@ -547,9 +578,7 @@ def _target_lines(r: dict[str, Any]) -> list[str]:
 def main(json_path: Path | None = None, **kwargs: Any) -> dict[str, Any]:
     result = run(progress=lambda msg: print(f"... {msg}", flush=True),  # noqa: T201
                  **kwargs)
-    print(format_table(result))  # noqa: T201 - a benchmark's job is to print its table
+    publish(result, format_table(result), json_path, print_json=False, sort_keys=True)
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2, sort_keys=True))
         print(f"wrote {json_path}")  # noqa: T201
     return result

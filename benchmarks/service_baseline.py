@@ -127,7 +127,7 @@ def compare(
                                                     / out[f"fast_t2i_p50_ms_c{c}"])
             out[f"rps_speedup_vs_baseline_c{c}"] = (out[f"fast_t2i_rps_c{c}"]
                                                     / out[f"baseline_t2i_rps_c{c}"])
-        # the headline keys: latency at c=1, throughput at c=8
+        # the headline keys (TARGETS): latency at c=1, throughput at c=8
         out["speedup_vs_baseline_c1"] = out["p50_speedup_vs_baseline_c1"]
         out["speedup_vs_baseline_c8"] = out["rps_speedup_vs_baseline_c8"]
         out["same_images_as_baseline"] = same / compared if compared else None

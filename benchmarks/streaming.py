@@ -25,6 +25,7 @@ import httpx
 
 from benchmarks.machine import cpu_name
 from benchmarks.memories import PROMPTS, serve_process
+from benchmarks.output import publish
 
 ARMS = {"plain": None, "stream 0": 0, "stream 3": 3}
 
@@ -89,9 +90,4 @@ def format_table(r: dict[str, Any]) -> str:
 
 def main(json_path: Path | None = None, **kwargs: Any) -> dict[str, Any]:
     result = run(**kwargs)
-    print(format_table(result))  # noqa: T201 - a benchmark's job is to print its table
-    print(json.dumps(result, indent=2))  # noqa: T201
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return publish(result, format_table(result), json_path)

@@ -14,7 +14,6 @@ other processes held the cores) is given beside it.
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
@@ -26,9 +25,10 @@ import numpy as np
 import torch
 
 from benchmarks.machine import cpu_name
+from benchmarks.output import publish
 from model.bundle import DEFAULT_BUNDLE, Bundle
 from model.decoder import CM3Decoder, DecoderConfig
-from model.tokens import IMG_CLOSE_ID, IMG_OPEN_ID, PAD_ID, SRC_ID, TokenSpace
+from model.tokens import PAD_ID, TokenSpace
 from training.train_generator import (
     GeneratorTrainConfig,
     TrainingCorpus,
@@ -51,10 +51,8 @@ def synthetic_corpus(space: TokenSpace, n_main: int = 512, n_memory: int = 2048,
     n_codes = space.image_grid[0] * space.image_grid[1]
 
     def doc() -> list[int]:
-        text = space.text_to_ids(rng.integers(0, space.text_vocab_size,
-                                              size=int(rng.integers(6, 15))).tolist())
-        codes = space.codes_to_ids(rng.integers(0, space.codebook_size, size=n_codes))
-        return [IMG_OPEN_ID, *text, SRC_ID, *codes, IMG_CLOSE_ID]
+        text = rng.integers(0, space.text_vocab_size, size=int(rng.integers(6, 15))).tolist()
+        return space.document_ids(text, rng.integers(0, space.codebook_size, size=n_codes))
 
     main = [doc() for _ in range(n_main)]
     memory = [doc() for _ in range(n_memory)]
@@ -133,9 +131,4 @@ def format_table(r: dict[str, Any]) -> str:
 
 def main(json_path: Path | None = None, **kwargs: Any) -> dict[str, Any]:
     result = run(**kwargs)
-    print(format_table(result))  # noqa: T201 - a benchmark's job is to print its table
-    print(json.dumps(result, indent=2))  # noqa: T201
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return publish(result, format_table(result), json_path)

@@ -193,14 +193,13 @@ class Evaluator:
 
     def _search(self, vectors: np.ndarray, texts: list[str] | None,
                 mode: str) -> list[list[NeighbourDoc]]:
-        from retrieval.search import search
+        from retrieval.search import neighbours, search
 
-        grid = self.bundle.space.image_grid
-        out = []
-        for hits in search(self.memory, vectors, self.config.k, replace(self.strategy, mode=mode),
-                           texts=texts):
-            out.append([_as_doc(h, grid) for h in hits[: self.config.k]])
-        return out
+        found = search(self.memory, vectors, self.config.k, replace(self.strategy, mode=mode),
+                       texts=texts)
+        texts_or_none = texts or [None] * len(found)
+        return [neighbours(self.memory, hits[: self.config.k], text)
+                for hits, text in zip(found, texts_or_none, strict=True)]
 
     def neighbour_image(self, doc: NeighbourDoc) -> np.ndarray | None:
         if doc.image_codes is None:
@@ -457,9 +456,7 @@ class Evaluator:
 
         def doc(name: str, variant: int, template: int) -> list[int]:
             attrs = {"kind": "entity", "entity": name}
-            image = self.world.render(attrs, variant)
-            pixels = torch.from_numpy(image[None]).permute(0, 3, 1, 2).float().div(255.0)
-            codes = vq.encode(pixels.to(self.engine.device)).cpu().numpy()[0]
+            codes = vq.encode_images([self.world.render(attrs, variant)])[0]
             return Document(self.world.caption(attrs, template), codes).to_ids(space, tok.encode)
 
         nll: dict[str, list[torch.Tensor]] = {"same": [], "none": [], "other": []}
@@ -806,14 +803,6 @@ def object_box_mask(image: np.ndarray, patch: int) -> np.ndarray:
     y1, x1 = -(-(ys.max() + 1) // patch) * patch, -(-(xs.max() + 1) // patch) * patch
     mask[y0:y1, x0:x1] = True
     return mask
-
-
-def _as_doc(hit: Any, grid: Sequence[int]) -> NeighbourDoc:
-    codes = None if hit.image_codes is None else np.asarray(hit.image_codes).reshape(tuple(grid))
-    text_ids = None if hit.text_ids is None else [int(t) for t in hit.text_ids]
-    return NeighbourDoc(id=int(hit.id), score=float(hit.score), caption=hit.caption,
-                        text_ids=text_ids, image_codes=codes,
-                        lexical_score=hit.lexical_score, name_match=hit.name_match)
 
 
 def _interleave(a: Sequence, b: Sequence) -> list:

@@ -9,6 +9,10 @@ state dict in which aliases are the same tensor.
 
     save_checkpoint(model, model.config, "bundle", "decoder", dtype=torch.float16)
     model = load_module(Decoder, DecoderConfig, "bundle", "decoder")  # fp32 params
+
+This is the one format of the bundle's own models: the decoders, the VQ and the judge.
+Every config is read back through `build_config`, which refuses keys its class does not
+know. (CLIP keeps open_clip's weight layout; its sidecar is read by `build_config` too.)
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import json
 import logging
 import os
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +52,7 @@ def _storage_key(t: torch.Tensor) -> tuple:
 
 
 def _dedupe(
-    state: Mapping[str, torch.Tensor], dtype: torch.dtype | None
+    state: Mapping[str, torch.Tensor], dtype: torch.dtype | None, keep_fp32: Collection[str] = ()
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors to store (contiguous, CPU, no shared storage) and alias -> stored name."""
     tensors: dict[str, torch.Tensor] = {}
@@ -64,7 +68,7 @@ def _dedupe(
         seen_views[key] = name
         out = t.detach()
         if dtype is not None and out.is_floating_point():
-            out = out.to(dtype)
+            out = out.float() if name in keep_fp32 else out.to(dtype)
         out = out.to("cpu").contiguous()
         storage = (out.device, out.untyped_storage().data_ptr())
         if storage in seen_storages:  # a different view of shared memory: store a copy
@@ -95,18 +99,21 @@ def save_checkpoint(
     name: str,
     dtype: torch.dtype | None = None,
     metadata: Mapping[str, Any] | None = None,
+    keep_fp32: Collection[str] = (),
 ) -> Path:
     """Write `{name}.safetensors` and `{name}.json` into `directory`; returns the JSON path.
 
     `config` is a dataclass instance or a dict; it is stored so that loading is
     `Config(**saved)`. `dtype` (e.g. torch.float16) sets the storage type of floating
-    tensors; other tensors keep theirs. `metadata` (JSON-serialisable) is stored as is.
+    tensors; other tensors keep theirs, and so do the floating tensors named in
+    `keep_fp32`, stored as float32 whatever `dtype` says (running sums that resumed
+    training keeps adding to). `metadata` (JSON-serialisable) is stored as is.
     Each file is written to a temporary name and renamed, the JSON last, so a crash never
     leaves a checkpoint that looks complete.
     """
     weights_path, meta_path = _paths(directory, name)
     weights_path.parent.mkdir(parents=True, exist_ok=True)
-    tensors, tied = _dedupe(module.state_dict(), dtype)
+    tensors, tied = _dedupe(module.state_dict(), dtype, keep_fp32)
     cls = type(module)
     meta = {
         "format": FORMAT,

@@ -22,6 +22,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+
+from model.checkpoint import build_config
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +134,7 @@ class ClipEncoder:
                 f"{sidecar_path(checkpoint)} not found; use ClipEncoder.create(model_name, "
                 "pretrained=...) for checkpoints without one"
             )
-        return cls.create(meta["model_name"], pretrained=checkpoint, device=device)
+        return cls.create(meta.model_name, pretrained=checkpoint, device=device)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write weights to `path` (.safetensors) and their description to the .json beside."""
@@ -140,12 +143,8 @@ class ClipEncoder:
             raise ValueError(f"{path}: CLIP weights are written as .safetensors")
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        meta = {
-            "model_name": self.model_name,
-            "model_cfg": self.model_cfg,
-            "preprocess_cfg": _jsonable(self.preprocess_cfg),
-            "embed_dim": self.embed_dim,
-        }
+        meta = asdict(ClipSidecar(self.model_name, self.model_cfg,
+                                  _jsonable(self.preprocess_cfg), self.embed_dim))
         # Write-then-rename so that a crash never leaves a half-written checkpoint.
         tmp_weights = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp_weights), metadata={"model_name": self.model_name})
@@ -325,7 +324,19 @@ def _resize_center_crop(batch: torch.Tensor, size: int) -> torch.Tensor:
     return batch[..., top : top + size, left : left + size].clamp(0.0, 1.0)
 
 
-def _read_sidecar(checkpoint: Path) -> dict[str, Any] | None:
+@dataclass
+class ClipSidecar:
+    """The JSON `ClipEncoder.save` writes beside the weights (open_clip reads the weights
+    themselves): which config to build, and the preprocessing the weights were trained
+    with. Read back through `build_config`, so a key it does not know is refused."""
+
+    model_name: str
+    model_cfg: dict[str, Any] = field(default_factory=dict)
+    preprocess_cfg: dict[str, Any] | None = None
+    embed_dim: int | None = None
+
+
+def _read_sidecar(checkpoint: Path) -> ClipSidecar | None:
     meta_path = sidecar_path(checkpoint)
     if not meta_path.is_file():
         return None
@@ -336,7 +347,7 @@ def _read_sidecar(checkpoint: Path) -> dict[str, Any] | None:
     if not isinstance(meta, dict) or "model_name" not in meta:
         logger.debug("%s is not a ClipEncoder checkpoint description; ignoring it", meta_path)
         return None
-    return meta
+    return build_config(ClipSidecar, meta, f"CLIP checkpoint description {meta_path}")
 
 
 def _check_sidecar(checkpoint: Path, model_name: str) -> dict[str, Any] | None:
@@ -344,13 +355,12 @@ def _check_sidecar(checkpoint: Path, model_name: str) -> dict[str, Any] | None:
     meta = _read_sidecar(checkpoint)
     if meta is None:
         return None  # a foreign checkpoint (e.g. an official ViT-B-32 file)
-    saved_cfg = meta.get("model_cfg")
-    if saved_cfg and saved_cfg != open_clip.get_model_config(model_name):
+    if meta.model_cfg and meta.model_cfg != open_clip.get_model_config(model_name):
         raise ValueError(
-            f"{checkpoint} was saved for {meta['model_name']!r} whose architecture differs "
+            f"{checkpoint} was saved for {meta.model_name!r} whose architecture differs "
             f"from {model_name!r}"
         )
-    return meta.get("preprocess_cfg")
+    return meta.preprocess_cfg
 
 
 def _jsonable(value: Any) -> Any:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.checkpoint import build_config
+from model.loss import weighted_cross_entropy
 from model.sampling import (
     Constraint,
     Generators,
@@ -41,8 +42,6 @@ from model.tokens import EOS_ID, PAD_ID, TokenSpace
 
 # Called after each decoding step with (step, tokens so far); returns rows to stop, or None.
 StepHook = Callable[[int, Tensor], "Tensor | None"]
-
-IGNORE_INDEX = -100  # target id that carries no loss (padding); F.cross_entropy's default
 
 # The vocabularies the preset sizes assume (padded to a multiple of 64):
 # demo: a 1024-token BPE and a 512-code VQ (the demo bundle) -> 1600 ids;
@@ -386,7 +385,8 @@ class CM3Decoder(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """idx (B, T) -> logits (B, T, V) (or (B, 1, V) with `last_only`), loss.
 
-        targets (B, T) are the next tokens, already shifted, IGNORE_INDEX where no loss;
+        targets (B, T) are the next tokens, already shifted, IGNORE_INDEX (model/loss.py)
+        where no loss;
         loss_weights (B, T) weigh each token's cross-entropy (L_main + α·L_retr).
         attention_mask (B, T) is 1/True for real tokens and 0 for padding (left padding
         with a cache, either side without). positions (B, T) override the RoPE positions,
@@ -406,7 +406,7 @@ class CM3Decoder(nn.Module):
         if kv_cache is not None:
             kv_cache.length += T
         logits = self.lm_head(self.ln_f(x[:, -1:] if last_only else x))
-        loss = None if targets is None else token_loss(logits, targets, loss_weights)
+        loss = None if targets is None else weighted_cross_entropy(logits, targets, loss_weights)
         return logits, loss
 
     def grid_positions(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
@@ -586,19 +586,6 @@ class CM3Decoder(nn.Module):
                 step_idx = torch.cat([tok, tok]) if guided else tok
                 logits = forward_step(self, step_idx[:, None], cache)
         return out
-
-
-def token_loss(logits: Tensor, targets: Tensor, weights: Tensor | None = None) -> Tensor:
-    """sum(w · CE) / sum(w) over tokens whose target is not IGNORE_INDEX (w = 1 by default)."""
-    ce = F.cross_entropy(
-        logits.flatten(0, 1).float(),
-        targets.flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    )
-    keep = (targets.flatten() != IGNORE_INDEX).to(ce.dtype)
-    w = keep if weights is None else weights.flatten().to(ce.dtype) * keep
-    return (ce * w).sum() / w.sum().clamp_min(1e-8)  # all-zero weights give 0, not NaN
 
 
 def left_pad(

@@ -44,7 +44,6 @@ from model.jobs import (
     NeighbourDoc,
     T2IJob,
 )
-from model.jobs import SamplingParams as RequestSampling
 from model.masking import infill_prompt_from_runs
 from model.partial import ProgressHook
 from model.sampling import (
@@ -56,13 +55,13 @@ from model.sampling import (
     make_generator,
 )
 from model.tokens import (
-    BREAK_ID,
     EOS_ID,
     IMG_CLOSE_ID,
     IMG_OPEN_ID,
     PAD_ID,
     SRC_ID,
     TokenSpace,
+    assemble,
     mask_id,
 )
 
@@ -142,7 +141,7 @@ class Engine:
 
     def warmup(self) -> None:
         job = T2IJob("a red square", [], n=1, num_candidates=1,
-                     sampling=RequestSampling(seed=0, temperature=1.0))
+                     sampling=SamplingParams(seed=0, temperature=1.0))
         self.text_to_image([job])
         if self.fast is not None:  # compile the decode step for the batches to come
             self.fast.warmup()
@@ -154,9 +153,7 @@ class Engine:
     # --- building blocks ---------------------------------------------------------------
 
     def doc_ids(self, caption_ids: Sequence[int] | None, codes: np.ndarray | None) -> list[int]:
-        text = self.space.text_to_ids(caption_ids) if caption_ids else []
-        image = self.space.codes_to_ids(codes) if codes is not None else []
-        return [IMG_OPEN_ID, *text, SRC_ID, *image, IMG_CLOSE_ID]
+        return self.space.document_ids(caption_ids, codes)
 
     def context_ids(self, neighbours: Sequence[NeighbourDoc], reserve: int | None = None,
                     ) -> list[int]:
@@ -168,18 +165,20 @@ class Engine:
         the batch it joined."""
         budget = self.decoder.config.block_size - (
             self.default_reserve if reserve is None else reserve)
-        ids: list[int] = []
+        docs: list[list[int]] = []
+        used = 0
         for nb in neighbours:
             codes = None if nb.image_codes is None else np.asarray(nb.image_codes).reshape(
                 self.space.image_grid)
             text = nb.text_ids
             if text is None and nb.caption:
                 text = self.tokenizer.encode(nb.caption)
-            doc = [*self.doc_ids(text, codes), BREAK_ID]
-            if len(ids) + len(doc) > budget:
+            doc = self.doc_ids(text, codes)
+            used += len(doc) + 1  # and its <break>
+            if used > budget:
                 break
-            ids += doc
-        return ids
+            docs.append(doc)
+        return assemble(docs, [], eos=False).ids
 
     @property
     def default_reserve(self) -> int:
@@ -210,23 +209,13 @@ class Engine:
         ]
 
     def encode_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255.0)
-        return self.vq.encode(batch.to(self.vq.device)).cpu().numpy()
+        return self.vq.encode_images(images)
 
     def decode_codes(self, codes: np.ndarray) -> np.ndarray:
-        t = torch.as_tensor(np.asarray(codes), dtype=torch.long, device=self.vq.device)
-        images = self.vq.decode(t).clamp(0, 1)
-        return (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        return self.vq.decode_codes(codes)
 
-    def _params(self, s: RequestSampling, max_new: int) -> SamplingParams:
-        return SamplingParams(
-            temperature=s.temperature,
-            top_k=s.top_k or 0,
-            top_p=s.top_p if s.top_p is not None else 1.0,
-            seed=s.seed,
-            max_new_tokens=max_new,
-            guidance_scale=s.guidance_scale,
-        )
+    def _params(self, s: SamplingParams, max_new: int) -> SamplingParams:
+        return replace(s, max_new_tokens=max_new)
 
     def _generate(self, prompts, params: SamplingParams, generators, constraints,
                   uncond=None, num_samples: int = 1, logits_processor=None,
@@ -510,9 +499,9 @@ class Engine:
         results = []
         for job in jobs:
             codes = self.encode_images([job.image, *[e.image for e in job.examples]])
-            context = self.context_ids(job.neighbours)
-            for e, c in zip(job.examples, codes[1:], strict=True):
-                context += [*self.doc_ids(self.tokenizer.encode(e.caption), c), BREAK_ID]
+            examples = [self.doc_ids(self.tokenizer.encode(e.caption), c)
+                        for e, c in zip(job.examples, codes[1:], strict=True)]
+            context = self.context_ids(job.neighbours) + assemble(examples, [], eos=False).ids
             prompt = self._caption_prompt(context, codes[0])
             conts = [[*self.space.text_to_ids(self.tokenizer.encode(lbl)), EOS_ID]
                      for lbl in job.labels]

@@ -9,8 +9,9 @@ Conventions (numpy uint8 (H, W, 3) at I/O edges):
 - an infill mask is (H, W) bool at that size, True = regenerate;
 - neighbours are the retrieved documents exactly as the memory stores them (the retriever
   passes `text_ids` / `image_codes` through verbatim), best first;
-- `SamplingParams.seed` is always set (the gateway draws one when the client did not),
-  and the same seed with the same inputs gives the same output;
+- a job's `sampling` (`model.sampling.SamplingParams`) always has its seed set (the
+  gateway draws one with `draw_seed` when the client did not), and the same seed with
+  the same inputs gives the same output;
 - `examples` are user-given documents, placed in context before the neighbours, in the
   same layout;
 - a job with `progress` is streamed: the engine reports partial images to it and stops
@@ -24,14 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    seed: int
-    temperature: float = 1.0
-    top_k: int | None = None  # None: no top-k filter
-    top_p: float | None = None  # None: no nucleus filter
-    guidance_scale: float = 1.0  # classifier-free guidance; 1.0 turns it off
+from model.sampling import SamplingParams
 
 
 @dataclass

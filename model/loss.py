@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from model.tokens import MASK_IDS, PAD_ID, SEG_MAIN, SEG_RETRIEVED
 
 RETRIEVED_ALPHA = 0.1  # α in the paper
+IGNORE_INDEX = -100  # target id that carries no loss (padding); F.cross_entropy's default
 _MASKS = frozenset(MASK_IDS)
 
 
@@ -84,21 +85,31 @@ def make_batch(
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token CE, (B, T, V) x (B, T) -> (B, T), computed in fp32 for bf16 logits."""
+    """Per-token CE, (B, T, V) x (B, T) -> (B, T), computed in fp32 for bf16 logits; a
+    target of IGNORE_INDEX has CE 0."""
     B, T, V = logits.shape
-    ce = F.cross_entropy(logits.reshape(B * T, V).float(), targets.reshape(B * T), reduction="none")
+    ce = F.cross_entropy(logits.reshape(B * T, V).float(), targets.reshape(B * T),
+                         ignore_index=IGNORE_INDEX, reduction="none")
     return ce.view(B, T)
 
 
 def weighted_cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    total_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """sum(w·CE) / sum(w): L_main + α·L_retr, normalised by the total weight.
 
+    `weights` None weighs every token 1; a target of IGNORE_INDEX weighs 0 either way.
+    `total_weight` replaces sum(w) as the normaliser: under data parallelism, the sum over
+    every rank's batch, so the loss is the same whatever the world size.
     An all-zero weight batch gives 0 (still connected to the graph), not NaN.
     """
     ce = token_cross_entropy(logits, targets)
-    w = weights.to(ce.dtype)
+    kept = (targets != IGNORE_INDEX).to(ce.dtype)
+    w = kept if weights is None else weights.to(ce.dtype) * kept
     # where, not a bare product: 0·inf would be NaN if a padded target had -inf logit
     weighted = torch.where(w > 0, ce * w, torch.zeros_like(ce))
-    return weighted.sum() / w.sum().clamp_min(torch.finfo(ce.dtype).tiny)
+    total = w.sum() if total_weight is None else total_weight.to(ce.dtype)
+    return weighted.sum() / total.clamp_min(torch.finfo(ce.dtype).tiny)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 import functools
-import random
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
@@ -44,8 +44,23 @@ from model.tokens import (
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
+SEED_LIMIT = 2**31  # drawn seeds stay below it, so JSON clients that parse doubles keep them
+
+
+def draw_seed() -> int:
+    """A fresh per-request seed, for a request that did not bring one."""
+    return secrets.randbelow(SEED_LIMIT)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
+    """One request's decoding settings: what a client asks for (a job's `sampling`) and
+    what the decoding loop reads (`CM3Decoder.generate`), one type for both.
+
+    `top_k` None and `top_p` None (no filter, as a client says it) are stored as 0 and
+    1.0; `max_new_tokens` is the engine's to set for the task (`dataclasses.replace`).
+    """
+
     temperature: float = 1.0  # 0 means greedy (argmax); no generator is consumed then
     top_k: int = 0  # 0 disables top-k
     top_p: float = 1.0  # 1.0 disables nucleus sampling
@@ -54,6 +69,10 @@ class SamplingParams:
     guidance_scale: float = 1.0  # classifier-free guidance; 1.0 means cond logits only
 
     def __post_init__(self) -> None:
+        if self.top_k is None:
+            object.__setattr__(self, "top_k", 0)
+        if self.top_p is None:
+            object.__setattr__(self, "top_p", 1.0)
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
         if self.top_k < 0:
@@ -71,10 +90,7 @@ class SamplingParams:
 
     def with_seed(self) -> SamplingParams:
         """A copy with a concrete seed, so a response can report the seed it used."""
-        if self.seed is not None:
-            return self
-        # below 2**31 so the seed survives JSON clients that parse numbers as doubles
-        return replace(self, seed=random.SystemRandom().randrange(2**31))
+        return self if self.seed is not None else replace(self, seed=draw_seed())
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:

@@ -111,6 +111,14 @@ class TokenSpace:
     def ids_to_codes(self, ids: Sequence[int]) -> np.ndarray:
         return np.asarray(ids, dtype=np.int64) - self.image_offset
 
+    def document_ids(self, text_ids: Sequence[int] | None,
+                     codes: np.ndarray | Sequence[int] | None) -> list[int]:
+        """`<img alt="[text]" src="[image]">` from raw BPE ids and VQ codes (any shape,
+        raster order); a missing part (None or empty text) leaves its slot empty."""
+        text = self.text_to_ids(text_ids) if text_ids is not None and len(text_ids) else []
+        image = self.codes_to_ids(codes) if codes is not None else []
+        return [IMG_OPEN_ID, *text, SRC_ID, *image, IMG_CLOSE_ID]
+
     def to_dict(self) -> dict:
         return {
             "text_vocab_size": self.text_vocab_size,
@@ -167,9 +175,8 @@ class Document:
         return self.image_codes is not None
 
     def to_ids(self, space: TokenSpace, encode: Encode) -> list[int]:
-        text = space.text_to_ids(encode(self.caption)) if self.caption else []
-        image = space.codes_to_ids(self.image_codes) if self.image_codes is not None else []
-        return [IMG_OPEN_ID, *text, SRC_ID, *image, IMG_CLOSE_ID]
+        return space.document_ids(encode(self.caption) if self.caption else None,
+                                  self.image_codes)
 
     @classmethod
     def from_ids(cls, ids: Sequence[int], space: TokenSpace, decode: Decode) -> Document:
@@ -264,9 +271,11 @@ class Assembled:
 
 
 def assemble(retrieved: Sequence[list[int]], main: list[int], eos: bool = True) -> Assembled:
-    """`[retrieved doc, <break>]* + main doc + <eos>` with a segment label per token.
+    """`[retrieved doc, <break>]* + main doc + <eos>` with a segment label per token: the
+    one layout of documents in context, for training, serving and benchmarks.
 
-    The `<break>` after a retrieved document belongs to the retrieved segment.
+    The `<break>` after a retrieved document belongs to the retrieved segment. `main` may
+    be a prompt (the start of a document) or empty, with `eos=False`, for a context alone.
     """
     ids: list[int] = []
     seg: list[int] = []

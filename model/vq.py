@@ -1,5 +1,8 @@
 """The VQ image tokenizer: images (B, 3, H, W) in [0, 1] <-> code grids (B, h, w) int64.
 
+`VQModel.encode` / `decode` work on tensors; `encode_images` / `decode_codes` are the same
+pair for uint8 (B, H, W, 3) numpy pixels, the one place that conversion is written.
+
 A convolutional encoder/decoder in the taming-transformers mould (ResNet blocks, GroupNorm,
 strided-conv down / nearest-neighbour up, no attention) around a vector quantizer whose
 codebook is an exponential moving average of the encoder outputs assigned to each code
@@ -24,16 +27,18 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from model.checkpoint import build_config
+from model.checkpoint import build_config, load_module, save_checkpoint
 
 
 @dataclass
@@ -97,6 +102,18 @@ _PRESETS: dict[str, dict] = {
     "large": dict(image_size=256, channels=128, channel_mult=(1, 1, 2, 4), stem_stride=1,
                   num_res_blocks=2, code_dim=32, codebook_size=8192),
 }
+
+
+def images_to_tensor(images: np.ndarray | Sequence[np.ndarray]) -> Tensor:
+    """uint8 (B, H, W, 3) pixels -> float (B, 3, H, W) in [0, 1], on the CPU."""
+    batch = torch.from_numpy(np.ascontiguousarray(np.stack(images)))
+    return batch.permute(0, 3, 1, 2).float().div(255.0)
+
+
+def tensor_to_images(images: Tensor) -> np.ndarray:
+    """float (B, 3, H, W) in [0, 1] -> uint8 (B, H, W, 3) pixels, rounded, as numpy."""
+    pixels = images.clamp(0, 1).permute(0, 2, 3, 1) * 255
+    return pixels.round().to(torch.uint8).cpu().numpy()
 
 
 def _norm(ch: int) -> nn.GroupNorm:
@@ -369,6 +386,16 @@ class VQModel(nn.Module):
             return torch.zeros(0, 3, size, size, device=codes.device)
         return torch.cat(out).to(codes.device)
 
+    def encode_images(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """uint8 (B, H, W, 3) pixels -> int64 (B, h, w) codes, as numpy: `encode` at the
+        edge where images are arrays (serving, the memory build, training corpora)."""
+        return self.encode(images_to_tensor(images).to(self.device)).cpu().numpy()
+
+    def decode_codes(self, codes: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """int (B, h, w) codes -> uint8 (B, H, W, 3) pixels, as numpy; the inverse edge."""
+        t = torch.as_tensor(np.asarray(codes), dtype=torch.long, device=self.device)
+        return tensor_to_images(self.decode(t))
+
     def _check_images(self, images: Tensor) -> None:
         size = self.config.image_size
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
@@ -385,7 +412,7 @@ class VQModel(nn.Module):
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.config.codebook_size):
             raise ValueError(f"codes out of range [0, {self.config.codebook_size})")
 
-    # --- checkpoints: <name>.json (the config) + <name>.safetensors (never pickled) ----------
+    # --- checkpoints: the common format (model/checkpoint.py) ---------------------------
 
     # EMA statistics stay fp32 in an fp16 checkpoint: they are sums that resumed training
     # keeps accumulating, and fp16 would round them.
@@ -396,22 +423,9 @@ class VQModel(nn.Module):
         """Write `<name>.json` and `<name>.safetensors`; returns the weights path."""
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"unsupported checkpoint dtype {dtype}")
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {}
-        for key, value in self.state_dict().items():
-            value = value.detach().to("cpu")
-            if value.is_floating_point():
-                value = value.float() if key in self._FP32_STATE else value.to(dtype)
-            state[key] = value.contiguous()
-        weights = directory / f"{name}.safetensors"
-        config = directory / f"{name}.json"
-        # write-then-rename, so a reader never sees half a checkpoint
-        save_file(state, str(weights) + ".tmp", metadata={"format": "pt"})
-        os.replace(str(weights) + ".tmp", weights)
-        config.with_suffix(".json.tmp").write_text(json.dumps(self.config.to_dict(), indent=2))
-        os.replace(config.with_suffix(".json.tmp"), config)
-        return weights
+        save_checkpoint(self, self.config.to_dict(), directory, name, dtype=dtype,
+                        keep_fp32=self._FP32_STATE)
+        return Path(directory) / f"{name}.safetensors"
 
     @classmethod
     def load(cls, directory: str | os.PathLike, name: str = "vq",
@@ -422,7 +436,11 @@ class VQModel(nn.Module):
         for path in (config_path, weights_path):
             if not path.is_file():
                 raise FileNotFoundError(f"VQ checkpoint file missing: {path}")
-        model = cls(VQConfig.from_dict(json.loads(config_path.read_text())))
+        saved = json.loads(config_path.read_text())
+        if "format" in saved:
+            return load_module(cls, VQConfig, directory, name, device=device)
+        # A bundle trained before the VQ used the common format: its JSON is the bare config.
+        model = cls(VQConfig.from_dict(saved))
         model.load_state_dict(load_file(str(weights_path)), strict=True)  # casts to fp32
         return model.to(device).eval()
 

@@ -26,7 +26,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from retrieval import publish as pub
-from retrieval.faiss_index import build_index, read_index, write_index
+from retrieval.faiss_index import IndexInfo, build_index, read_index, write_index
 from retrieval.lexical_index import LexicalIndex
 from retrieval.manifest import (
     DATA_FILES,
@@ -184,93 +184,129 @@ def _refused(memory: Path, version: str, problem: str) -> AppendRefused:
         "sources (build-index without --append), or point CURRENT at an intact version.")
 
 
+@dataclass
+class _Staged:
+    """What the build has written to the staging directory so far."""
+
+    store: StoreWriter
+    vectors: EmbeddingsWriter | None = None
+    counts: _Counts = field(default_factory=_Counts)
+    grid: tuple[int, int] | None = None
+    embed_calls: int = 0
+    first_new: int = 0  # the id of the first document this build adds
+
+
 def _build(items: Iterable[SourceItem], memory: Path, staging: Path,
            parent: tuple[str, Manifest] | None, *, embed: Embed, tokenize_text: TokenizeText,
            encode_images: EncodeImages, index_type: str, chunk_size: int, ids: dict[str, str],
            progress: bool, skip_report: SkipReport | None, code_type: str,
            bounds: RowBounds, t0: float) -> BuildReport:
     skipped: Counter[str] = Counter()  # by this pipeline; the source's are merged at the end
-    counts = _Counts()
-    grid: tuple[int, int] | None = None
-    embed_calls = 0
-    store = StoreWriter(staging / STORE_FILE, code_type=code_type)
-    vectors: EmbeddingsWriter | None = None
+    staged = _Staged(StoreWriter(staging / STORE_FILE, code_type=code_type))
     if parent:
-        pdir = pub.version_dir(memory, parent[0])
-        old = parent[1]
-        counts = _Counts(old.counts.get("with_image", 0), old.counts.get("with_text", 0))
-        grid = tuple(old.image_grid) if old.image_grid else None
-        if grid:
-            bounds = replace(bounds, codes_per_image=grid[0] * grid[1])
-        old_store = DocumentStore.open(pdir / STORE_FILE)
-        vectors = EmbeddingsWriter(staging / EMBEDDINGS_FILE, old.embedding_dim)
-        try:
-            store.copy_from(old_store, bounds)
-        except StoreError as e:
-            raise _refused(memory, parent[0], f"{STORE_FILE} {e}") from e
-        finally:
-            old_store.close()
-        try:
-            vectors.copy_from(open_embeddings(pdir / EMBEDDINGS_FILE))
-        except StoreError as e:
-            raise _refused(memory, parent[0], f"{EMBEDDINGS_FILE} {e}") from e
-    first_new = store.count
-
+        _copy_parent(memory, staging, parent, staged, bounds)
+    staged.first_new = staged.store.count
     bar = tqdm(desc="build-index", unit="doc", disable=not progress)
     for chunk in _chunks(items, chunk_size):
-        docs = [d for d in (_prepare(item, skipped) for item in chunk) if d is not None]
-        if not docs:
-            continue
-        vecs = _check_vectors(embed([d.caption for d in docs], [d.image for d in docs]),
-                              len(docs), vectors.dim if vectors else None)
-        embed_calls += 1
-        if vectors is None:
-            vectors = EmbeddingsWriter(staging / EMBEDDINGS_FILE, vecs.shape[1])
-        codes = _encode(encode_images, [d.image for d in docs])
-        for c in codes:
-            if c is not None and grid is not None and tuple(c.shape) != grid:
-                raise ValueError(f"VQ grid {c.shape} differs from the memory's {grid}")
-            grid = grid or (tuple(c.shape) if c is not None else None)
-        store.append({
-            "caption": d.caption,
-            "image": d.png,
-            "text_ids": tokenize_text(d.caption) if d.caption else None,
-            "image_codes": c,
-            "source": d.source,
-        } for d, c in zip(docs, codes, strict=True))
-        vectors.append(vecs)
-        counts.with_image += sum(d.image is not None for d in docs)
-        counts.with_text += sum(d.caption is not None for d in docs)
+        _add_chunk(chunk, staged, staging, skipped, embed, tokenize_text, encode_images)
         bar.update(len(chunk))
     bar.close()
+    store = staged.store
     store.close()
-    added = store.count - first_new
-    if vectors is None or store.count == 0:
+    if staged.vectors is None or store.count == 0:
         raise BuildError("no documents to build a memory from: every item was skipped "
                          f"({dict(skipped) or 'the source was empty'})")
-    vectors.close()
+    staged.vectors.close()
     if skip_report:  # a streaming source counts its skips while it is read
         skipped.update(skip_report.skipped)
-
-    emb = open_embeddings(staging / EMBEDDINGS_FILE)
     if index_type == "auto" and parent:  # an appended memory keeps the family asked for
         index_type = parent[1].index.get("requested_type", "auto")
+    version, info = _index_and_publish(memory, staging, parent, staged, index_type, ids,
+                                       dict(skipped), skip_report)
+    wall = time.perf_counter() - t0
+    added = store.count - staged.first_new
+    log.info("published %s %s: %d documents (%d added), %s recall@10 %.3f, %.1f s", memory,
+             version, store.count, added, info.factory, info.recall_at_10, wall)
+    return BuildReport(version=version, version_dir=pub.version_dir(memory, version),
+                       documents=store.count, added=added, skipped=dict(skipped),
+                       index=info.to_dict(), embed_calls=staged.embed_calls, wall_s=wall)
+
+
+def _copy_parent(memory: Path, staging: Path, parent: tuple[str, Manifest], staged: _Staged,
+                 bounds: RowBounds) -> None:
+    """The parent version's rows and vectors, copied as they are (nothing re-embedded)."""
+    pdir = pub.version_dir(memory, parent[0])
+    old = parent[1]
+    staged.counts = _Counts(old.counts.get("with_image", 0), old.counts.get("with_text", 0))
+    staged.grid = tuple(old.image_grid) if old.image_grid else None
+    if staged.grid:
+        bounds = replace(bounds, codes_per_image=staged.grid[0] * staged.grid[1])
+    old_store = DocumentStore.open(pdir / STORE_FILE)
+    staged.vectors = EmbeddingsWriter(staging / EMBEDDINGS_FILE, old.embedding_dim)
+    try:
+        staged.store.copy_from(old_store, bounds)
+    except StoreError as e:
+        raise _refused(memory, parent[0], f"{STORE_FILE} {e}") from e
+    finally:
+        old_store.close()
+    try:
+        staged.vectors.copy_from(open_embeddings(pdir / EMBEDDINGS_FILE))
+    except StoreError as e:
+        raise _refused(memory, parent[0], f"{EMBEDDINGS_FILE} {e}") from e
+
+
+def _add_chunk(chunk: list[SourceItem], staged: _Staged, staging: Path, skipped: Counter[str],
+               embed: Embed, tokenize_text: TokenizeText, encode_images: EncodeImages) -> None:
+    """Embed, tokenise and VQ-encode one chunk of documents; append its rows and vectors."""
+    docs = [d for d in (_prepare(item, skipped) for item in chunk) if d is not None]
+    if not docs:
+        return
+    vecs = _check_vectors(embed([d.caption for d in docs], [d.image for d in docs]),
+                          len(docs), staged.vectors.dim if staged.vectors else None)
+    staged.embed_calls += 1
+    if staged.vectors is None:
+        staged.vectors = EmbeddingsWriter(staging / EMBEDDINGS_FILE, vecs.shape[1])
+    codes = _encode(encode_images, [d.image for d in docs])
+    for c in codes:
+        if c is not None and staged.grid is not None and tuple(c.shape) != staged.grid:
+            raise ValueError(f"VQ grid {c.shape} differs from the memory's {staged.grid}")
+        staged.grid = staged.grid or (tuple(c.shape) if c is not None else None)
+    staged.store.append({
+        "caption": d.caption,
+        "image": d.png,
+        "text_ids": tokenize_text(d.caption) if d.caption else None,
+        "image_codes": c,
+        "source": d.source,
+    } for d, c in zip(docs, codes, strict=True))
+    staged.vectors.append(vecs)
+    staged.counts.with_image += sum(d.image is not None for d in docs)
+    staged.counts.with_text += sum(d.caption is not None for d in docs)
+
+
+def _index_and_publish(memory: Path, staging: Path, parent: tuple[str, Manifest] | None,
+                       staged: _Staged, index_type: str, ids: dict[str, str],
+                       skipped: dict[str, int], skip_report: SkipReport | None,
+                       ) -> tuple[str, IndexInfo]:
+    """Build the FAISS and lexical indexes over the staged version, write its manifest
+    last and publish it; its version name and the index's description."""
+    emb = open_embeddings(staging / EMBEDDINGS_FILE)
     index, info = build_index(emb, index_type)
     write_index(index, staging / INDEX_FILE)
     del index
     info.mmap_mode = read_index(staging / INDEX_FILE)[1]  # how it really loads, not a guess
     lexical, lexical_files = _build_lexical(staging)
     version = pub.next_version_name(memory)
+    count = staged.store.count
     manifest = Manifest(
         version=version,
         components=ids or (parent[1].components if parent else {}),
-        counts={"documents": store.count, "added": added, "with_image": counts.with_image,
-                "with_text": counts.with_text, "skipped": dict(skipped),
-                "noted": dict(skip_report.noted) if skip_report else {}},
+        counts={"documents": count, "added": count - staged.first_new,
+                "with_image": staged.counts.with_image, "with_text": staged.counts.with_text,
+                "skipped": skipped, "noted": dict(skip_report.noted) if skip_report else {}},
         index=info.to_dict(),
         embedding_dim=int(emb.shape[1]),
         files={name: file_entry(staging / name) for name in (*DATA_FILES, *lexical_files)},
-        image_grid=list(grid) if grid else None,
+        image_grid=list(staged.grid) if staged.grid else None,
         parent=parent[0] if parent else None,
         lexical=lexical,
         complete=True,
@@ -278,12 +314,7 @@ def _build(items: Iterable[SourceItem], memory: Path, staging: Path,
     del emb
     write_manifest(staging, manifest)
     pub.publish(memory, staging)
-    wall = time.perf_counter() - t0
-    log.info("published %s %s: %d documents (%d added), %s recall@10 %.3f, %.1f s", memory,
-             version, store.count, added, info.factory, info.recall_at_10, wall)
-    return BuildReport(version=version, version_dir=pub.version_dir(memory, version),
-                       documents=store.count, added=added, skipped=dict(skipped),
-                       index=info.to_dict(), embed_calls=embed_calls, wall_s=wall)
+    return version, info
 
 
 def _build_lexical(staging: Path) -> tuple[dict[str, Any], list[str]]:
@@ -373,17 +404,9 @@ def build_from_source(
     **options: Any,
 ) -> BuildReport:
     """`build_memory` with model objects: a ClipEncoder (`embed_documents`), a
-    TextTokenizer (`encode`) and a VQModel (`encode` on float (B, 3, H, W) in [0, 1]).
+    TextTokenizer (`encode`) and a VQModel (`encode_images` on uint8 (B, H, W, 3)).
     `options` are build_memory's (index_type, chunk_size, append, progress, skip_report)."""
-    import torch
-
-    def encode_images(images: np.ndarray) -> np.ndarray:
-        batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-        device = getattr(vq, "device", "cpu")
-        with torch.no_grad():
-            return vq.encode(batch.float().div(255.0).to(device)).cpu().numpy()
-
     return build_memory(items, out_dir, embed=clip.embed_documents,
-                        tokenize_text=tokenizer.encode, encode_images=encode_images,
+                        tokenize_text=tokenizer.encode, encode_images=vq.encode_images,
                         ids=ids, codebook_size=vq.config.codebook_size,
                         text_vocab_size=tokenizer.vocab_size, **options)

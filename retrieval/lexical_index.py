@@ -20,7 +20,6 @@ memory built before this index existed gets one at load (`LexicalIndex.from_stor
 from __future__ import annotations
 
 import json
-import os
 import re
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from retrieval.publish import fsync_path
 
 if TYPE_CHECKING:
     from retrieval.store import DocumentStore
@@ -136,7 +137,7 @@ class LexicalIndex:
         bm25.nonoccurrence_array = None  # Lucene's BM25 has none
         bm25.save(str(folder))
         (folder / _META_FILE).write_text(json.dumps(self.describe(), indent=2, sort_keys=True))
-        _fsync(folder)  # publish syncs the files and the version directory, not this one
+        fsync_path(folder)  # publish syncs the files and the version directory, not this one
         written = sorted(p.name for p in folder.iterdir() if p.is_file())
         missing = set(LEXICAL_FILES) - {f"{LEXICAL_DIR}/{n}" for n in written}
         if missing:  # a bm25s release that names its files otherwise
@@ -226,14 +227,6 @@ class LexicalIndex:
                 matched += hit
         return [LexicalMatch(float(s), len(rare), int(m))
                 for s, m in zip(bm25, matched, strict=True)]
-
-
-def _fsync(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def lexical_files(files: Iterable[str]) -> tuple[str, ...]:

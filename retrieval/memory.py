@@ -44,7 +44,7 @@ from retrieval.manifest import (
     read_manifest,
     verify_file,
 )
-from retrieval.search import Neighbour, SearchStrategy, search
+from retrieval.search import Hit, SearchStrategy, search
 from retrieval.store import DocumentStore, StoredDoc, open_embeddings
 
 log = logging.getLogger(__name__)
@@ -278,5 +278,5 @@ class Retriever:
     def search(self, queries: np.ndarray, k: int | None = None,
                strategy: SearchStrategy | None = None,
                exclude: Sequence[Iterable[int]] | None = None,
-               texts: Sequence[str | None] | None = None) -> list[list[Neighbour]]:
+               texts: Sequence[str | None] | None = None) -> list[list[Hit]]:
         return search(self._memory, queries, k, strategy, exclude=exclude, texts=texts)

@@ -1,6 +1,10 @@
 """The paper's retrieval rules over a loaded memory, as three named steps:
 
-    knn_search (+ lexical_search, fuse in hybrid mode) -> apply_rules -> map_to_metadata
+    knn_search (+ lexical_search, fuse in hybrid mode) -> apply_rules -> neighbours
+
+`search` runs the first two and returns ids and scores (`Hit`), which is what a cache
+keeps; `neighbours` reads the hits' documents from the store, once, as the engine takes
+them (`model.jobs.NeighbourDoc`).
 
 - **Relevance**: candidates come in score order (inner product of normalised CLIP
   vectors), `k * overfetch` of them so that the rules have room to skip.
@@ -29,17 +33,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from functools import cached_property
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
+
+from model.jobs import NeighbourDoc
 
 RetrievalMode = Literal["dense", "hybrid"]
 RETRIEVAL_MODES: tuple[str, ...] = ("dense", "hybrid")
 
 if TYPE_CHECKING:
     from retrieval.memory import Memory
-    from retrieval.store import DocumentStore
 
 
 @dataclass(frozen=True)
@@ -93,25 +97,11 @@ class SearchStrategy:
         )
 
 
-@dataclass
-class Neighbour:
+class Hit(NamedTuple):
+    """One document found for a query."""
+
     id: int
     score: float  # inner product with the query (CLIP), in either mode
-    caption: str | None
-    text_ids: list[int] | None  # raw BPE ids
-    image_codes: np.ndarray | None  # raw VQ codes, flat raster order (memory.image_grid)
-    has_image: bool
-    has_text: bool
-    source: str = ""
-    # With query text and a lexical index, whatever the mode (see LexicalMatch):
-    lexical_score: float | None = None  # BM25 of the caption for the query's words
-    name_match: bool | None = None  # the caption holds every rare word (name) of the query
-    _store: DocumentStore | None = field(default=None, repr=False, compare=False)
-
-    @cached_property
-    def image_bytes(self) -> bytes | None:
-        """The stored PNG, read from the memory-mapped store on first access."""
-        return None if self._store is None else self._store.image_bytes(self.id)
 
 
 # --- step 1: candidates ----------------------------------------------------------------
@@ -200,20 +190,40 @@ def apply_rules(
     return [(int(ids[j]), float(scores[j])) for j in kept]
 
 
-# --- step 3: metadata --------------------------------------------------------------------
+# --- step 3: the documents -----------------------------------------------------------------
 
 
-def map_to_metadata(memory: Memory, kept: Sequence[tuple[int, float]],
-                    text: str | None = None) -> list[Neighbour]:
-    """The kept documents, with how their captions match `text` when it is given."""
-    docs = memory.store.get([i for i, _ in kept])
-    matches = lexical_matches(memory, text, [i for i, _ in kept])
-    return [Neighbour(id=i, score=s, caption=d.caption, text_ids=d.text_ids,
-                      image_codes=d.image_codes, has_image=d.has_image, has_text=d.has_text,
-                      source=d.source, _store=memory.store,
-                      lexical_score=None if m is None else m.score,
-                      name_match=None if m is None else m.name_match)
-            for (i, s), d, m in zip(kept, docs, matches, strict=True)]
+def neighbours(memory: Memory, hits: Sequence[tuple[int, float]], text: str | None = None, *,
+               tokens: bool = True, thumbnails: bool = False) -> list[NeighbourDoc]:
+    """The documents of `hits` (best first), read from the store in one pass, as the engine
+    takes them: image codes as the memory's (h, w) grid. `tokens=False` leaves out the
+    text ids and codes, `thumbnails=True` adds the stored image bytes; with `text`, each
+    says how its caption matches it (see LexicalMatch; a memory without a lexical index
+    says nothing)."""
+    ids = [int(i) for i, _ in hits]
+    if not ids:
+        return []
+    docs = memory.store.get(ids, with_image=thumbnails)
+    matches = lexical_matches(memory, text, ids)
+    grid = memory.image_grid
+    return [
+        NeighbourDoc(
+            id=i,
+            score=float(score),
+            caption=doc.caption,
+            text_ids=list(doc.text_ids) if tokens and doc.text_ids is not None else None,
+            image_codes=_as_grid(doc.image_codes, grid) if tokens else None,
+            thumbnail_png=doc.image_bytes if thumbnails else None,
+            lexical_score=None if match is None else match.score,
+            name_match=None if match is None else match.name_match,
+        )
+        for i, (_, score), doc, match in zip(ids, hits, docs, matches, strict=True)
+    ]
+
+
+def _as_grid(codes: np.ndarray | None, grid: tuple[int, int] | None) -> np.ndarray | None:
+    # the store keeps codes flat; the engine and the wire format take the (h, w) grid
+    return codes if codes is None or grid is None else np.asarray(codes).reshape(grid)
 
 
 def lexical_matches(memory: Memory, text: str | None, ids: Sequence[int]) -> list:
@@ -232,12 +242,12 @@ def search(
     *,
     exclude: Sequence[Iterable[int]] | None = None,
     texts: Sequence[str | None] | None = None,
-) -> list[list[Neighbour]]:
-    """Up to k neighbours per query row (Q, D), by the paper's rules.
+) -> list[list[Hit]]:
+    """Up to k hits per query row (Q, D), best first, by the paper's rules; `neighbours`
+    reads their documents.
 
     `texts[q]` is query q's text, if it has one: hybrid mode matches it against the
-    captions, and every neighbour then says how its caption matches it. A hybrid search
-    without text (an image query) is a dense one.
+    captions. A hybrid search without text (an image query) is a dense one.
     `exclude[q]` lists ids excluded for query q only (training: the document the query
     was cut from), on top of `strategy.exclude_ids`. When the rules skip so many
     candidates that fewer than k remain (a memory holding many near-copies of the
@@ -264,7 +274,7 @@ def search(
         for r, row in zip(short, wider, strict=True):
             kept[r] = row
         short = [r for r in short if len(kept[r]) < s.k]
-    return [map_to_metadata(memory, row, text) for row, text in zip(kept, texts, strict=True)]
+    return [[Hit(i, s) for i, s in row] for row in kept]
 
 
 def _rank(memory: Memory, q: np.ndarray, s: SearchStrategy, n: int,

@@ -294,6 +294,12 @@ def read_jsonl(
     Lines are decoded one by one, so a line with invalid UTF-8 costs only that row.
     """
     path = Path(path)
+    yield from _items_from_rows(_jsonl_rows(path, report), path, image_column, caption_column,
+                                size, report, max_pixels)
+
+
+def _jsonl_rows(path: Path, report: SkipReport) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(source, row) per JSON object line; a line that is not one is skipped and counted."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as lines:
         for line_no, raw in enumerate(lines, start=1):
@@ -313,11 +319,7 @@ def read_jsonl(
             if not isinstance(row, dict):
                 report.skip("bad_row", source, "not a JSON object")
                 continue
-            item = _item_from_row(
-                row, image_column, caption_column, source, path.parent, size, report, max_pixels
-            )
-            if item is not None:
-                yield item
+            yield source, row
 
 
 def read_csv(
@@ -338,6 +340,13 @@ def read_csv(
     path = Path(path)
     if delimiter is None:
         delimiter = "\t" if ".tsv" in path.suffixes else ","
+    yield from _items_from_rows(_csv_rows(path, delimiter, report), path, image_column,
+                                caption_column, size, report, max_pixels)
+
+
+def _csv_rows(path: Path, delimiter: str, report: SkipReport,
+              ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(source, row) per CSV record; a record that does not parse is skipped and counted."""
     with _open_text(path) as text:
         reader = csv.DictReader(text, delimiter=delimiter)
         row_no = 0
@@ -354,11 +363,18 @@ def read_csv(
             if None in row:  # more fields than the header
                 report.skip("bad_row", source, "more fields than the header")
                 continue
-            item = _item_from_row(
-                row, image_column, caption_column, source, path.parent, size, report, max_pixels
-            )
-            if item is not None:
-                yield item
+            yield source, row
+
+
+def _items_from_rows(rows: Iterator[tuple[str, dict[str, Any]]], path: Path,
+                     image_column: str | None, caption_column: str | None, size: int,
+                     report: SkipReport, max_pixels: int) -> Iterator[SourceItem]:
+    for source, row in rows:
+        item = _item_from_row(
+            row, image_column, caption_column, source, path.parent, size, report, max_pixels
+        )
+        if item is not None:
+            yield item
 
 
 def read_parquet(

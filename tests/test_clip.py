@@ -188,6 +188,12 @@ def test_checkpoint_errors_are_clear(encoder, tmp_path):
     with pytest.raises(ValueError, match="architecture differs"):
         ClipEncoder.create("racm3-test-other", pretrained=path)
 
+    # A sidecar with a key this code does not know is refused, naming the key.
+    meta = json.loads(sidecar_path(path).read_text())
+    sidecar_path(path).write_text(json.dumps({**meta, "projection": "mlp"}))
+    with pytest.raises(ValueError, match="unknown ClipSidecar fields \\['projection'\\]"):
+        ClipEncoder.load(path)
+
 
 def test_model_and_tokenize_support_a_clip_loss_train_step(images):
     torch.manual_seed(0)

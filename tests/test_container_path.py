@@ -292,85 +292,107 @@ class Service:
     health_port: int | None
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
-def test_the_compose_stack_serves_from_a_non_editable_install(
-        installed: Installed, smoke_bundle, tmp_path: Path) -> None:
-    bundle_dir, _ = smoke_bundle
-    compose = read_compose()
-    services = compose["services"]
-    mounts = installed.workdir / "bundles"  # ./bundles:/app/bundles:ro, with the smoke
-    mounts.mkdir(exist_ok=True)             # bundle as the demo bundle
-    (mounts / "demo").symlink_to(bundle_dir, target_is_directory=True)
-    ports = {name: free_port() for name in services}
-    container_ports = {"retriever": 8001, "generator": 8002, "gateway": 8000, "redis": 6379}
+class ComposeStack:
+    """docker-compose.yml's services as local processes of the installed package: compose
+    host names and container ports become 127.0.0.1 and free ports."""
 
-    def localise(value: str) -> str:
+    CONTAINER_PORTS = {"retriever": 8001, "generator": 8002, "gateway": 8000, "redis": 6379}
+
+    def __init__(self, installed: Installed, services: dict, logs: Path) -> None:
+        self.installed, self.services, self.logs = installed, services, logs
+        self.ports = {name: free_port() for name in services}
+        self.started: list[Service] = []
+
+    def localise(self, value: str) -> str:
         """Compose host names and container ports -> 127.0.0.1 and this test's ports."""
-        for host, port in container_ports.items():
-            value = value.replace(f"{host}:{port}", f"127.0.0.1:{ports[host]}")
+        for host, port in self.CONTAINER_PORTS.items():
+            value = value.replace(f"{host}:{port}", f"127.0.0.1:{self.ports[host]}")
         return value.replace("0.0.0.0", "127.0.0.1")
 
-    def command(name: str) -> list[str]:
-        args = [installed.map_paths(localise(a)) for a in services[name]["command"]]
+    def command(self, name: str) -> list[str]:
+        args = [self.installed.map_paths(self.localise(a))
+                for a in self.services[name]["command"]]
         if "--port" in args:
-            args[args.index("--port") + 1] = str(ports[name])
+            args[args.index("--port") + 1] = str(self.ports[name])
         return args
 
-    def environment(name: str) -> dict[str, str]:
-        env = {k: localise(interpolate(str(v), {})) for k, v in
-               services[name].get("environment", {}).items()}
+    def environment(self, name: str) -> dict[str, str]:
+        env = {k: self.localise(interpolate(str(v), {})) for k, v in
+               self.services[name].get("environment", {}).items()}
         if "RACM3_HEALTH_PORT" in env:
-            env["RACM3_HEALTH_PORT"] = str(ports[name])
+            env["RACM3_HEALTH_PORT"] = str(self.ports[name])
         env["OMP_NUM_THREADS"] = "1"
-        return installed.env(env)
+        return self.installed.env(env)
 
-    started: list[Service] = []
+    def run(self, name: str) -> subprocess.CompletedProcess:
+        """A one-off service (the index builder), to completion."""
+        return subprocess.run(
+            self.installed.entrypoint(self.command(name)), cwd=self.installed.workdir,
+            env=self.environment(name), capture_output=True, text=True, timeout=600)
 
-    def start(name: str) -> Service:
-        log = tmp_path / f"{name}.log"
-        args = command(name)
-        cmd = installed.entrypoint(args) if name != "redis" else [*args, "--port",
-                                                                   str(ports[name]), "--bind",
-                                                                   "127.0.0.1"]
-        proc = subprocess.Popen(cmd, cwd=installed.workdir, env=environment(name),
+    def start(self, name: str) -> Service:
+        log = self.logs / f"{name}.log"
+        args = self.command(name)
+        cmd = self.installed.entrypoint(args) if name != "redis" else [
+            *args, "--port", str(self.ports[name]), "--bind", "127.0.0.1"]
+        proc = subprocess.Popen(cmd, cwd=self.installed.workdir, env=self.environment(name),
                                 stdout=subprocess.DEVNULL, stderr=log.open("wb"))
-        service = Service(name, proc, log, ports[name])
-        started.append(service)
+        service = Service(name, proc, log, self.ports[name])
+        self.started.append(service)
         return service
 
-    def healthy(service: Service, timeout_s: float = 300) -> None:
+    def healthy(self, service: Service, timeout_s: float = 300) -> None:
         """The image's HEALTHCHECK, run as Docker runs it, until it passes."""
-        check = [installed.venv / "bin" / "python",
-                 installed.map_paths(installed.dockerfile.healthcheck[-1])]
+        check = [self.installed.venv / "bin" / "python",
+                 self.installed.map_paths(self.installed.dockerfile.healthcheck[-1])]
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if service.proc.poll() is not None:
                 pytest.fail(f"{service.name} exited {service.proc.returncode}:\n"
                             f"{service.log.read_text()[-3000:]}")
-            probe = subprocess.run(check, env=environment(service.name), capture_output=True)
+            probe = subprocess.run(check, env=self.environment(service.name),
+                                   capture_output=True)
             if probe.returncode == 0:
                 return
             time.sleep(1.0)
         pytest.fail(f"{service.name} not healthy after {timeout_s} s:\n"
                     f"{service.log.read_text()[-3000:]}")
 
+    def stop(self) -> None:
+        for service in reversed(self.started):
+            service.proc.terminate()
+        for service in self.started:
+            try:
+                service.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                service.proc.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_the_compose_stack_serves_from_a_non_editable_install(
+        installed: Installed, smoke_bundle, tmp_path: Path) -> None:
+    bundle_dir, _ = smoke_bundle
+    services = read_compose()["services"]
+    mounts = installed.workdir / "bundles"  # ./bundles:/app/bundles:ro, with the smoke
+    mounts.mkdir(exist_ok=True)             # bundle as the demo bundle
+    (mounts / "demo").symlink_to(bundle_dir, target_is_directory=True)
+    stack = ComposeStack(installed, services, tmp_path)
     try:
-        redis_proc = start("redis")
-        builder = subprocess.run(
-            installed.entrypoint(command("index-builder")), cwd=installed.workdir,
-            env=environment("index-builder"), capture_output=True, text=True, timeout=600)
+        redis_proc = stack.start("redis")
+        builder = stack.run("index-builder")
         assert builder.returncode == 0, builder.stderr[-3000:]
         memory = installed.path(services["index-builder"]["environment"]["RACM3_MEMORY_DIR"])
         version = (memory / "CURRENT").read_text().strip()
         assert redis_proc.proc.poll() is None
 
-        backends = [start("retriever"), start("generator")]  # gateway depends_on healthy
+        # the gateway's depends_on: both backends healthy first
+        backends = [stack.start("retriever"), stack.start("generator")]
         for service in backends:
-            healthy(service)
-        healthy(start("gateway"))
+            stack.healthy(service)
+        stack.healthy(stack.start("gateway"))
 
-        gateway = f"http://127.0.0.1:{ports['gateway']}"
+        gateway = f"http://127.0.0.1:{stack.ports['gateway']}"
         with httpx.Client(base_url=gateway, timeout=120) as client:
             ready = client.get("/readyz").json()
             assert ready["status"] == "ready", ready
@@ -385,11 +407,5 @@ def test_the_compose_stack_serves_from_a_non_editable_install(
             assert body["data"][0]["b64_json"] and body["neighbours"]
             assert body["memory_version"] == version
     finally:
-        for service in reversed(started):
-            service.proc.terminate()
-        for service in started:
-            try:
-                service.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                service.proc.kill()
+        stack.stop()
 

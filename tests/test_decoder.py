@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from model.decoder import (
-    IGNORE_INDEX,
     PRESET_TARGET_PARAMS,
     CM3Decoder,
     DecoderConfig,
     left_pad,
 )
+from model.loss import IGNORE_INDEX
 from model.sampling import SamplingParams, cfg_combine
 from model.tokens import EOS_ID, PAD_ID
 

@@ -38,11 +38,12 @@ def test_every_component_loads(bundle: Bundle):
 
 def test_simple_prompts_are_drawn_right(bundle: Bundle, tmp_path: Path):
     from model.engine import Engine
-    from model.jobs import NeighbourDoc, SamplingParams, T2IJob
+    from model.jobs import SamplingParams, T2IJob
     from retrieval.from_bundle import build_from_bundle
     from retrieval.memory import Memory
-    from retrieval.search import SearchStrategy, search
+    from retrieval.search import SearchStrategy, neighbours, search
     from world import World, WorldConfig
+    from world import source as _  # noqa: F401  (registers the "world" source)
 
     world = World(WorldConfig.from_dict(bundle.manifest["world"]))
     build_from_bundle(bundle, "world", "memory", tmp_path / "memory", limit=2000,
@@ -51,13 +52,12 @@ def test_simple_prompts_are_drawn_right(bundle: Bundle, tmp_path: Path):
     memory = Memory.load(tmp_path / "memory")
     prompts = [p for p in world.eval_prompts("object") if p.group == "seen"][:10]
     queries = bundle.clip.encode_text([p.caption for p in prompts])
-    neighbours = search(memory, queries, 2, SearchStrategy(k=2, diversity_threshold=threshold))
+    found = search(memory, queries, 2, SearchStrategy(k=2, diversity_threshold=threshold))
     engine = Engine.from_bundle(bundle)
     jobs = [
-        T2IJob(p.caption, [NeighbourDoc(n.id, n.score, n.caption, n.text_ids, n.image_codes)
-                           for n in nbs], n=1, num_candidates=8,
+        T2IJob(p.caption, neighbours(memory, hits), n=1, num_candidates=8,
                sampling=SamplingParams(seed=i, temperature=0.5, top_k=16, guidance_scale=2.0))
-        for i, (p, nbs) in enumerate(zip(prompts, neighbours, strict=True))
+        for i, (p, hits) in enumerate(zip(prompts, found, strict=True))
     ]
     images = np.stack([r[0].image for r in engine.text_to_image(jobs)])
     predicted = load_judge(bundle).predict_attributes(images, world)
@@ -70,8 +70,6 @@ def test_candidates_that_agree_with_the_retrieved_images_rank_first(bundle: Bund
     """For an entity only the memory knows, CLIP's prompt score cannot pick the right
     flag (CLIP never saw it); the retrieved image can, and the ranking uses it: its CLIP
     embedding and, given the candidates' codes, how many of its codes they share."""
-    import torch
-
     from model.engine import CODE_AGREEMENT_WEIGHT, Engine
     from model.jobs import NeighbourDoc, SamplingParams, T2IJob
     from world import World, WorldConfig
@@ -85,8 +83,7 @@ def test_candidates_that_agree_with_the_retrieved_images_rank_first(bundle: Bund
         attrs = {"kind": "entity", "entity": name}
         candidates = np.stack([world.render({"kind": "entity", "entity": other}, 0),
                                world.render(attrs, 0)])
-        pixels = torch.from_numpy(world.render(attrs, 1)[None]).permute(0, 3, 1, 2) / 255.0
-        codes = bundle.vq.encode(pixels).cpu().numpy()[0]
+        codes = bundle.vq.encode_images([world.render(attrs, 1)])[0]
         caption = world.caption(attrs)
         sampling = SamplingParams(seed=0)
         with_memory = T2IJob(caption, [NeighbourDoc(0, 1.0, caption, None, codes)], 1, 2,
@@ -96,8 +93,7 @@ def test_candidates_that_agree_with_the_retrieved_images_rank_first(bundle: Bund
                                    rtol=1e-5, atol=1e-6)
         wins += bool(ranks[1] - ranks[0] > scores[1] - scores[0])
         # the candidates' own codes add their agreement with the retrieved codes
-        cand_codes = bundle.vq.encode(torch.from_numpy(candidates).permute(0, 3, 1, 2)
-                                      / 255.0).cpu().numpy()
+        cand_codes = bundle.vq.encode_images(candidates)
         _, by_codes = engine.rerank_scores([with_memory], candidates, 2, cand_codes)
         agreement = (cand_codes == codes[None]).mean(axis=(1, 2))
         np.testing.assert_allclose(by_codes - ranks, CODE_AGREEMENT_WEIGHT * agreement,

@@ -26,7 +26,7 @@ from retrieval.from_bundle import build_from_bundle
 from retrieval.lexical_index import LEXICAL_DIR, LEXICAL_FILES, LexicalIndex, tokenize
 from retrieval.manifest import MANIFEST_NAME
 from retrieval.memory import Memory, MemoryLoadError, Retriever
-from retrieval.search import SearchStrategy, fuse, search
+from retrieval.search import SearchStrategy, fuse, neighbours, search
 from tests.live import live_app, real_models  # noqa: F401 - fixture
 from tests.test_memory import build_demo_memory, doc_vector
 from world.entities import entity_names, flag_patterns
@@ -194,7 +194,8 @@ def appended(real_models, tmp_path_factory):  # noqa: F811
 
 def ranks(memory: Memory, clip, text: str, mode: str, k: int = 2) -> list:
     strategy = SearchStrategy(k=k, mode=mode)
-    return search(memory, clip.encode_text([text]), k, strategy, texts=[text])[0]
+    hits = search(memory, clip.encode_text([text]), k, strategy, texts=[text])[0]
+    return neighbours(memory, hits, text)
 
 
 def test_hybrid_finds_appended_names_that_dense_ranks_low(real_models, appended) -> None:  # noqa: F811

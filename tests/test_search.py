@@ -10,7 +10,7 @@ import pytest
 
 from retrieval.build import build_memory
 from retrieval.memory import Memory
-from retrieval.search import SearchStrategy, apply_rules, drop_tokens, search
+from retrieval.search import SearchStrategy, apply_rules, drop_tokens, neighbours, search
 from retrieval.sources import SourceItem
 from tests.test_memory import build_demo_memory, tokenize, unit, vq_encode
 
@@ -137,7 +137,8 @@ def test_search_applies_the_rules_on_a_memory(memory: Memory) -> None:
     rag = search(memory, q, 2, SearchStrategy(k=2))
     for row, own in zip(rag, (10, 20), strict=True):
         assert len(row) == 2 and own not in [n.id for n in row]  # the diversity rule
-        assert all(n.has_image and n.has_text for n in row)  # complete docs exist nearby
+        ids = np.array([n.id for n in row])
+        assert memory.has_image(ids).all() and memory.has_text(ids).all()  # complete docs nearby
         assert row[0].score >= row[1].score
         vecs = memory.vectors(np.array([n.id for n in row]))
         assert float(vecs[0] @ vecs[1]) <= 0.9
@@ -146,13 +147,19 @@ def test_search_applies_the_rules_on_a_memory(memory: Memory) -> None:
     assert 10 not in [n.id for n in excluded[0]] and excluded[1][0].id == 20
 
 
-def test_neighbours_carry_tokens_and_load_images_lazily(memory: Memory) -> None:
-    hit = search(memory, np.asarray(memory.embeddings[[4]]), 1, SearchStrategy.knn(1))[0][0]
+def test_search_returns_ids_and_scores_and_neighbours_read_the_documents(memory: Memory) -> None:
+    hits = search(memory, np.asarray(memory.embeddings[[4]]), 1, SearchStrategy.knn(1))[0]
+    assert [tuple(hit) for hit in hits] == [(4, pytest.approx(1.0, abs=1e-5))]
     doc = memory.document(4)
-    assert hit.id == 4 and hit.caption == doc.caption and hit.text_ids == doc.text_ids
-    np.testing.assert_array_equal(hit.image_codes, doc.image_codes)
-    assert "image_bytes" not in vars(hit)  # not read yet
-    assert hit.image_bytes == doc.image_bytes and hit.image_bytes.startswith(b"\x89PNG")
+    nb, = neighbours(memory, hits)
+    assert (nb.id, nb.score) == tuple(hits[0])
+    assert nb.caption == doc.caption and nb.text_ids == doc.text_ids
+    np.testing.assert_array_equal(nb.image_codes, doc.image_codes.reshape(memory.image_grid))
+    assert nb.thumbnail_png is None  # the image is read only when asked for
+    nb, = neighbours(memory, hits, tokens=False, thumbnails=True)
+    assert nb.text_ids is None and nb.image_codes is None
+    assert nb.thumbnail_png == doc.image_bytes and nb.thumbnail_png.startswith(b"\x89PNG")
+    assert neighbours(memory, []) == []
 
 
 def test_too_few_documents_pads_and_is_handled(tmp_path: Path) -> None:

@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors import safe_open
+from safetensors.torch import save_file
 
+from model.checkpoint import load_metadata
 from model.vq import EMAQuantizer, VQConfig, VQModel
 from training.train_vq import train_vq
 
@@ -189,7 +191,9 @@ def test_save_load_round_trip(tmp_path):
 
     weights = model.save(tmp_path)
     assert weights == tmp_path / "vq.safetensors"
-    assert VQConfig.from_dict(json.loads((tmp_path / "vq.json").read_text())) == model.config
+    meta = load_metadata(tmp_path, "vq")  # the common checkpoint format
+    assert meta["class"] == "model.vq.VQModel"
+    assert VQConfig.from_dict(meta["config"]) == model.config
     loaded = VQModel.load(tmp_path)
     assert not loaded.training
     assert torch.equal(loaded.encode(pool), model.encode(pool))
@@ -215,6 +219,25 @@ def test_save_load_round_trip(tmp_path):
 
     with pytest.raises(FileNotFoundError):
         VQModel.load(tmp_path, name="missing")
+
+
+def test_a_checkpoint_with_the_bare_config_still_loads_and_unknown_keys_are_refused(tmp_path):
+    """Bundles trained before the VQ used the common format keep loading."""
+    torch.manual_seed(0)
+    model = VQModel(small_config()).eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(tmp_path / "old.safetensors"))
+    (tmp_path / "old.json").write_text(json.dumps(model.config.to_dict()))
+    loaded = VQModel.load(tmp_path, name="old")
+    pool = render_shapes(8, seed=1)
+    assert torch.equal(loaded.encode(pool), model.encode(pool))
+
+    model.save(tmp_path, name="new")
+    meta = json.loads((tmp_path / "new.json").read_text())
+    meta["config"]["attention"] = True
+    (tmp_path / "new.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="unknown VQConfig fields \\['attention'\\]"):
+        VQModel.load(tmp_path, name="new")
 
 
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:

@@ -73,22 +73,14 @@ def build_neighbour_table(world, bundle, memory_dir: str | Path, n_docs: int, k:
 
 def memory_doc_ids(memory: Any, space, n: int | None = None) -> list[list[int]]:
     """Token ids of every memory document, in id order."""
-    from model.tokens import IMG_CLOSE_ID, IMG_OPEN_ID, SRC_ID
-
     n = len(memory) if n is None else n
-    docs = []
-    for d in memory.store.get(list(range(n))):
-        text = space.text_to_ids(d.text_ids) if d.text_ids is not None else []
-        image = space.codes_to_ids(d.image_codes) if d.image_codes is not None else []
-        docs.append([IMG_OPEN_ID, *text, SRC_ID, *image, IMG_CLOSE_ID])
-    return docs
+    return [space.document_ids(d.text_ids, d.image_codes)
+            for d in memory.store.get(list(range(n)))]
 
 
 def load_corpus(world, bundle, memory_dir: str | Path, table: np.ndarray,
                 batch: int = 1024) -> TrainingCorpus:
     """Token ids of the training documents (first `len(table)`) and of the whole memory."""
-    import torch
-
     from model.tokens import Document
     from retrieval.memory import Memory
 
@@ -96,8 +88,7 @@ def load_corpus(world, bundle, memory_dir: str | Path, table: np.ndarray,
     main: list[list[int]] = []
     for start in range(0, len(table), batch):
         items = list(world.iter_split("train", start, min(start + batch, len(table))))
-        imgs = torch.from_numpy(np.stack([it.image for it in items])).permute(0, 3, 1, 2)
-        codes = vq.encode(imgs.float().div(255.0)).cpu().numpy()
+        codes = vq.encode_images([it.image for it in items])
         for it, c in zip(items, codes, strict=True):
             main.append(Document(it.caption, c).to_ids(space, tok.encode))
     memory = Memory.load(memory_dir)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from model.bundle import Bundle, write_manifest
+from model.vq import images_to_tensor
 from world import World, WorldConfig
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class Recipe:
     clip_model: str = "racm3-clip-demo"
     clip_steps: int = 1500
     clip_batch: int = 128
-    # the invented-name text-text term (model/train_clip.py, `InventedNames`)
+    # the invented-name text-text term (training/train_clip.py, `InventedNames`)
     clip_name_pairs: int = 64
     clip_name_weight: float = 0.5
     judge_steps: int = 600
@@ -257,8 +258,7 @@ class Pipeline:
 
         def draw() -> torch.Tensor:
             idx = rng.integers(0, n, size=batch)
-            imgs = np.stack([self.world.sample("train", int(i)).image for i in idx])
-            return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(255.0)
+            return images_to_tensor([self.world.sample("train", int(i)).image for i in idx])
 
         return draw
 

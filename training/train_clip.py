@@ -288,18 +288,7 @@ def train_clip(
                  if v is not None}
     cfg = ClipTrainConfig(**{**asdict(cfg), **overrides})
     torch.manual_seed(cfg.seed)
-
-    world = pairs if isinstance(pairs, World) else None
-    if world is not None:
-        if heldout is None:
-            heldout = world_heldout(world, cfg.n_heldout)
-        batches: Iterator[PairBatch] = iter(WorldPairs(world, cfg.batch_size, cfg.seed))
-        names = InventedNames(world, 4096, cfg.seed) if cfg.name_pairs > 0 else None
-    else:
-        names = None
-        batches = iter(pairs)
-        if heldout is None:
-            heldout = _take_pairs(batches, cfg.n_heldout)
+    world, batches, names, heldout = _pair_sources(pairs, cfg, heldout)
 
     def evaluate() -> dict[str, float]:
         if world is not None:
@@ -308,18 +297,8 @@ def train_clip(
 
     history = ClipHistory(config=asdict(cfg), before=evaluate())
     logger.info("clip before training: %s", _fmt(history.before))
-
-    model = encoder.model
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                  betas=cfg.betas, eps=cfg.eps)
-    warmup = max(1, round(cfg.warmup_frac * cfg.steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _warmup_cosine(s, warmup, cfg.steps, cfg.min_lr_frac))
-    loss_fn = ClipLoss()
-    device = encoder.device
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    model.train()
+    step_fn = _ClipStep(encoder, cfg, names)
+    encoder.model.train()
     start, cpu_start = time.perf_counter(), time.process_time()
     window: list[torch.Tensor] = []
     name_window: list[torch.Tensor] = []
@@ -329,50 +308,104 @@ def train_clip(
         if batch is None:
             logger.warning("pairs ran out after %d of %d steps", step - 1, cfg.steps)
             break
-        images, captions = batch
-        with autocast:
-            image_features = model.encode_image(encoder.preprocess_images(images), normalize=True)
-            text_features = model.encode_text(encoder.tokenize(captions), normalize=True)
-            loss = loss_fn(image_features, text_features, model.logit_scale.exp())
-            total = loss
-            if names is not None:
-                first, second = names.batch(cfg.name_pairs)
-                both = model.encode_text(encoder.tokenize(first + second), normalize=True)
-                name_loss = loss_fn(both[: len(first)], both[len(first) :],
-                                    model.logit_scale.exp())
-                total = loss + cfg.name_weight * name_loss
-                name_window.append(name_loss.detach())
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        schedule.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
-        window.append(loss.detach())
+        loss, name_loss = step_fn(batch)
+        window.append(loss)
+        if name_loss is not None:
+            name_window.append(name_loss)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            record = {"step": step, "loss": float(torch.stack(window).mean()),
-                      "logit_scale": float(model.logit_scale.detach().exp()),
-                      "lr": schedule.get_last_lr()[0], "elapsed_s": time.perf_counter() - start}
-            history.steps.append(step)
-            history.losses.append(record["loss"])
-            if name_window:
-                record["name_loss"] = float(torch.stack(name_window).mean())
-                history.name_losses.append(record["name_loss"])
-            history.logit_scales.append(record["logit_scale"])
-            bar.set_postfix(loss=f"{record['loss']:.3f}", scale=f"{record['logit_scale']:.1f}")
-            logger.debug("clip step %d loss %.4f scale %.1f", step, record["loss"],
-                         record["logit_scale"])
-            if log is not None:
-                log(record)
+            record = step_fn.record(step, window, name_window, time.perf_counter() - start)
+            _note(history, record, bar, log)
             window, name_window = [], []
     history.wall_s = time.perf_counter() - start
     history.cpu_s = time.process_time() - cpu_start
-    model.eval()
+    encoder.model.eval()
     history.after = evaluate()
     logger.info("clip after %d steps (%.1fs): %s", cfg.steps, history.wall_s,
                 _fmt(history.after))
     return history
+
+
+def _pair_sources(pairs: World | Iterable[PairBatch], cfg: ClipTrainConfig,
+                  heldout: PairBatch | None,
+                  ) -> tuple[World | None, Iterator[PairBatch], InventedNames | None, PairBatch]:
+    """(the world or None, the training batches, the invented-name pairs or None, the
+    held-out pairs) for `train_clip`'s `pairs`."""
+    if isinstance(pairs, World):
+        if heldout is None:
+            heldout = world_heldout(pairs, cfg.n_heldout)
+        batches: Iterator[PairBatch] = iter(WorldPairs(pairs, cfg.batch_size, cfg.seed))
+        names = InventedNames(pairs, 4096, cfg.seed) if cfg.name_pairs > 0 else None
+        return pairs, batches, names, heldout
+    batches = iter(pairs)
+    if heldout is None:
+        heldout = _take_pairs(batches, cfg.n_heldout)
+    return None, batches, None, heldout
+
+
+class _ClipStep:
+    """One optimizer step of the contrastive loss (plus the invented-name term)."""
+
+    def __init__(self, encoder: ClipEncoder, cfg: ClipTrainConfig,
+                 names: InventedNames | None) -> None:
+        self.encoder, self.cfg, self.names = encoder, cfg, names
+        model = encoder.model
+        self.optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                           betas=cfg.betas, eps=cfg.eps)
+        warmup = max(1, round(cfg.warmup_frac * cfg.steps))
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: _warmup_cosine(s, warmup, cfg.steps, cfg.min_lr_frac))
+        self.loss_fn = ClipLoss()
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16,
+                                       enabled=encoder.device.type == "cuda")
+
+    def __call__(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the contrastive loss, the name loss or None), both detached."""
+        model, encoder, cfg = self.encoder.model, self.encoder, self.cfg
+        images, captions = batch
+        name_loss = None
+        with self.autocast:
+            image_features = model.encode_image(encoder.preprocess_images(images), normalize=True)
+            text_features = model.encode_text(encoder.tokenize(captions), normalize=True)
+            loss = self.loss_fn(image_features, text_features, model.logit_scale.exp())
+            total = loss
+            if self.names is not None:
+                first, second = self.names.batch(cfg.name_pairs)
+                both = model.encode_text(encoder.tokenize(first + second), normalize=True)
+                name_loss = self.loss_fn(both[: len(first)], both[len(first) :],
+                                         model.logit_scale.exp())
+                total = loss + cfg.name_weight * name_loss
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.schedule.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+        return loss.detach(), None if name_loss is None else name_loss.detach()
+
+    def record(self, step: int, window: list[torch.Tensor], name_window: list[torch.Tensor],
+               elapsed_s: float) -> dict[str, float]:
+        """What `log` receives: the losses averaged since the last record."""
+        record = {"step": step, "loss": float(torch.stack(window).mean()),
+                  "logit_scale": float(self.encoder.model.logit_scale.detach().exp()),
+                  "lr": self.schedule.get_last_lr()[0], "elapsed_s": elapsed_s}
+        if name_window:
+            record["name_loss"] = float(torch.stack(name_window).mean())
+        return record
+
+
+def _note(history: ClipHistory, record: dict[str, float], bar: tqdm,
+          log: LogCallback | None) -> None:
+    history.steps.append(int(record["step"]))
+    history.losses.append(record["loss"])
+    if "name_loss" in record:
+        history.name_losses.append(record["name_loss"])
+    history.logit_scales.append(record["logit_scale"])
+    bar.set_postfix(loss=f"{record['loss']:.3f}", scale=f"{record['logit_scale']:.1f}")
+    logger.debug("clip step %d loss %.4f scale %.1f", record["step"], record["loss"],
+                 record["logit_scale"])
+    if log is not None:
+        log(record)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

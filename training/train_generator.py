@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from model.checkpoint import load_state, save_checkpoint
 from model.decoder import CM3Decoder, DecoderConfig
-from model.loss import loss_weights, make_batch, token_cross_entropy
+from model.loss import loss_weights, make_batch, weighted_cross_entropy
 from model.masking import MaskedSequence, apply_spans, causal_mask, contiguous_runs
 from model.tokens import IMG_CLOSE_ID, NUM_MASKS, SEG_MAIN, SRC_ID, assemble
 
@@ -305,13 +305,11 @@ def train_generator(
             group["lr"] = lr_at(step, cfg)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
             logits, _ = ddp(idx)
-        ce = token_cross_entropy(logits, targets)
-        wsum = weights.sum()
         # global normaliser: the same loss whatever the world size
-        total_w = wsum.detach().clone()
+        total_w = weights.sum().detach().clone()
         if world_size > 1:
             dist.all_reduce(total_w)
-        loss = (ce * weights).sum() / total_w.clamp_min(1e-8) * world_size
+        loss = weighted_cross_entropy(logits, targets, weights, total_w) * world_size
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

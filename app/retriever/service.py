@@ -2,8 +2,9 @@
 
 The pipeline reads as three named steps (after clip-retrieval's clip_back):
 `compute_query` (CLIP) -> `knn_search` (FAISS + the retrieval rules) -> `map_to_documents`
-(the memory-mapped document store). The first two run only on a cache miss, batched
-across concurrent requests; the cache holds ids and scores, never documents.
+(the memory-mapped document store, read once per request). The first two run only on a
+cache miss, batched across concurrent requests; the cache holds ids and scores, never
+documents.
 
 Every request takes one memory snapshot at its start and uses it throughout, and a
 reload builds the new snapshot off the event loop before swapping one reference: that is
@@ -42,7 +43,7 @@ from app.schemas import (
 )
 from app.settings import RetrieverSettings
 from model.jobs import NeighbourDoc
-from retrieval.search import RETRIEVAL_MODES
+from retrieval.search import RETRIEVAL_MODES, neighbours, search
 
 log = logging.getLogger(__name__)
 
@@ -69,23 +70,6 @@ class RetrievalStrategy:
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
-@dataclass
-class StoredDocument:
-    id: int
-    caption: str | None
-    text_ids: list[int] | None
-    image_codes: np.ndarray | None
-    image_bytes: bytes | None  # the encoded stored image (PNG in the demo memory)
-
-
-@dataclass(frozen=True)
-class CaptionMatch:
-    """How a document's caption matches the query's words (see LexicalMatch)."""
-
-    lexical_score: float
-    name_match: bool
-
-
 class MemorySnapshot(Protocol):
     """One loaded, immutable memory version."""
 
@@ -101,10 +85,10 @@ class MemorySnapshot(Protocol):
         the captions) -> per query up to k (doc id, CLIP score), best first."""
         ...
 
-    def documents(self, ids: Sequence[int]) -> list[StoredDocument]: ...
-
-    def caption_matches(self, text: str, ids: Sequence[int]) -> list[CaptionMatch] | None:
-        """How each document's caption matches `text`; None without a lexical index."""
+    def neighbours(self, hits: Sequence[tuple[int, float]], text: str | None, tokens: bool,
+                   thumbnails: bool) -> list[NeighbourDoc]:
+        """The hits' documents, read once, as the engine takes them (with how each caption
+        matches `text`): `retrieval.search.neighbours`."""
         ...
 
     def describe(self) -> dict[str, Any]: ...
@@ -413,24 +397,9 @@ class RetrieverService:
         tokens: bool,
         thumbnails: bool,
     ) -> list[NeighbourDoc]:
-        ids = [i for i, _ in hits]
-        docs = snap.documents(ids) if hits else []
-        # Not cached with the hits: a few postings lookups, cheaper than a bigger value.
-        matches = (snap.caption_matches(text, ids) if hits and text is not None else None) \
-            or [None] * len(hits)
-        return [
-            NeighbourDoc(
-                id=int(doc.id),
-                score=float(score),
-                caption=doc.caption,
-                text_ids=list(doc.text_ids) if tokens and doc.text_ids is not None else None,
-                image_codes=doc.image_codes if tokens else None,
-                thumbnail_png=doc.image_bytes if thumbnails else None,
-                lexical_score=None if match is None else match.lexical_score,
-                name_match=None if match is None else match.name_match,
-            )
-            for doc, (_, score), match in zip(docs, hits, matches, strict=True)
-        ]
+        # How captions match the query is not cached with the hits: a few postings
+        # lookups, cheaper than a bigger value.
+        return snap.neighbours(hits, text, tokens, thumbnails) if hits else []
 
     # --- reload --------------------------------------------------------------------------
 
@@ -595,40 +564,17 @@ class _CoreSnapshot:
         self.version = str(memory.version)
         self.size = len(memory)
         self.dim = int(memory.dim)
-        # The store keeps codes flat; the engine and the wire format take the (h, w) grid.
-        self.grid = memory.image_grid
 
     def search(
         self, vectors: np.ndarray, k: int, strategy: RetrievalStrategy,
         texts: Sequence[str | None],
     ) -> list[list[tuple[int, float]]]:
-        from retrieval.search import search
-
         rows = search(self.memory, vectors, k, strategy, texts=texts)
-        return [[(int(n.id), float(n.score)) for n in row] for row in rows]
+        return [[(int(hit.id), float(hit.score)) for hit in row] for row in rows]
 
-    def caption_matches(self, text: str, ids: Sequence[int]) -> list[CaptionMatch] | None:
-        if self.memory.lexical is None:
-            return None
-        return [CaptionMatch(m.score, m.name_match)
-                for m in self.memory.lexical.match(text, list(ids))]
-
-    def documents(self, ids: Sequence[int]) -> list[StoredDocument]:
-        return [
-            StoredDocument(
-                id=int(doc.id),
-                caption=doc.caption,
-                text_ids=None if doc.text_ids is None else list(doc.text_ids),
-                image_codes=self._grid(doc.image_codes),
-                image_bytes=doc.image_bytes,
-            )
-            for doc in self.memory.documents(list(ids), with_image=True)
-        ]
-
-    def _grid(self, codes: np.ndarray | None) -> np.ndarray | None:
-        if codes is None or self.grid is None:
-            return codes
-        return np.asarray(codes).reshape(self.grid)
+    def neighbours(self, hits: Sequence[tuple[int, float]], text: str | None, tokens: bool,
+                   thumbnails: bool) -> list[NeighbourDoc]:
+        return neighbours(self.memory, hits, text, tokens=tokens, thumbnails=thumbnails)
 
     def describe(self) -> dict[str, Any]:
         spec = self.memory.spec
