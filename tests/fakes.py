@@ -77,7 +77,6 @@ def slow_step_engine(engine: Any, delay_s: float) -> Any:
     import copy
 
     from model.engine import Engine
-
     from model.fast_decode import FastDecodeOptions
 
     decoder = copy.deepcopy(engine.decoder)
