@@ -41,6 +41,8 @@ from model.tokens import EOS_ID, PAD_ID, TokenSpace
 
 # Called after each decoding step with (step, tokens so far); returns rows to stop, or None.
 StepHook = Callable[[int, Tensor], "Tensor | None"]
+# Called before each decoding step; returns the output rows nobody wants any more, or None.
+StoppedRows = Callable[[], "Tensor | None"]
 
 IGNORE_INDEX = -100  # target id that carries no loss (padding); F.cross_entropy's default
 
@@ -528,6 +530,7 @@ class CM3Decoder(nn.Module):
         step_hook: StepHook | None = None,
         logits_processor: LogitsProcessor | None = None,
         prefilled: Prefilled | None = None,
+        stopped: StoppedRows | None = None,
     ) -> Tensor:
         """Sample up to `params.max_new_tokens` after left-padded prompts idx (B, T).
 
@@ -541,6 +544,12 @@ class CM3Decoder(nn.Module):
         idx and the prompt arguments are unused.
         `step_hook(t, tokens)` sees the (rows, t + 1) tokens so far after each step; it may
         return a (rows,) bool tensor of rows to stop (they emit `<pad>` from then on).
+        `stopped()`, asked before each step, may return a (rows,) bool tensor of rows whose
+        result nobody wants (their client went away): they leave the batch, cache,
+        constraints, generators and logits-processor state included, so later steps
+        compute only the rows still wanted; they are `<pad>` from then on, and decoding
+        ends when no row is left. (A cache other than a `KVCache`, or a logits processor
+        without `select`, cannot shrink: there the rows only stop, as with `step_hook`.)
         """
         if prefilled is None:
             prefilled = self.prefill(idx, params, attention_mask=attention_mask,
@@ -555,7 +564,36 @@ class CM3Decoder(nn.Module):
             generator = make_generator(params.seed, device)
         out = torch.full((rows, params.max_new_tokens), PAD_ID, dtype=torch.long, device=device)
         done = torch.zeros(rows, dtype=torch.bool, device=device)
+        # The output row of each row still decoding; None while that is every row, in order.
+        live: Tensor | None = None
+        can_shrink = (isinstance(cache, KVCache) and forward_step is cached_forward
+                      and (logits_processor is None or hasattr(logits_processor, "select")))
         for t in range(params.max_new_tokens):
+            gone = None if stopped is None else stopped()
+            if gone is not None:
+                gone = gone.to(device)
+                drop = gone if live is None else gone[live]
+                if bool(drop.any()):
+                    if not can_shrink:
+                        done |= drop
+                        if bool(done.all()):
+                            return out[:, :t]
+                    else:
+                        keep = (~drop).nonzero().squeeze(1)
+                        if keep.numel() == 0:
+                            return out[:, :t]
+                        live = keep if live is None else live[keep]
+                        both = torch.cat([keep, keep + rows]) if guided else keep
+                        cache = cache.select(both)
+                        logits = logits.index_select(0, both)
+                        rows = keep.numel()
+                        done = done[keep]
+                        if constraints is not None:
+                            constraints = [constraints[i] for i in keep.tolist()]
+                        if generator is not None and not isinstance(generator, torch.Generator):
+                            generator = [generator[i] for i in keep.tolist()]
+                        if logits_processor is not None:
+                            logits_processor.select(keep)
             step = logits[:, -1].float()
             if guided:
                 step = cfg_combine(step[:rows], step[rows:], params.guidance_scale)
@@ -565,7 +603,10 @@ class CM3Decoder(nn.Module):
             if logits_processor is not None:
                 step = logits_processor(step)
             tok = sample(step, params, generator).masked_fill_(done, PAD_ID)
-            out[:, t] = tok
+            if live is None:
+                out[:, t] = tok
+            else:
+                out[live, t] = tok
             if logits_processor is not None:
                 logits_processor.advance(tok)
             if constraints is not None:
@@ -575,7 +616,8 @@ class CM3Decoder(nn.Module):
             if step_hook is not None:
                 stop = step_hook(t, out[:, : t + 1])
                 if stop is not None:
-                    done |= stop.to(done.device)
+                    stop = stop.to(done.device)
+                    done |= stop if live is None else stop[live]
                     if bool(done.all()):
                         return out[:, : t + 1]
             if eos_id is not None:

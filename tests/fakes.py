@@ -48,6 +48,9 @@ class SlowEngine:
     def warmup(self) -> None:
         self.engine.warmup()
 
+    def fit(self, task: str, job: Any) -> None:
+        self.engine.fit(task, job)
+
     def text_to_image(self, jobs: list[T2IJob]) -> list[list[GeneratedImage]]:
         self._batch("text_to_image", len(jobs))
         return self.engine.text_to_image(jobs)
