@@ -4,8 +4,9 @@
 - `Http*Client` calls the role's internal routes; the generator client balances across
   several worker URLs by readiness, then load, and moves a job on to the next worker
   when one refuses the connection or answers 503. It also admits jobs before the gateway
-  retrieves for them (`expecting`): beyond what the ready workers can hold (each one's
-  batch plus queue, from its /v1/info), a job is refused at once with a 429.
+  retrieves for them (`expecting`): beyond what the ready workers are sure to take (each
+  one's queue plus the job it runs, from its /v1/info), a job is refused at once with a
+  429.
 
 Both raise the same `ApiError`s: an upstream error answer is rebuilt (a worker's 429
 stays a 429), an unreachable service is 503, a timeout 504.
@@ -302,7 +303,9 @@ class _Worker:
     ready: bool | None = None  # what its last probe or answer said; None: not asked yet
     known_at: float = -math.inf  # monotonic time of that
     probe: asyncio.Task | None = None
-    # jobs it holds at once: its batch plus its queue (its /v1/info); None: not known yet
+    # Jobs in flight it is sure to take: a worker queues a job while fewer than its
+    # `queue_size` wait, and runs at least one, however its batches form (it may take
+    # more, when its running batch holds several). None: not known yet.
     capacity: int | None = None
 
 
@@ -394,7 +397,7 @@ class HttpGeneratorClient(_HttpBase):
         try:
             response = await self.http.get(f"{worker.base}/v1/info", timeout=2.0)
             described = response.json().get("generator") or {}
-            return int(described["max_batch_size"]) + int(described["queue_size"])
+            return int(described["queue_size"]) + 1
         except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
             return None
 

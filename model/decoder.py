@@ -217,6 +217,11 @@ def cached_forward(model: CM3Decoder, idx: Tensor, cache: KVCache) -> Tensor:
     return model(idx, kv_cache=cache)[0]
 
 
+def select_cached(cache: KVCache, rows: Tensor) -> tuple[KVCache, Callable[..., Tensor]]:
+    """`Prefilled.select` for a `KVCache` decoded by `cached_forward`."""
+    return cache.select(rows), cached_forward
+
+
 class Prefilled(NamedTuple):
     """A prefilled cache to decode from: one row per output row (twice that, guided)."""
 
@@ -226,6 +231,9 @@ class Prefilled(NamedTuple):
     # One decoding step (model, idx (rows, 1), cache) -> logits (rows, 1, V); the static,
     # compilable step of model/compiled_decode.py computes the same thing.
     step: Callable[[CM3Decoder, Tensor, Any], Tensor] = cached_forward
+    # (cache, rows) -> the cache holding only those rows, in that order, and the step that
+    # decodes it: how rows leave a batch. None: rows cannot leave this cache.
+    select: Callable[[Any, Tensor], tuple[Any, Callable[..., Tensor]]] | None = select_cached
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -548,14 +556,14 @@ class CM3Decoder(nn.Module):
         result nobody wants (their client went away): they leave the batch, cache,
         constraints, generators and logits-processor state included, so later steps
         compute only the rows still wanted; they are `<pad>` from then on, and decoding
-        ends when no row is left. (A cache other than a `KVCache`, or a logits processor
-        without `select`, cannot shrink: there the rows only stop, as with `step_hook`.)
+        ends when no row is left. (A `prefilled` without `select`, or a logits processor
+        without one, cannot shrink: there the rows only stop, as with `step_hook`.)
         """
         if prefilled is None:
             prefilled = self.prefill(idx, params, attention_mask=attention_mask,
                                      uncond_idx=uncond_idx, uncond_mask=uncond_mask,
                                      num_samples=num_samples)
-        cache, logits, guided, forward_step = prefilled
+        cache, logits, guided, forward_step, select = prefilled
         device = logits.device
         rows = logits.size(0) // 2 if guided else logits.size(0)
         if constraints is not None and len(constraints) != rows:
@@ -566,8 +574,8 @@ class CM3Decoder(nn.Module):
         done = torch.zeros(rows, dtype=torch.bool, device=device)
         # The output row of each row still decoding; None while that is every row, in order.
         live: Tensor | None = None
-        can_shrink = (isinstance(cache, KVCache) and forward_step is cached_forward
-                      and (logits_processor is None or hasattr(logits_processor, "select")))
+        can_shrink = select is not None and (
+            logits_processor is None or hasattr(logits_processor, "select"))
         for t in range(params.max_new_tokens):
             gone = None if stopped is None else stopped()
             if gone is not None:
@@ -584,7 +592,7 @@ class CM3Decoder(nn.Module):
                             return out[:, :t]
                         live = keep if live is None else live[keep]
                         both = torch.cat([keep, keep + rows]) if guided else keep
-                        cache = cache.select(both)
+                        cache, forward_step = select(cache, both)
                         logits = logits.index_select(0, both)
                         rows = keep.numel()
                         done = done[keep]

@@ -69,8 +69,11 @@ class SlowEngine:
 
 
 def slow_step_engine(engine: Any, delay_s: float) -> Any:
-    """The real engine on a copy of its decoder that sleeps `delay_s` before each forward
-    pass, i.e. per decoding step (the shared engine is left untouched).
+    """The real engine on a copy of its decoder that sleeps `delay_s` in each forward
+    pass, i.e. per decoding step (the shared engine is left untouched). The sleep hangs on
+    the final norm, which every pass runs once: the plain path's `forward` and the fast
+    path's static step alike (model/compiled_decode.py), the latter never calling the
+    decoder's `forward`.
 
     Why: streaming tests need an image that takes seconds to decode, as a real-size model's
     does, so that partial images arrive visibly before the final one and a client can
@@ -82,7 +85,7 @@ def slow_step_engine(engine: Any, delay_s: float) -> Any:
     from model.engine import Engine
 
     decoder = copy.deepcopy(engine.decoder)
-    decoder.register_forward_pre_hook(lambda module, args: time.sleep(delay_s))
+    decoder.ln_f.register_forward_pre_hook(lambda module, args: time.sleep(delay_s))
     return Engine(decoder, engine.space, engine.tokenizer, engine.vq, engine.clip,
                   manifest=engine.manifest, image_size=engine.image_size,
                   device=engine.device, name=engine.name)
