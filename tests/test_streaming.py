@@ -239,10 +239,6 @@ def cluster(real_models):  # noqa: F811 - fixture
             yield {"gateway": gw.url, "generator": g.url}
 
 
-@pytest.mark.xfail(reason="known defect: through the gateway the partial images arrive "
-                          "50-80 ms apart instead of a quarter of the decode apart, so some "
-                          "buffering remains between worker and gateway; tracked in the "
-                          "issue notes", strict=False)
 def test_multi_service_streams_through_the_gateway_as_it_decodes(cluster):
     client = OpenAI(base_url=f"{cluster['gateway']}/v1", api_key="unused", max_retries=0)
     arrivals, events = [], []
