@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -297,7 +297,8 @@ class Engine:
             raise Unfit(f"the request needs {prompt_len + new_tokens} tokens; the "
                         f"decoder's window holds {limit}", code="context_length_exceeded")
 
-    def _stopped_rows(self, group: Sequence[Any], per_job: int):  # noqa: ANN202
+    def _stopped_rows(self, group: Sequence[Any], per_job: int,
+                      ) -> Callable[[], torch.Tensor | None] | None:
         """The decoder's `stopped` callback for one decode call: every row of a job that
         nobody wants any more (its `stop` flag set, or its stream cancelled)."""
         if not any(_stoppable(j) for j in group):

@@ -172,7 +172,10 @@ class GeneratorService:
         assert self.engine is not None
         before = self.engine.tokens_generated
         with self.metrics.stage(f"generate_{task}"):
-            results = getattr(self.engine, task)(list(jobs))
+            try:
+                results = getattr(self.engine, task)(list(jobs))
+            except Unfit as exc:  # `fit` should have caught it; still the client's error
+                raise InvalidRequest(str(exc), param=exc.param, code=exc.code) from None
         self.metrics.tokens_generated.inc(max(0, self.engine.tokens_generated - before))
         return list(results)
 
