@@ -6,9 +6,14 @@ waited `max_wait_ms`, and runs `run_batch(task, jobs)` on one dedicated thread (
 engine is not thread-safe, and the event loop must stay free to accept requests).
 
 - The queue is bounded: a submit beyond `max_queue` raises `QueueFull` at once (429),
-  so overload never turns into unbounded latency.
+  so overload never turns into unbounded latency. Announced jobs (below) hold their
+  place: an announcement beyond what the queue can take raises `QueueFull` itself, so
+  the caller refuses before doing any work for the job.
 - A job whose caller went away (task cancelled: the client disconnected) or timed out
-  is dropped before its batch runs.
+  is dropped before its batch runs; once its batch runs, `on_cancel(job)` tells the
+  runner (the generator sets the job's stop flag, and the engine drops its rows between
+  decoding steps). `racm3_jobs_cancelled_total{when=queued|running}` counts each such
+  job once.
 - Anticipation: a caller that knows a job is on its way (the embedded gateway, while it
   retrieves the job's neighbours) announces it with `expecting(task)`. Once anything has
   been announced, the loop waits only while announced jobs of the batch's task are still
@@ -46,6 +51,7 @@ class _Pending:
     job: Any
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
+    started: bool = False  # taken into a batch
 
 
 class Ticket:
@@ -74,6 +80,7 @@ class DynamicBatcher(Generic[J, R]):
         max_expected_wait_ms: float | None = None,
         metrics: Metrics | None = None,
         retry_after_s: int = 1,
+        on_cancel: Callable[[Any], None] | None = None,
     ) -> None:
         self.name = name
         self.run_batch = run_batch
@@ -87,6 +94,7 @@ class DynamicBatcher(Generic[J, R]):
         self.max_queue = max_queue
         self.metrics = metrics
         self.retry_after_s = retry_after_s
+        self.on_cancel = on_cancel
         self._pending: deque[_Pending] = deque()
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
@@ -126,11 +134,22 @@ class DynamicBatcher(Generic[J, R]):
 
     # --- submit ----------------------------------------------------------------------
 
+    @property
+    def expected(self) -> int:
+        """Announced jobs not submitted yet."""
+        return sum(self._expected.values())
+
     @contextmanager
     def expecting(self, task: Hashable) -> Iterator[Ticket]:
         """Announce a job for `task` that is on its way; `ticket.arrived()` (or leaving the
         block, whichever comes first) says it has been submitted or will not be. Call on
-        the event loop the batcher runs on."""
+        the event loop the batcher runs on.
+
+        Admission: the announced job holds a place in the queue until it arrives, and an
+        announcement the queue has no place for raises `QueueFull` at once."""
+        self._prune()
+        if len(self._pending) + self.expected >= self.max_queue:
+            raise self._full()
         self.anticipating = True
         self._expected[task] += 1
         ticket = Ticket(self, task)
@@ -149,12 +168,10 @@ class DynamicBatcher(Generic[J, R]):
             raise RuntimeError(f"batcher {self.name} is not started")
         self._prune()
         if len(self._pending) >= self.max_queue:
-            raise QueueFull(
-                f"{self.name} queue is full ({self.max_queue} waiting); retry later",
-                retry_after_s=self.retry_after_s,
-            )
+            raise self._full()
         future: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(task, job, future))
+        pending = _Pending(task, job, future)
+        self._pending.append(pending)
         self._set_depth()
         self._wakeup.set()
         try:
@@ -166,8 +183,18 @@ class DynamicBatcher(Generic[J, R]):
                 f"{self.name}: no result within {timeout_s:g} s", code="timeout"
             ) from None
         finally:
-            if future.cancelled() and self.metrics is not None:
-                self.metrics.cancelled.labels(self.name).inc()
+            if future.cancelled():
+                if self.metrics is not None:
+                    when = "running" if pending.started else "queued"
+                    self.metrics.cancelled.labels(self.name, when).inc()
+                if pending.started and self.on_cancel is not None:
+                    self.on_cancel(job)
+
+    def _full(self) -> QueueFull:
+        return QueueFull(
+            f"{self.name} queue is full ({self.max_queue} waiting); retry later",
+            retry_after_s=self.retry_after_s,
+        )
 
     # --- loop ------------------------------------------------------------------------
 
@@ -237,6 +264,11 @@ class DynamicBatcher(Generic[J, R]):
         return batch
 
     async def _run(self, task: Hashable, batch: list[_Pending]) -> None:
+        batch = [p for p in batch if not p.future.done()]  # left while the batch formed
+        if not batch:
+            return
+        for p in batch:
+            p.started = True
         now = time.perf_counter()
         if self.metrics is not None:
             self.metrics.batch_size.labels(self.name).observe(len(batch))

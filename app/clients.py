@@ -3,7 +3,10 @@
 - `InProcess*Client` calls the service object in the same process (embedded mode).
 - `Http*Client` calls the role's internal routes; the generator client balances across
   several worker URLs by readiness, then load, and moves a job on to the next worker
-  when one refuses the connection or answers 503.
+  when one refuses the connection or answers 503. It also admits jobs before the gateway
+  retrieves for them (`expecting`): beyond what the ready workers are sure to take (each
+  one's queue plus the job it runs, from its /v1/info), a job is refused at once with a
+  429.
 
 Both raise the same `ApiError`s: an upstream error answer is rebuilt (a worker's 429
 stays a 429), an unreachable service is 503, a timeout 504.
@@ -17,7 +20,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol, TypeVar
@@ -26,7 +29,8 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from app.errors import ApiError, DependencyUnavailable, RequestTimeout, error_from_body
+from app.batching import Ticket
+from app.errors import ApiError, DependencyUnavailable, QueueFull, RequestTimeout, error_from_body
 from app.generator.service import GeneratorService
 from app.images import png_b64
 from app.retriever.service import RetrievalQuery, RetrieverService, SearchOutcome
@@ -299,6 +303,22 @@ class _Worker:
     ready: bool | None = None  # what its last probe or answer said; None: not asked yet
     known_at: float = -math.inf  # monotonic time of that
     probe: asyncio.Task | None = None
+    # Jobs in flight it is sure to take: a worker queues a job while fewer than its
+    # `queue_size` wait, and runs at least one, however its batches form (it may take
+    # more, when its running batch holds several). None: not known yet.
+    capacity: int | None = None
+
+
+class _Arrival(Ticket):
+    """An admitted job's place, held until the job is sent (or given up)."""
+
+    def __init__(self, client: HttpGeneratorClient) -> None:
+        self._client: HttpGeneratorClient | None = client
+
+    def arrived(self) -> None:
+        if self._client is not None:
+            self._client.expected -= 1
+            self._client = None
 
 
 class HttpGeneratorClient(_HttpBase):
@@ -321,6 +341,7 @@ class HttpGeneratorClient(_HttpBase):
         timeout_s: float = 65.0,
         api_key: str | None = None,
         readiness_ttl_s: float = 1.0,
+        retry_after_s: int = 1,
         **kw: Any,
     ) -> None:
         if not base_urls:
@@ -329,6 +350,37 @@ class HttpGeneratorClient(_HttpBase):
         self.workers = [_Worker(u.rstrip("/")) for u in base_urls]
         self.readiness_ttl_s = readiness_ttl_s
         self._rotation = itertools.count()
+        self.expected = 0  # admitted jobs not sent yet (their neighbours are retrieved)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def capacity(self) -> int | None:
+        """Jobs the workers not known to be down hold at once; None while unknown."""
+        known = [w.capacity for w in self.workers if w.ready is not False]
+        if not known or any(c is None for c in known):
+            return None
+        return sum(c for c in known if c is not None)
+
+    @property
+    def jobs_in_flight(self) -> int:
+        return sum(w.inflight for w in self.workers)
+
+    @contextlib.contextmanager
+    def expecting(self, task: Hashable) -> Iterator[Ticket]:
+        """Admit a job of `task` before anything is done for it: a 429 when the jobs in
+        flight and those admitted fill the workers' capacity (unknown capacity: admitted,
+        and the worker decides). The place is held until `ticket.arrived()`, right before
+        the job is sent, when the job counts as in flight instead."""
+        capacity = self.capacity
+        if capacity is not None and self.jobs_in_flight + self.expected >= capacity:
+            raise QueueFull(f"generator workers are full ({capacity} jobs in flight or "
+                            "queued); retry later", retry_after_s=self.retry_after_s)
+        self.expected += 1
+        ticket = _Arrival(self)
+        try:
+            yield ticket
+        finally:
+            ticket.arrived()
 
     def _mark(self, worker: _Worker, ready: bool) -> None:
         worker.ready = ready
@@ -337,7 +389,17 @@ class HttpGeneratorClient(_HttpBase):
     async def _probe(self, worker: _Worker) -> ReadyResponse:
         answer = await self._ready(worker.base)
         self._mark(worker, answer.status != "not_ready")
+        if worker.ready and worker.capacity is None:
+            worker.capacity = await self._capacity(worker)
         return answer
+
+    async def _capacity(self, worker: _Worker) -> int | None:
+        try:
+            response = await self.http.get(f"{worker.base}/v1/info", timeout=2.0)
+            described = response.json().get("generator") or {}
+            return int(described["queue_size"]) + 1
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+            return None
 
     def _refresh(self, worker: _Worker) -> asyncio.Task:
         """The worker's running probe, or a new one (one probe per worker at a time)."""

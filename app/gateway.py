@@ -98,6 +98,12 @@ from model.jobs import (
 from model.sampling import draw_seed
 
 T = TypeVar("T")
+# The configured limits `/v1/info` shows (with `Gateway.limits`' window-derived ones).
+PUBLIC_LIMITS = {
+    "max_body_bytes", "max_image_bytes", "max_image_pixels", "max_image_side",
+    "max_prompt_chars", "max_n", "max_candidates", "max_labels", "max_examples", "max_k",
+    "max_knn_results", "request_timeout_s",
+}
 
 
 # --- authentication ----------------------------------------------------------------------
@@ -143,8 +149,12 @@ class Gateway:
     metrics: Metrics
     role: str = "gateway"
     inflight: int = 0
-    # Embedded mode: the generator's `batcher.expecting`, so that it knows which jobs are
-    # on their way while their neighbours are retrieved (see app/batching.py).
+    # Admission and anticipation: a generation job is announced before its neighbours are
+    # retrieved, and the announcement refuses (429, `QueueFull`) when the generator has no
+    # room for it, so a refused request costs no retrieval. Embedded mode: the generator's
+    # `batcher.expecting`, whose queue then also waits for the announced job (see
+    # app/batching.py); multi-service mode: the HTTP client's, which counts the jobs in
+    # flight against the workers' capacity (app/clients.py).
     announce: Callable[[str], AbstractContextManager[Ticket]] | None = None
     # The configured memory names (app/memories.py): which one a request may use is
     # decided here, from configuration alone, before anything is retrieved.
@@ -167,6 +177,22 @@ class Gateway:
     async def image_size(self) -> tuple[int, int]:
         h, w = (await self.generator_info()).get("image_size", (32, 32))
         return int(h), int(w)
+
+    def window(self) -> dict[str, int]:
+        """What fits the decoder's window (`Engine.window`), once the generator said."""
+        return dict(self._generator_info.get("window") or {})
+
+    def limits(self) -> dict[str, Any]:
+        """The limits a request meets: the configured ones, with `max_k` lowered to what
+        the decoder's window can hold, and the window's prompt limits (in tokens)."""
+        limits: dict[str, Any] = self.settings.model_dump(include=PUBLIC_LIMITS)
+        window = self.window()
+        if "max_k" in window:
+            limits["max_k"] = min(limits["max_k"], int(window["max_k"]))
+        for key in ("max_prompt_tokens", "max_edit_prompt_tokens"):
+            if key in window:
+                limits[key] = int(window[key])
+        return limits
 
     async def run(self, request: Request, work: Awaitable[T]) -> T:
         """Bound concurrency, enforce the timeout, cancel when the client goes away."""
@@ -217,7 +243,7 @@ class Gateway:
     ) -> tuple[list[NeighbourDoc], str | None]:
         if not options.enabled:
             return [], None
-        k = self.retrieval_k(options, examples)
+        k = await self.retrieval_k(options, examples)
         with self.metrics.stage("retrieve"):
             out = await self.retriever.search(
                 [query], k, "rag", mode=options.mode, tokens=True, thumbnails=thumbnails,
@@ -225,16 +251,22 @@ class Gateway:
             )
         return out.neighbours[0], out.memory_version
 
-    def retrieval_k(self, options: RetrievalOptions, examples: int = 0) -> int:
+    async def retrieval_k(self, options: RetrievalOptions, examples: int = 0,
+                          param: str = "retrieval.k") -> int:
         """Documents to retrieve. By default demonstrations take the place of retrieved
         documents: the decoder was trained with at most `default_k` documents in context,
         and with more it follows neither (racm3 eval --tasks examples). An explicit
-        `retrieval.k` is honoured."""
-        k = max(0, self.settings.default_k - examples) if options.k is None else options.k
-        if k > self.settings.max_k:
-            raise InvalidRequest(
-                f"retrieval.k must be <= {self.settings.max_k}", param="retrieval.k"
-            )
+        `retrieval.k` is honoured up to `max_k`: the configured limit, or fewer where the
+        decoder's window cannot hold that many documents."""
+        await self.generator_info()  # the window, asked once
+        most = self.limits()["max_k"]
+        k = min(max(0, self.settings.default_k - examples), most) if options.k is None \
+            else options.k
+        if k > most:
+            why = ("" if most == self.settings.max_k else
+                   f" (the decoder's window of {self.window().get('tokens')} tokens holds "
+                   f"at most {most} retrieved documents beside a prompt)")
+            raise InvalidRequest(f"{param} must be <= {most}{why}", param=param)
         return k
 
 
@@ -527,7 +559,7 @@ async def generations(
     prompt = _check_prompt(gw, body.prompt)
     candidates = _check_counts(gw, body.n, body.num_candidates)
     await _check_size(gw, body.size)
-    gw.retrieval_k(body.retrieval)
+    await gw.retrieval_k(body.retrieval)
     memory = gw.memory_for(request, body.retrieval.memory, "retrieval.memory")
     examples = await _decode_examples(gw, body.examples)
     seed = _seed(body.seed)
@@ -583,7 +615,7 @@ async def edits(
     rgb, region = await _edit_region(gw, uploads[0], mask)
     sampling = _sampling(_FormSampling(temperature, top_k, top_p), _seed(seed), guidance_scale)
     options = RetrievalOptions(k=retrieval_k, mode=retrieval_mode)
-    gw.retrieval_k(options)
+    await gw.retrieval_k(options, param="retrieval_k")
     memory = gw.memory_for(request, retrieval_memory, "retrieval_memory")
     streamed = None
     if stream:
@@ -628,7 +660,7 @@ async def infill(body: InfillRequest, request: Request, gw: GatewayDep) -> Image
     else:
         assert body.box is not None
         region = _box_region(source, body.box, "box")
-    gw.retrieval_k(body.retrieval)
+    await gw.retrieval_k(body.retrieval)
     memory = gw.memory_for(request, body.retrieval.memory, "retrieval.memory")
     examples = await _decode_examples(gw, body.examples)
     seed = _seed(body.seed)
@@ -647,7 +679,7 @@ async def infill(body: InfillRequest, request: Request, gw: GatewayDep) -> Image
 async def captions(body: CaptionRequest, request: Request, gw: GatewayDep) -> CaptionResponse:
     candidates = _check_counts(gw, body.n, body.num_candidates)
     rgb = await _decode_image(gw, body.image, "image")
-    gw.retrieval_k(body.retrieval)
+    await gw.retrieval_k(body.retrieval)
     memory = gw.memory_for(request, body.retrieval.memory, "retrieval.memory")
     examples = await _decode_examples(gw, body.examples)
     seed = _seed(body.seed)
@@ -682,7 +714,7 @@ async def classify(body: ClassifyRequest, request: Request, gw: GatewayDep) -> C
         raise InvalidRequest("labels must be distinct", param="labels")
     rgb = await _decode_image(gw, body.image, "image")
     examples = await _decode_examples(gw, body.examples)
-    gw.retrieval_k(body.retrieval)
+    await gw.retrieval_k(body.retrieval)
     memory = gw.memory_for(request, body.retrieval.memory, "retrieval.memory")
 
     def respond(
@@ -838,20 +870,14 @@ def build_ops_router(require_key: Callable[[Request], None]) -> APIRouter:
             allowed = frozenset()
         retriever = await gw.retriever.info()
         memory, memories = _visible_memories(gw, retriever.get("memory"), allowed)
-        limits = gw.settings.model_dump(
-            include={
-                "max_body_bytes", "max_image_bytes", "max_image_pixels", "max_image_side",
-                "max_prompt_chars", "max_n", "max_candidates", "max_labels", "max_examples",
-                "max_k", "max_knn_results", "request_timeout_s",
-            }
-        )
+        generator = await gw.generator_info()
         return InfoResponse(
             version=request.app.version,
             role=gw.role,
-            generator=await gw.generator_info(),
+            generator=generator,
             memory=memory,
             cache=retriever.get("cache"),
-            limits=limits,
+            limits=gw.limits(),
             memories=memories,
         )
 

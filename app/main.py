@@ -90,13 +90,21 @@ def create_app(components: Components) -> FastAPI:
 
 
 def _document_as_served(app: FastAPI, components: Components) -> None:
-    """/openapi.json with this server's error shape and configured limits."""
+    """/openapi.json with this server's error shape and the limits it enforces (`max_k`
+    as the decoder's window allows, once the generator has said)."""
     generate = app.openapi
-    limits = components.gateway.settings.model_dump() if components.gateway is not None else {}
+    gateway = components.gateway
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            app.openapi_schema = finish_openapi(generate(), limits)
-        return app.openapi_schema
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        if gateway is None:
+            app.openapi_schema = finish_openapi(generate(), {})
+            return app.openapi_schema
+        limits = {**gateway.settings.model_dump(), **gateway.limits()}
+        document = finish_openapi(generate(), limits)
+        # kept once final; until the generator has said, made afresh at each call
+        app.openapi_schema = document if gateway.window() else None
+        return document
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -82,8 +82,9 @@ class Metrics:
         )
         self.cancelled = Counter(
             "racm3_jobs_cancelled_total",
-            "Jobs dropped before running because their client went away or timed out.",
-            ["queue"],
+            "Jobs whose client went away or that timed out, once each: when=queued, dropped "
+            "before their batch ran; when=running, their rows left the running batch.",
+            ["queue", "when"],
             registry=r,
         )
 

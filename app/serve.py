@@ -67,6 +67,8 @@ class Components:
         await asyncio.gather(
             *(s.start() for s in (self.retriever, self.generator) if s is not None)
         )
+        if self.gateway is not None and self.generator is not None:
+            await self.gateway.generator_info()  # the window's limits, for the first request
 
     async def stop(self) -> None:
         for service in (self.retriever, self.generator):
@@ -230,10 +232,12 @@ def build_components(
         else:
             key = bare_key(ws.api_keys[0]) if ws.api_keys else None
             rc = HttpRetrieverClient(ws.retriever_url, ws.request_timeout_s, key)
-            gc = HttpGeneratorClient(ws.generator_urls, ws.request_timeout_s + 5, key)
+            gc = HttpGeneratorClient(ws.generator_urls, ws.request_timeout_s + 5, key,
+                                     retry_after_s=ws.retry_after_s)
             closers += [rc.close, gc.close]
-        # Embedded: the gateway tells the generator's batcher which jobs are on their way.
-        announce = generator.batcher.expecting if generator is not None else None
+        # The gateway announces each job before retrieving for it: the generator's batcher
+        # (embedded) or the HTTP client (multi-service) admits it or answers 429.
+        announce = generator.batcher.expecting if generator is not None else gc.expecting
         access = MemoryAccess([name for name, _ in ws.named_memories])
         gateway = Gateway(ws, rc, gc, metrics, role=role, announce=announce, access=access)
     api_keys = (gateway_settings or retriever_settings or generator_settings or _any(role)).api_keys

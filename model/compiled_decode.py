@@ -80,6 +80,9 @@ class DecodeState:
     code_run: Tensor
     max_new: int
     length: int = 0
+    # Some rows left the batch (`RowStep.select`): the buffers are new ones, never those a
+    # compiled (CUDA graph) step was captured with, so the step runs eagerly.
+    eager_only: bool = False
 
     @property
     def rows(self) -> int:
@@ -238,7 +241,8 @@ class StepRunner:
         return self._compiled_fn
 
     def step_fn(self, state: DecodeState) -> StepFn:
-        if self._compiled_fn is not None and state.shape_key() in self.compiled:
+        if (self._compiled_fn is not None and not state.eager_only
+                and state.shape_key() in self.compiled):
             return self._serve_compiled
         return static_step
 

@@ -42,6 +42,8 @@ from model.tokens import EOS_ID, PAD_ID, TokenSpace
 
 # Called after each decoding step with (step, tokens so far); returns rows to stop, or None.
 StepHook = Callable[[int, Tensor], "Tensor | None"]
+# Called before each decoding step; returns the output rows nobody wants any more, or None.
+StoppedRows = Callable[[], "Tensor | None"]
 
 # The vocabularies the preset sizes assume (padded to a multiple of 64):
 # demo: a 1024-token BPE and a 512-code VQ (the demo bundle) -> 1600 ids;
@@ -214,6 +216,11 @@ def cached_forward(model: CM3Decoder, idx: Tensor, cache: KVCache) -> Tensor:
     return model(idx, kv_cache=cache)[0]
 
 
+def select_cached(cache: KVCache, rows: Tensor) -> tuple[KVCache, Callable[..., Tensor]]:
+    """`Prefilled.select` for a `KVCache` decoded by `cached_forward`."""
+    return cache.select(rows), cached_forward
+
+
 class Prefilled(NamedTuple):
     """A prefilled cache to decode from: one row per output row (twice that, guided)."""
 
@@ -223,6 +230,9 @@ class Prefilled(NamedTuple):
     # One decoding step (model, idx (rows, 1), cache) -> logits (rows, 1, V); the static,
     # compilable step of model/compiled_decode.py computes the same thing.
     step: Callable[[CM3Decoder, Tensor, Any], Tensor] = cached_forward
+    # (cache, rows) -> the cache holding only those rows, in that order, and the step that
+    # decodes it: how rows leave a batch. None: rows cannot leave this cache.
+    select: Callable[[Any, Tensor], tuple[Any, Callable[..., Tensor]]] | None = select_cached
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -528,6 +538,7 @@ class CM3Decoder(nn.Module):
         step_hook: StepHook | None = None,
         logits_processor: LogitsProcessor | None = None,
         prefilled: Prefilled | None = None,
+        stopped: StoppedRows | None = None,
     ) -> Tensor:
         """Sample up to `params.max_new_tokens` after left-padded prompts idx (B, T).
 
@@ -541,12 +552,18 @@ class CM3Decoder(nn.Module):
         idx and the prompt arguments are unused.
         `step_hook(t, tokens)` sees the (rows, t + 1) tokens so far after each step; it may
         return a (rows,) bool tensor of rows to stop (they emit `<pad>` from then on).
+        `stopped()`, asked before each step, may return a (rows,) bool tensor of rows whose
+        result nobody wants (their client went away): they leave the batch, cache,
+        constraints, generators and logits-processor state included, so later steps
+        compute only the rows still wanted; they are `<pad>` from then on, and decoding
+        ends when no row is left. (A `prefilled` without `select`, or a logits processor
+        without one, cannot shrink: there the rows only stop, as with `step_hook`.)
         """
         if prefilled is None:
             prefilled = self.prefill(idx, params, attention_mask=attention_mask,
                                      uncond_idx=uncond_idx, uncond_mask=uncond_mask,
                                      num_samples=num_samples)
-        cache, logits, guided, forward_step = prefilled
+        cache, logits, guided, forward_step, select = prefilled
         device = logits.device
         rows = logits.size(0) // 2 if guided else logits.size(0)
         if constraints is not None and len(constraints) != rows:
@@ -555,7 +572,36 @@ class CM3Decoder(nn.Module):
             generator = make_generator(params.seed, device)
         out = torch.full((rows, params.max_new_tokens), PAD_ID, dtype=torch.long, device=device)
         done = torch.zeros(rows, dtype=torch.bool, device=device)
+        # The output row of each row still decoding; None while that is every row, in order.
+        live: Tensor | None = None
+        can_shrink = select is not None and (
+            logits_processor is None or hasattr(logits_processor, "select"))
         for t in range(params.max_new_tokens):
+            gone = None if stopped is None else stopped()
+            if gone is not None:
+                gone = gone.to(device)
+                drop = gone if live is None else gone[live]
+                if bool(drop.any()):
+                    if not can_shrink:
+                        done |= drop
+                        if bool(done.all()):
+                            return out[:, :t]
+                    else:
+                        keep = (~drop).nonzero().squeeze(1)
+                        if keep.numel() == 0:
+                            return out[:, :t]
+                        live = keep if live is None else live[keep]
+                        both = torch.cat([keep, keep + rows]) if guided else keep
+                        cache, forward_step = select(cache, both)
+                        logits = logits.index_select(0, both)
+                        rows = keep.numel()
+                        done = done[keep]
+                        if constraints is not None:
+                            constraints = [constraints[i] for i in keep.tolist()]
+                        if generator is not None and not isinstance(generator, torch.Generator):
+                            generator = [generator[i] for i in keep.tolist()]
+                        if logits_processor is not None:
+                            logits_processor.select(keep)
             step = logits[:, -1].float()
             if guided:
                 step = cfg_combine(step[:rows], step[rows:], params.guidance_scale)
@@ -565,7 +611,10 @@ class CM3Decoder(nn.Module):
             if logits_processor is not None:
                 step = logits_processor(step)
             tok = sample(step, params, generator).masked_fill_(done, PAD_ID)
-            out[:, t] = tok
+            if live is None:
+                out[:, t] = tok
+            else:
+                out[live, t] = tok
             if logits_processor is not None:
                 logits_processor.advance(tok)
             if constraints is not None:
@@ -575,7 +624,8 @@ class CM3Decoder(nn.Module):
             if step_hook is not None:
                 stop = step_hook(t, out[:, : t + 1])
                 if stop is not None:
-                    done |= stop.to(done.device)
+                    stop = stop.to(done.device)
+                    done |= stop if live is None else stop[live]
                     if bool(done.all()):
                         return out[:, : t + 1]
             if eos_id is not None:

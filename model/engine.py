@@ -23,8 +23,9 @@ which other jobs were batched with it.
 from __future__ import annotations
 
 import functools
+import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -43,6 +44,7 @@ from model.jobs import (
     InfillJob,
     NeighbourDoc,
     T2IJob,
+    Unfit,
 )
 from model.masking import infill_prompt_from_runs
 from model.partial import ProgressHook
@@ -55,6 +57,7 @@ from model.sampling import (
     make_generator,
 )
 from model.tokens import (
+    BREAK_ID,
     EOS_ID,
     IMG_CLOSE_ID,
     IMG_OPEN_ID,
@@ -66,6 +69,7 @@ from model.tokens import (
 )
 
 MAX_CAPTION_TOKENS = 32
+MAX_MASK_RUNS = 16  # infilling regenerates at most this many runs (`_runs_capped`)
 J = TypeVar("J", T2IJob, CaptionJob, InfillJob)
 # Weight of the VQ-code agreement with the retrieved images in the t2i ranking
 # (`rerank_scores`): CLIP cannot tell one unseen flag from another, while equal codes at
@@ -136,8 +140,110 @@ class Engine:
             "retrieval_guidance": {"default": guidance.DEFAULT_WEIGHT,
                                    "range": [0.0, guidance.MAX_WEIGHT]},
             "fast_decode": None if self.fast is None else self.fast.describe(),
+            "window": self.window(),
             "manifest": self.manifest,
         }
+
+    # --- what fits the decoder's window ------------------------------------------------
+
+    def window(self) -> dict[str, int]:
+        """The decoder's window and what a request may put in it.
+
+        - `max_k`: the most retrieved documents that can ever be in context together:
+          image-only documents beside the shortest prompt (text to image). Documents
+          beyond what fits a given request are left out, best last (`context_ids`).
+        - `max_prompt_tokens`: the longest prompt (BPE tokens) text to image takes: the
+          prompt and the image it generates fill the window.
+        - `max_edit_prompt_tokens`: the longest prompt infilling and editing take with
+          any mask (it may need up to 16 sentinels twice, see `_runs_capped`).
+        """
+        block, n = self.decoder.config.block_size, self.space.image_len
+        document = n + 4  # <img src="[codes]"> <break>, no caption
+        return {
+            "tokens": block,
+            "max_k": max(0, (block - self._t2i_tokens(1)) // document),
+            "max_prompt_tokens": max(0, block - self._t2i_tokens(0)),
+            "max_edit_prompt_tokens": max(0, block - self._infill_tokens(0, MAX_MASK_RUNS)),
+        }
+
+    def _t2i_tokens(self, prompt_tokens: int) -> int:
+        # <img alt="prompt" src=" + the codes generated
+        return prompt_tokens + 2 + self.space.image_len
+
+    def _infill_tokens(self, text_tokens: int, runs: int) -> int:
+        # the document, a sentinel per run in place, the first sentinel again, and per
+        # run its codes and the sentinel before it (or <eos>) generated
+        return 3 + text_tokens + self.space.image_len + 2 * runs + 1
+
+    @property
+    def _caption_tokens(self) -> int:
+        # <img alt="<mask:0>" src="[codes]"><mask:0> + the caption and <eos> generated
+        return self.space.image_len + 5 + MAX_CAPTION_TOKENS + 1
+
+    def fit(self, task: str, job: Any) -> None:
+        """Raise `Unfit` when the job cannot run: the worker asks before the job joins a
+        batch, so one request the engine cannot take is refused alone (a 422), never
+        failing the jobs batched with it. Retrieved documents and demonstrations need no
+        check: those that do not fit beside the main document are left out."""
+        if task != "classify":
+            _fit_sampling(job)
+        block = self.decoder.config.block_size
+        if task == "text_to_image":
+            prompt = len(self.tokenizer.encode(job.prompt))
+            if self._t2i_tokens(prompt) > block:
+                raise Unfit(
+                    f"the prompt is {prompt} tokens; with the {self.space.image_len} image "
+                    f"tokens generated after it, the decoder's window of {block} tokens "
+                    f"holds a prompt of at most {block - self._t2i_tokens(0)} tokens",
+                    param="prompt", code="context_length_exceeded")
+        elif task == "caption":
+            if self._caption_tokens > block:
+                raise Unfit(f"this decoder's window ({block} tokens) cannot hold an image "
+                            "and its caption", param="image")
+        elif task == "infill":
+            self._fit_infill(job, block)
+        elif task == "classify":
+            self._fit_classify(job, block)
+        else:
+            raise Unfit(f"unknown task {task!r}")
+
+    def _fit_infill(self, job: InfillJob, block: int) -> None:
+        if job.mask.shape != job.image.shape[:2]:
+            raise Unfit(f"the mask is {job.mask.shape[1]}x{job.mask.shape[0]} but the image "
+                        f"is {job.image.shape[1]}x{job.image.shape[0]}", param="mask")
+        cells = np.flatnonzero(self.code_mask(job.mask).reshape(-1))
+        if cells.size == 0:
+            raise Unfit("the mask covers no part of the image", param="mask",
+                        code="empty_mask")
+        runs = len(_runs_capped(cells))
+        # without a prompt the engine captions the image first (`_self_caption`)
+        text = (len(self.tokenizer.encode(job.prompt)) if job.prompt
+                else MAX_CAPTION_TOKENS)
+        need = self._infill_tokens(text, runs)
+        if need > block:
+            most = block - self._infill_tokens(0, runs)
+            raise Unfit(
+                f"the prompt is {text} tokens; with the image and the {runs} masked "
+                f"region(s), the decoder's window of {block} tokens holds a prompt of at "
+                f"most {most} tokens", param="prompt", code="context_length_exceeded")
+
+    def _fit_classify(self, job: ClassifyJob, block: int) -> None:
+        if not job.labels:
+            raise Unfit("give at least one label", param="labels")
+        examples = sum(len(self._classify_example(e.caption)) for e in job.examples)
+        label = max(len(self.tokenizer.encode(lbl)) for lbl in job.labels) + 1
+        need = examples + self.space.image_len + 5 + label
+        if need > block:
+            raise Unfit(
+                f"the image, its {len(job.examples)} example(s) and the longest label need "
+                f"{need} tokens; the decoder's window holds {block}",
+                param="examples" if job.examples else "labels",
+                code="context_length_exceeded")
+
+    def _classify_example(self, caption: str, codes: np.ndarray | None = None) -> list[int]:
+        if codes is None:
+            codes = np.zeros(self.space.image_grid, dtype=np.int64)
+        return [*self.doc_ids(self.tokenizer.encode(caption), codes), BREAK_ID]
 
     def warmup(self) -> None:
         job = T2IJob("a red square", [], n=1, num_candidates=1,
@@ -188,8 +294,26 @@ class Engine:
     def _check_fits(self, prompt_len: int, new_tokens: int) -> None:
         limit = self.decoder.config.block_size
         if prompt_len + new_tokens > limit:
-            raise ValueError(f"the request needs {prompt_len + new_tokens} tokens; the "
-                             f"decoder's window holds {limit}")
+            raise Unfit(f"the request needs {prompt_len + new_tokens} tokens; the "
+                        f"decoder's window holds {limit}", code="context_length_exceeded")
+
+    def _stopped_rows(self, group: Sequence[Any], per_job: int,
+                      ) -> Callable[[], torch.Tensor | None] | None:
+        """The decoder's `stopped` callback for one decode call: every row of a job that
+        nobody wants any more (its `stop` flag set, or its stream cancelled)."""
+        if not any(_stoppable(j) for j in group):
+            return None
+
+        def stopped() -> torch.Tensor | None:
+            gone = [g for g, j in enumerate(group) if _gone(j)]
+            if not gone:
+                return None
+            rows = torch.zeros(len(group) * per_job, dtype=torch.bool)
+            for g in gone:
+                rows[g * per_job : (g + 1) * per_job] = True
+            return rows
+
+        return stopped
 
     def with_examples(self, jobs: list[J]) -> list[J]:
         """Jobs whose demonstrations (`examples`) lead their neighbours as documents in
@@ -219,7 +343,7 @@ class Engine:
 
     def _generate(self, prompts, params: SamplingParams, generators, constraints,
                   uncond=None, num_samples: int = 1, logits_processor=None,
-                  progress: ProgressHook | None = None) -> torch.Tensor:
+                  progress: ProgressHook | None = None, stopped=None) -> torch.Tensor:
         idx, mask = left_pad(prompts, device=self.device)
         u_idx = u_mask = None
         if uncond is not None:
@@ -236,6 +360,7 @@ class Engine:
                 step_hook=progress,
                 logits_processor=logits_processor,
                 prefilled=prefilled,
+                stopped=stopped,
             )
         self._tokens += int((out != PAD_ID).sum())
         out = out.cpu()
@@ -285,6 +410,9 @@ class Engine:
         results: list[list[GeneratedImage]] = [[] for _ in jobs]
         for key, members in self._group(jobs).items():
             n_cand = key[-1]
+            members = [i for i in members if not _gone(jobs[i])]
+            if not members:
+                continue
             group = [jobs[i] for i in members]
             caps = [self.space.text_to_ids(self.tokenizer.encode(j.prompt)) for j in group]
             for c in caps:
@@ -305,7 +433,14 @@ class Engine:
                 num_samples=n_cand, logits_processor=self._image_copy(group, n_cand),
                 progress=ProgressHook.for_images(
                     self.space, self.decode_codes, group, prompts, n_cand),
+                stopped=self._stopped_rows(group, n_cand),
             )
+            kept = _wanted(group)  # the others' clients left: their rows are not finished
+            if not kept:
+                continue
+            if len(kept) < len(group):
+                out = out[_rows(kept, n_cand)]
+                group, members = [group[g] for g in kept], [members[g] for g in kept]
             codes = self.space.ids_to_codes(out[:, : self.space.image_len].reshape(-1)).reshape(
                 len(group) * n_cand, *self.space.image_grid)
             images = self.decode_codes(codes)
@@ -400,6 +535,9 @@ class Engine:
         all_codes = self.encode_images([j.image for j in jobs])
         for key, members in self._group(jobs).items():
             n_cand = key[-1]
+            members = [i for i in members if not _gone(jobs[i])]
+            if not members:
+                continue
             group = [jobs[i] for i in members]
             prompts = [self._caption_prompt(self.context_ids(j.neighbours), all_codes[i])
                        for i, j in zip(members, group, strict=True)]
@@ -411,7 +549,15 @@ class Engine:
                 prompts, params, self._row_generators([j.sampling.seed for j in group], n_cand),
                 constraints, num_samples=n_cand,
                 logits_processor=self._caption_pointer(group, all_codes[members], n_cand),
+                stopped=self._stopped_rows(group, n_cand),
             )
+            kept = _wanted(group)
+            if not kept:
+                continue
+            if len(kept) < len(group):
+                out = out[_rows(kept, n_cand)]
+                group, members = [group[g] for g in kept], [members[g] for g in kept]
+                prompts = [prompts[g] for g in kept]
             texts_ids = [[int(t) for t in row if self.space.is_text(int(t))] for row in out]
             row_prompts = [p for p in prompts for _ in range(n_cand)]
             # likelihood of caption + <eos>, so an unfinished caption is not favoured
@@ -439,51 +585,86 @@ class Engine:
         all_codes = self.encode_images([j.image for j in jobs])
         for key, members in self._group(jobs).items():
             n_cand = key[-1]
-            group = [jobs[i] for i in members]
-            prompts, infills, constraints, texts = [], [], [], []
-            for i, job in zip(members, group, strict=True):
-                codes = all_codes[i]
-                text = job.prompt or self._self_caption(job, codes)
-                texts.append(text)
-                doc = self.doc_ids(self.tokenizer.encode(text), codes)
+            texts: dict[int, str] = {}
+            infills: dict[int, Any] = {}
+            for i in members:
+                if _gone(jobs[i]):
+                    continue
+                job, codes = jobs[i], all_codes[i]
+                texts[i] = job.prompt or self._self_caption(job, codes)
+                doc = self.doc_ids(self.tokenizer.encode(texts[i]), codes)
                 src = doc.index(SRC_ID) + 1
                 cells = np.flatnonzero(self.code_mask(job.mask).reshape(-1))
-                runs = _runs_capped(src + cells)
-                ip = infill_prompt_from_runs(doc, runs)
-                infills.append(ip)
-                prompts.append([*self.context_ids(job.neighbours), *ip.ids])
-                constraints += [SpanConstraint.image_runs(
-                    self.space, ip.run_lengths, vocab_size=self.decoder.config.vocab_size)
-                    for _ in range(n_cand)]
-            max_new = max(sum(ip.run_lengths) + len(ip.runs) for ip in infills)
-            params = self._params(group[0].sampling, max_new)
-            out = self._generate(
-                prompts, params, self._row_generators([j.sampling.seed for j in group], n_cand),
-                constraints, num_samples=n_cand,
-                progress=ProgressHook.for_infill(
-                    self.space, self.decode_codes, group, prompts, infills,
-                    [all_codes[i] for i in members], n_cand),
-            )
-            all_codes_out = []
-            for g, ip in enumerate(infills):
-                for r in range(g * n_cand, (g + 1) * n_cand):
-                    spans = _split_spans(out[r].tolist(), len(ip.runs))
-                    doc = ip.splice(spans)
-                    src = doc.index(SRC_ID) + 1
-                    codes = self.space.ids_to_codes(doc[src : src + self.space.image_len])
-                    all_codes_out.append(codes.reshape(self.space.image_grid))
-            codes_arr = np.stack(all_codes_out)
-            images = self.decode_codes(codes_arr)
-            # outside the mask the request's pixels are kept exactly, not their VQ round trip
-            for g, job in enumerate(group):
-                for r in range(g * n_cand, (g + 1) * n_cand):
-                    images[r][~job.mask] = job.image[~job.mask]
-            scores = self.clip_scores([t for t in texts for _ in range(n_cand)], images)
-            for g, (i, job) in enumerate(zip(members, group, strict=True)):
-                rows = sorted(range(g * n_cand, (g + 1) * n_cand), key=lambda r: -scores[r])
-                results[i] = [GeneratedImage(images[r], float(scores[r]), codes_arr[r])
-                              for r in rows[: job.n]]
+                infills[i] = infill_prompt_from_runs(doc, _runs_capped(src + cells))
+            # One decode holds every row's prompt and the most tokens any row generates:
+            # jobs that would not fit the window together decode apart.
+            for part in self._fitting_parts(list(infills), infills):
+                self._infill_part(jobs, part, n_cand, all_codes, texts, infills, results)
         return results
+
+    def _fitting_parts(self, members: list[int], infills: dict[int, Any]) -> list[list[int]]:
+        """`members` split, in order, into parts whose longest infilling prompt plus most
+        generated tokens fit the window (each job alone fits: `fit` made sure)."""
+        block = self.decoder.config.block_size
+        parts: list[tuple[list[int], int, int]] = []  # (members, longest prompt, most new)
+        for i in members:
+            ip = infills[i]
+            length, new = len(ip.ids), _new_tokens(ip)
+            for p, (part, longest, most) in enumerate(parts):
+                if max(longest, length) + max(most, new) <= block:
+                    parts[p] = ([*part, i], max(longest, length), max(most, new))
+                    break
+            else:
+                parts.append(([i], length, new))
+        return [part for part, _, _ in parts]
+
+    def _infill_part(self, jobs: list[InfillJob], members: list[int], n_cand: int,
+                     all_codes: np.ndarray, texts: dict[int, str], infills: dict[int, Any],
+                     results: list[list[GeneratedImage]]) -> None:
+        group = [jobs[i] for i in members]
+        ips = [infills[i] for i in members]
+        max_new = max(_new_tokens(ip) for ip in ips)
+        # retrieved documents only where they fit beside the prompt and the generation
+        prompts = [[*self.context_ids(job.neighbours, len(ip.ids) + max_new), *ip.ids]
+                   for job, ip in zip(group, ips, strict=True)]
+        constraints = [SpanConstraint.image_runs(
+            self.space, ip.run_lengths, vocab_size=self.decoder.config.vocab_size)
+            for ip in ips for _ in range(n_cand)]
+        params = self._params(group[0].sampling, max_new)
+        out = self._generate(
+            prompts, params, self._row_generators([j.sampling.seed for j in group], n_cand),
+            constraints, num_samples=n_cand,
+            progress=ProgressHook.for_infill(
+                self.space, self.decode_codes, group, prompts, ips,
+                [all_codes[i] for i in members], n_cand),
+            stopped=self._stopped_rows(group, n_cand),
+        )
+        kept = _wanted(group)
+        if not kept:
+            return
+        if len(kept) < len(group):
+            out = out[_rows(kept, n_cand)]
+            members = [members[g] for g in kept]
+            group, ips = [group[g] for g in kept], [ips[g] for g in kept]
+        all_codes_out = []
+        for g, ip in enumerate(ips):
+            for r in range(g * n_cand, (g + 1) * n_cand):
+                spans = _split_spans(out[r].tolist(), len(ip.runs))
+                doc = ip.splice(spans)
+                src = doc.index(SRC_ID) + 1
+                codes = self.space.ids_to_codes(doc[src : src + self.space.image_len])
+                all_codes_out.append(codes.reshape(self.space.image_grid))
+        codes_arr = np.stack(all_codes_out)
+        images = self.decode_codes(codes_arr)
+        # outside the mask the request's pixels are kept exactly, not their VQ round trip
+        for g, job in enumerate(group):
+            for r in range(g * n_cand, (g + 1) * n_cand):
+                images[r][~job.mask] = job.image[~job.mask]
+        scores = self.clip_scores([texts[i] for i in members for _ in range(n_cand)], images)
+        for g, (i, job) in enumerate(zip(members, group, strict=True)):
+            rows = sorted(range(g * n_cand, (g + 1) * n_cand), key=lambda r: -scores[r])
+            results[i] = [GeneratedImage(images[r], float(scores[r]), codes_arr[r])
+                          for r in rows[: job.n]]
 
     def _self_caption(self, job: InfillJob, codes: np.ndarray) -> str:
         """Infilling without a prompt: caption the image first, greedily, and keep it."""
@@ -498,13 +679,19 @@ class Engine:
     def classify(self, jobs: list[ClassifyJob]) -> list[ClassifyResult]:
         results = []
         for job in jobs:
+            if _gone(job):  # nobody reads it
+                results.append(ClassifyResult("", {}))
+                continue
             codes = self.encode_images([job.image, *[e.image for e in job.examples]])
-            examples = [self.doc_ids(self.tokenizer.encode(e.caption), c)
-                        for e, c in zip(job.examples, codes[1:], strict=True)]
-            context = self.context_ids(job.neighbours) + assemble(examples, [], eos=False).ids
-            prompt = self._caption_prompt(context, codes[0])
+            examples: list[int] = []
+            for e, c in zip(job.examples, codes[1:], strict=True):
+                examples += self._classify_example(e.caption, c)
             conts = [[*self.space.text_to_ids(self.tokenizer.encode(lbl)), EOS_ID]
                      for lbl in job.labels]
+            main = self._caption_prompt([], codes[0])
+            # the neighbours only where they fit beside the examples, image and labels
+            reserve = len(examples) + len(main) + max(len(c) for c in conts)
+            prompt = [*self.context_ids(job.neighbours, reserve), *examples, *main]
             ll = np.asarray(self.log_likelihood([prompt] * len(conts), conts))
             probs = np.exp(ll - ll.max())
             probs /= probs.sum()
@@ -513,6 +700,52 @@ class Engine:
                                           {lbl: float(p) for lbl, p in zip(job.labels, probs,
                                                                            strict=True)}))
         return results
+
+
+def _stoppable(job: Any) -> bool:
+    return getattr(job, "stop", None) is not None or getattr(job, "progress", None) is not None
+
+
+def _gone(job: Any) -> bool:
+    """Nobody wants the job's result any more (its client went away, or it timed out)."""
+    stop = getattr(job, "stop", None)
+    if stop is not None and stop.is_set():
+        return True
+    progress = getattr(job, "progress", None)
+    return progress is not None and bool(progress.cancelled)
+
+
+def _wanted(group: Sequence[Any]) -> list[int]:
+    """Positions in `group` of the jobs still wanted."""
+    return [g for g, job in enumerate(group) if not _gone(job)]
+
+
+def _rows(positions: Sequence[int], per_job: int) -> list[int]:
+    return [g * per_job + j for g in positions for j in range(per_job)]
+
+
+def _new_tokens(ip: Any) -> int:
+    # each run's codes, and the sentinel that follows it (or <eos> after the last)
+    return sum(ip.run_lengths) + len(ip.runs)
+
+
+def _fit_sampling(job: Any) -> None:
+    """Sampling values the engine can represent (the gateway's bounds, again: a worker
+    behind HTTP may be called by something else)."""
+    s = job.sampling
+    values = {"temperature": s.temperature, "guidance_scale": s.guidance_scale,
+              "top_p": s.top_p}
+    for name, value in values.items():
+        if not math.isfinite(value) or value < 0:
+            raise Unfit(f"{name} must be a finite number >= 0", param=name)
+    if not 0 < s.top_p <= 1:
+        raise Unfit("top_p must be in (0, 1]", param="top_p")
+    if s.top_k < 0:  # 0: no top-k filter
+        raise Unfit("top_k must be >= 1", param="top_k")
+    if s.seed is not None and not 0 <= s.seed < 2**63:
+        raise Unfit("seed must be in [0, 2**63)", param="seed")
+    if job.n < 1 or job.num_candidates < job.n:
+        raise Unfit("need 1 <= n <= num_candidates", param="num_candidates")
 
 
 def _guidance_weight(job: Any) -> float:
@@ -536,7 +769,7 @@ def _runs_capped(positions: np.ndarray) -> list[tuple[int, int]]:
             runs[-1][1] = p + 1
         else:
             runs.append([p, p + 1])
-    while len(runs) > 16:
+    while len(runs) > MAX_MASK_RUNS:
         gaps = [runs[i + 1][0] - runs[i][1] for i in range(len(runs) - 1)]
         i = int(np.argmin(gaps))
         runs[i][1] = runs[i + 1][1]

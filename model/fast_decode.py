@@ -64,6 +64,25 @@ class RowStep:
         self.runner = runner
         self.real_rows = real_rows  # (rows,) where generate's rows sit; None: all, in order
 
+    def select(self, state: DecodeState, rows: Tensor) -> tuple[DecodeState, RowStep]:
+        """`Prefilled.select`: the state of `rows` (generate's rows, ascending) alone, and
+        the step that decodes it. Padding rows go too; the new state has none."""
+        kept = rows.to(state.next_pos.device)
+        if self.real_rows is not None:
+            kept = self.real_rows.index_select(0, kept)
+        groups, start = [], 0
+        for g in state.groups:
+            mine = kept[(kept >= start) & (kept < start + g.rows)] - start
+            if mine.numel():
+                groups.append(RowGroup([k.index_select(0, mine) for k in g.k],
+                                       [v.index_select(0, mine) for v in g.v],
+                                       g.mask.index_select(0, mine), g.prompt_len))
+            start += g.rows
+        smaller = DecodeState(groups, state.next_pos.index_select(0, kept),
+                              state.code_run.index_select(0, kept), state.max_new,
+                              state.length, eager_only=True)
+        return smaller, RowStep(self.runner, None)
+
     def __call__(self, model: CM3Decoder, idx: Tensor, state: DecodeState) -> Tensor:
         tok = idx[:, 0]
         if self.real_rows is not None:
@@ -183,7 +202,8 @@ class SharedPrefill:
         kv = [prefill_prompt(self.model, p, self.cache) for p in distinct]
         state, logits, real_rows = build_state(self.model, kv, parts, num_samples,
                                                max_new_tokens, self.runner)
-        return Prefilled(state, logits, uncond is not None, RowStep(self.runner, real_rows))
+        step = RowStep(self.runner, real_rows)
+        return Prefilled(state, logits, uncond is not None, step, step.select)
 
 
 class FastDecode:

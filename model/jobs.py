@@ -15,7 +15,13 @@ Conventions (numpy uint8 (H, W, 3) at I/O edges):
 - `examples` are user-given documents, placed in context before the neighbours, in the
   same layout;
 - a job with `progress` is streamed: the engine reports partial images to it and stops
-  the job once it is cancelled; its result is then never read.
+  the job once it is cancelled; its result is then never read;
+- a job's `stop` flag is set once nobody wants its result (the client went away, or it
+  timed out): the engine drops the job's rows from the batch between two decoding
+  steps, and the job's result (an empty list) is never read;
+- `Engine.fit(task, job)` is asked before a job joins a batch: it raises `Unfit` for a
+  job the engine cannot run (a prompt that does not fit the decoder's window, sampling
+  values it cannot represent), so that job is refused alone, as a client error.
 """
 
 from __future__ import annotations
@@ -26,6 +32,23 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from model.sampling import SamplingParams
+
+
+class Unfit(ValueError):
+    """A job the engine cannot run as asked (`Engine.fit`); `param` names the request
+    field at fault, `code` says how."""
+
+    def __init__(self, message: str, param: str | None = None,
+                 code: str = "invalid_value") -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class StopFlag(Protocol):
+    """Set once nobody wants a job's result (a `threading.Event` is one)."""
+
+    def is_set(self) -> bool: ...
 
 
 @dataclass
@@ -87,6 +110,7 @@ class T2IJob:
     # Weight of the relevant neighbours' codes mixed into sampling (retrieval-guided
     # decoding); 0: the paper's decoding; None: the engine's default.
     retrieval_guidance: float | None = None
+    stop: StopFlag | None = None  # set: nobody wants the result any more
 
 
 @dataclass
@@ -100,6 +124,7 @@ class CaptionJob:
     # Weight of the pointer to names in neighbours whose image matches; 0: the paper's
     # decoding; None: the engine's default.
     retrieval_guidance: float | None = None
+    stop: StopFlag | None = None  # set: nobody wants the result any more
 
 
 @dataclass
@@ -115,6 +140,7 @@ class InfillJob:
     sampling: SamplingParams
     examples: list[FewShotExample] = field(default_factory=list)
     progress: Progress | None = None  # set for a streamed job
+    stop: StopFlag | None = None  # set: nobody wants the result any more
 
 
 @dataclass
@@ -123,6 +149,7 @@ class ClassifyJob:
     labels: list[str]
     neighbours: list[NeighbourDoc]
     examples: list[FewShotExample] = field(default_factory=list)
+    stop: StopFlag | None = None  # set: nobody wants the result any more
 
 
 @dataclass
@@ -156,12 +183,18 @@ class Engine(Protocol):
 
     def classify(self, jobs: list[ClassifyJob]) -> list[ClassifyResult]: ...
 
+    def fit(self, task: str, job: Any) -> None:
+        """Raise `Unfit` when a job of `task` (a method's name above) cannot run: asked
+        before the job joins a batch, so that it fails alone."""
+        ...
+
     def warmup(self) -> None:
         """Run one small generation so the first request pays no start-up cost."""
         ...
 
     def info(self) -> dict[str, Any]:
-        """At least `image_size` [H, W] and `grid` [h, w]; plus the bundle manifest."""
+        """At least `image_size` [H, W] and `grid` [h, w]; plus the bundle manifest and
+        `window`: the decoder's window and what fits in it (`max_k`, `max_prompt_tokens`)."""
         ...
 
     @property

@@ -194,6 +194,14 @@ class ImageCopy:
             self.followed += (self.ids[:, :, self.t] == tokens[:, None]).float()
         self.t += 1
 
+    def select(self, rows: Tensor) -> None:
+        """Keep only `rows` (the others left the batch), in that order."""
+        rows = rows.to(self.ids.device)
+        self.ids = self.ids.index_select(0, rows)
+        self.log_prior = self.log_prior.index_select(0, rows)
+        self.weight = self.weight.index_select(0, rows)
+        self.followed = self.followed.index_select(0, rows)
+
 
 def image_copy_source(space: TokenSpace, prompt: str, neighbours: Sequence,
                       rarity: WordRarity, weight: float) -> ImageCopySource | None:
@@ -286,6 +294,12 @@ class CaptionPointer:
     def advance(self, tokens: Tensor) -> None:
         for r, t in enumerate(tokens.tolist()):
             self.written[r].append(int(t))
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only `rows` (the others left the batch), in that order."""
+        kept = rows.tolist()
+        self.words = [self.words[r] for r in kept]
+        self.written = [self.written[r] for r in kept]
 
 
 def pointed_words(space: TokenSpace, query_codes: np.ndarray, neighbours: Sequence,

@@ -169,6 +169,9 @@ class LogitsProcessor(Protocol):
 
     def advance(self, tokens: Tensor) -> None: ...  # (B,) the tokens just drawn
 
+    # Optional, `select(rows)`: keep only those rows' state, in that order (the others left
+    # the batch). The decoder shrinks a batch only with processors that have it.
+
 
 # --- constraints ----------------------------------------------------------------------
 

@@ -48,6 +48,9 @@ class SlowEngine:
     def warmup(self) -> None:
         self.engine.warmup()
 
+    def fit(self, task: str, job: Any) -> None:
+        self.engine.fit(task, job)
+
     def text_to_image(self, jobs: list[T2IJob]) -> list[list[GeneratedImage]]:
         self._batch("text_to_image", len(jobs))
         return self.engine.text_to_image(jobs)
@@ -66,8 +69,11 @@ class SlowEngine:
 
 
 def slow_step_engine(engine: Any, delay_s: float) -> Any:
-    """The real engine on a copy of its decoder that sleeps `delay_s` before each forward
-    pass, i.e. per decoding step (the shared engine is left untouched).
+    """The real engine on a copy of its decoder that sleeps `delay_s` in each forward
+    pass, i.e. per decoding step (the shared engine is left untouched). The sleep hangs on
+    the final norm, which every pass runs once: the plain path's `forward` and the fast
+    path's static step alike (model/compiled_decode.py), the latter never calling the
+    decoder's `forward`.
 
     Why: streaming tests need an image that takes seconds to decode, as a real-size model's
     does, so that partial images arrive visibly before the final one and a client can
@@ -77,13 +83,9 @@ def slow_step_engine(engine: Any, delay_s: float) -> Any:
     import copy
 
     from model.engine import Engine
-    from model.fast_decode import FastDecodeOptions
 
     decoder = copy.deepcopy(engine.decoder)
-    decoder.register_forward_pre_hook(lambda module, args: time.sleep(delay_s))
-    # The plain decoding path: its step is the decoder's forward pass, which the hook
-    # slows. The fast path's static step bypasses forward and would run at full speed.
+    decoder.ln_f.register_forward_pre_hook(lambda module, args: time.sleep(delay_s))
     return Engine(decoder, engine.space, engine.tokenizer, engine.vq, engine.clip,
                   manifest=engine.manifest, image_size=engine.image_size,
-                  device=engine.device, name=engine.name,
-                  fast=FastDecodeOptions(enabled=False))
+                  device=engine.device, name=engine.name)

@@ -183,7 +183,7 @@ def test_disconnected_client_job_is_dropped_before_running(real_models):  # noqa
         time.sleep(1.2)  # long enough for the dropped job to have run, had it not been dropped
         assert [n for task, n in engine.batches if task == "text_to_image"] == [1]
         metrics = httpx.get(f"{server.url}/metrics").text
-        assert 'racm3_jobs_cancelled_total{queue="generate"} 1.0' in metrics
+        assert 'racm3_jobs_cancelled_total{queue="generate",when="queued"} 1.0' in metrics
 
 
 @pytest.fixture(scope="module")

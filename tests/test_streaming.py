@@ -215,7 +215,7 @@ def test_client_leaving_stops_its_decoding_and_frees_the_batcher(real_models):  
         # than its 64 codes were sampled, and the next request's whole image was.
         spent = tokens_generated(server.url) - before
         assert 64 <= spent < 64 + 40, spent
-        assert 'racm3_jobs_cancelled_total{queue="generate"} 1.0' in httpx.get(
+        assert 'racm3_jobs_cancelled_total{queue="generate",when="running"} 1.0' in httpx.get(
             f"{server.url}/metrics").text
         print(f"next request after a disconnect: {waited:.2f} s, tokens {spent:.0f}")
 
@@ -262,7 +262,7 @@ def test_multi_service_disconnect_stops_the_worker(cluster):
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:  # the worker notices between two steps
         text = httpx.get(f"{cluster['generator']}/metrics").text
-        if 'racm3_jobs_cancelled_total{queue="generate"} 1.0' in text:
+        if 'racm3_jobs_cancelled_total{queue="generate",when="running"} 1.0' in text:
             break
         time.sleep(0.05)
     time.sleep(0.5)

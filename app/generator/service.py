@@ -1,8 +1,11 @@
 """The generator worker role: the engine behind a dynamic batcher.
 
 Jobs from concurrent requests are batched per task (max batch size, max wait ms) and
-run on one engine thread. The queue is bounded (429 beyond it), every job has a timeout
-(504), and a job whose client disconnected is dropped before its batch runs.
+run on one engine thread. A job the engine cannot take (`Engine.fit`: a prompt that does
+not fit the decoder's window, say) is refused with a 422 before it joins a batch. The
+queue is bounded (429 beyond it), every job has a timeout (504), and a job whose client
+disconnected is dropped before its batch runs, or, running, leaves its batch at the next
+decoding step (its stop flag, `model.jobs`).
 
 Images are resized to the engine's native size here, so every engine call sees one
 size (see `model.jobs`).
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
@@ -22,7 +26,7 @@ from fastapi.responses import StreamingResponse
 
 from app.batching import DynamicBatcher
 from app.disconnect import run_until_disconnect
-from app.errors import NotReady
+from app.errors import InvalidRequest, NotReady
 from app.images import resize_mask, resize_rgb
 from app.metrics import Metrics
 from app.schemas import GENERATOR_TASKS, InfoResponse, TaskWire
@@ -38,6 +42,7 @@ from model.jobs import (
     GeneratedImage,
     InfillJob,
     T2IJob,
+    Unfit,
 )
 
 log = logging.getLogger(__name__)
@@ -63,6 +68,7 @@ class GeneratorService:
             max_expected_wait_ms=settings.max_expected_wait_ms,
             max_queue=settings.queue_size,
             metrics=metrics,
+            on_cancel=_stop_job,
         )
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -115,7 +121,21 @@ class GeneratorService:
     async def _submit(self, task: str, job: Any) -> Any:
         if not self.ready:
             raise NotReady(f"generator is not ready ({self.state})")
+        self.fit(task, job)
+        job.stop = threading.Event()  # set by the batcher if nobody wants the result
         return await self.batcher.submit(task, job, self.settings.request_timeout_s)
+
+    def fit(self, task: str, job: Any) -> None:
+        """The engine's `fit`: a job it cannot take is a 422 of its own, before it joins
+        a batch."""
+        assert self.engine is not None
+        fit = getattr(self.engine, "fit", None)
+        if fit is None:
+            return
+        try:
+            fit(task, job)
+        except Unfit as exc:
+            raise InvalidRequest(str(exc), param=exc.param, code=exc.code) from None
 
     def _fit_examples(self, examples: Sequence[FewShotExample]) -> None:
         for example in examples:
@@ -152,9 +172,18 @@ class GeneratorService:
         assert self.engine is not None
         before = self.engine.tokens_generated
         with self.metrics.stage(f"generate_{task}"):
-            results = getattr(self.engine, task)(list(jobs))
+            try:
+                results = getattr(self.engine, task)(list(jobs))
+            except Unfit as exc:  # `fit` should have caught it; still the client's error
+                raise InvalidRequest(str(exc), param=exc.param, code=exc.code) from None
         self.metrics.tokens_generated.inc(max(0, self.engine.tokens_generated - before))
         return list(results)
+
+
+def _stop_job(job: Any) -> None:
+    stop = getattr(job, "stop", None)
+    if stop is not None:
+        stop.set()
 
 
 # --- HTTP (the generator role) -----------------------------------------------------------
