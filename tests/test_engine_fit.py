@@ -82,16 +82,25 @@ def test_the_window_limits_are_what_the_engine_takes(engine):
 
 @pytest.mark.parametrize("sampling,param", [
     ({"temperature": math.nan}, "temperature"),
-    ({"temperature": -1.0}, "temperature"),
-    ({"top_p": 0.0}, "top_p"),
-    ({"top_p": 1.5}, "top_p"),
-    ({"top_k": 0}, "top_k"),
     ({"guidance_scale": math.inf}, "guidance_scale"),
 ])
 def test_fit_refuses_sampling_values_the_engine_cannot_represent(engine, sampling, param):
     with pytest.raises(Unfit) as refused:
         engine.fit("text_to_image", t2i("a red square", **sampling))
     assert refused.value.param == param
+
+
+@pytest.mark.parametrize("sampling,name", [
+    ({"temperature": -1.0}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -1}, "top_k"),
+    ({"guidance_scale": -1.0}, "guidance_scale"),
+])
+def test_sampling_values_out_of_range_are_refused_when_the_job_is_made(sampling, name):
+    # SamplingParams checks its own ranges; Engine.fit adds what a range cannot say
+    with pytest.raises(ValueError, match=name):
+        RequestSampling(seed=0, **sampling)
 
 
 def test_infill_jobs_that_fit_alone_decode_together_with_their_documents(engine):
