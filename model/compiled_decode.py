@@ -63,6 +63,9 @@ class RowGroup:
     v: list[Tensor]
     mask: Tensor
     prompt_len: int
+    # every row reads a prompt exactly prompt_len long: no slot is masked out, so the
+    # eager step, which attends only to the slots written so far, needs no mask
+    dense: bool = False
 
     @property
     def rows(self) -> int:
@@ -98,7 +101,7 @@ def static_step(
     step: Tensor,
     group_k: list[list[Tensor]],
     group_v: list[list[Tensor]],
-    group_masks: list[Tensor],
+    group_masks: list[Tensor | None],
     prompt_lens: list[int],
     widths: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -106,46 +109,64 @@ def static_step(
 
     tok, pos, code_run (R,): the new token, its RoPE position, the image codes in a row
     before it; step (1,): which generated token this is. Group g's rows are the next
-    `group_masks[g].size(0)` rows; its keys/values go to slot prompt_lens[g] + step of
+    `group_k[g][0].size(0)` rows; its keys/values go to slot prompt_lens[g] + step of
     group_k[g][layer], written in place, and its mask must already include that slot.
-    `widths` (eager only: it changes every step) limits attention to the slots written.
-    Returns the next-token logits (R, V) and the new code runs.
+    `widths` (eager only: they change every step) limits attention to the slots written,
+    the last of which is this step's; a group whose mask is None there attends to all
+    of them. Returns the next-token logits (R, V) and the new code runs.
+
+    The same arithmetic as `CM3Decoder.forward` on one token, so the same tokens; the
+    functional calls skip the modules' call overhead, a fifth of an eager step here.
     """
     c = model.config
-    R = tok.size(0)
-    nh, hs = c.n_head, c.head_dim
-    x = model.wte(tok)  # (R, C)
+    R, C = tok.size(0), c.n_embd
+    nh, hs, eps = c.n_head, c.head_dim, c.norm_eps
+    x = F.embedding(tok, model.wte.weight)  # (R, C)
     if model.wge is not None:
         is_code = (tok >= c.image_offset) & (tok < c.image_offset + c.codebook_size)
         code_run = torch.where(is_code, code_run + 1, 0)
         x = x + model.wge(torch.where(is_code, (code_run - 1) % c.image_len + 1, 0))
     else:
         code_run = torch.zeros_like(code_run)
-    cos = model.rope_cos[pos].view(R, 1, 1, hs)
-    sin = model.rope_sin[pos].view(R, 1, 1, hs)
-    slots = [step + n for n in prompt_lens]
-    widths = widths or [m.size(1) for m in group_masks]
-    masks = [m[:, None, None, :w] for m, w in zip(group_masks, widths, strict=True)]
+    cos = model.rope_cos[pos].view(R, 1, 1, 1, hs)
+    sin = model.rope_sin[pos].view(R, 1, 1, 1, hs)
+    sizes = [gk[0].size(0) for gk in group_k]
+    if widths is None:  # static shapes: a tensor slot, the whole cache under its mask
+        slots: list = [step + n for n in prompt_lens]
+        widths = [gk[0].size(2) for gk in group_k]
+        masks = [m[:, None, None, :] for m in group_masks]
+    else:
+        slots = [slice(w - 1, w) for w in widths]
+        masks = [None if m is None else m[:, None, None, :w]
+                 for m, w in zip(group_masks, widths, strict=True)]
     for i, block in enumerate(model.blocks):
-        attn = block.attn
-        qkv = attn.c_attn(block.ln_1(x)).view(R, 3, nh, hs)
-        qk = apply_rope(qkv[:, :2], cos, sin)  # (R, 2, nh, hs)
-        q = qk[:, 0].unsqueeze(2)  # (R, nh, 1, hs)
-        k = qk[:, 1].unsqueeze(2)
-        v = qkv[:, 2].unsqueeze(2)
+        attn, mlp, ln_1, ln_2 = block.attn, block.mlp, block.ln_1, block.ln_2
+        h = F.layer_norm(x, (C,), ln_1.weight, ln_1.bias, eps)
+        qkv = F.linear(h, attn.c_attn.weight, attn.c_attn.bias).view(R, 3, nh, 1, hs)
+        qk = apply_rope(qkv[:, :2], cos, sin)  # (R, 2, nh, 1, hs)
+        q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]  # (R, nh, 1, hs)
         ys, start = [], 0
-        for gk, gv, mask, slot, w in zip(group_k, group_v, masks, slots, widths,
-                                         strict=True):
-            end = start + mask.size(0)
-            gk[i].index_copy_(2, slot, k[start:end])
-            gv[i].index_copy_(2, slot, v[start:end])
-            ys.append(F.scaled_dot_product_attention(
-                q[start:end], gk[i][:, :, :w], gv[i][:, :, :w], attn_mask=mask))
-            start = end
+        for gk, gv, mask, slot, w, n in zip(group_k, group_v, masks, slots, widths, sizes,
+                                            strict=True):
+            gq, gkey, gval = ((q, k, v) if n == R else
+                              (q[start:start + n], k[start:start + n], v[start:start + n]))
+            if isinstance(slot, slice):
+                gk[i][:, :, slot] = gkey
+                gv[i][:, :, slot] = gval
+            else:
+                gk[i].index_copy_(2, slot, gkey)
+                gv[i].index_copy_(2, slot, gval)
+            ks, vs = (gk[i], gv[i]) if w == gk[i].size(2) else (gk[i][:, :, :w], gv[i][:, :, :w])
+            ys.append(F.scaled_dot_product_attention(gq, ks, vs, attn_mask=mask))
+            start += n
         y = torch.cat(ys) if len(ys) > 1 else ys[0]  # (R, nh, 1, hs)
-        x = x + attn.c_proj(y.view(R, c.n_embd))
-        x = x + block.mlp(block.ln_2(x))
-    return model.lm_head(model.ln_f(x)), code_run
+        x = x + F.linear(y.view(R, C), attn.c_proj.weight, attn.c_proj.bias)
+        h = F.layer_norm(x, (C,), ln_2.weight, ln_2.bias, eps)
+        gate, up = F.linear(h, mlp.c_fc.weight, mlp.c_fc.bias).chunk(2, dim=-1)
+        x = x + F.linear(F.silu(gate) * up, mlp.c_proj.weight, mlp.c_proj.bias)
+    ln_f = model.ln_f
+    x = F.layer_norm(x, (C,), ln_f.weight, ln_f.bias, eps)
+    return F.linear(x, model.lm_head.weight), code_run
 
 
 StepFn = Callable[..., tuple[Tensor, Tensor]]
@@ -177,7 +198,8 @@ def run_step(fn: StepFn, model: CM3Decoder, tok: Tensor, state: DecodeState) -> 
             [g.k for g in state.groups], [g.v for g in state.groups],
             [g.mask for g in state.groups], [g.prompt_len for g in state.groups])
     if fn is static_step:  # eager: attend to the slots written so far only
-        logits, code_run = fn(*args, [g.prompt_len + t + 1 for g in state.groups])
+        logits, code_run = fn(*args[:7], [None if g.dense else g.mask for g in state.groups],
+                              args[8], [g.prompt_len + t + 1 for g in state.groups])
     else:
         logits, code_run = fn(*args)
     state.code_run = code_run.clone()  # a CUDA graph's outputs are overwritten next replay

@@ -85,7 +85,9 @@ def _fill_group(buffers: GroupBuffers, prompts: Sequence[Sequence[SegmentKV]],
         mask[rows, prompt_len - n : prompt_len] = True
     # padding rows see one zero slot, so their attention stays finite
     mask[len(row_prompt):, prompt_len - 1] = True
-    return RowGroup(k, v, mask, prompt_len)
+    dense = len(row_prompt) == mask.size(0) and all(
+        prompts[p][-1].end == prompt_len for p in row_prompt)
+    return RowGroup(k, v, mask, prompt_len, dense)
 
 
 def _runs(row_prompt: Sequence[int]) -> list[tuple[int, slice]]:
