@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -93,27 +93,59 @@ class DecodeState:
         return (self.max_new, tuple((g.rows, g.prompt_len) for g in self.groups))
 
 
+class LayerWeights(NamedTuple):
+    """One block's parameters, looked up once: a module attribute costs a Python call,
+    and an eager step would make ~150 of them."""
+
+    ln_1: Tensor
+    ln_1_b: Tensor | None
+    attn: Tensor
+    attn_b: Tensor | None
+    attn_proj: Tensor
+    attn_proj_b: Tensor | None
+    ln_2: Tensor
+    ln_2_b: Tensor | None
+    fc: Tensor
+    fc_b: Tensor | None
+    fc_proj: Tensor
+    fc_proj_b: Tensor | None
+
+
+def layer_weights(model: CM3Decoder) -> list[LayerWeights]:
+    """The blocks' parameters (the Parameter objects, so loads and layout changes, which
+    write into them, show through)."""
+    return [LayerWeights(b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias,
+                         b.attn.c_proj.weight, b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias,
+                         b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.c_proj.weight,
+                         b.mlp.c_proj.bias)
+            for b in model.blocks]
+
+
 def static_step(
     model: CM3Decoder,
     tok: Tensor,
     pos: Tensor,
     code_run: Tensor,
-    step: Tensor,
+    step: Tensor | None,
     group_k: list[list[Tensor]],
     group_v: list[list[Tensor]],
     group_masks: list[Tensor | None],
     prompt_lens: list[int],
     widths: list[int] | None = None,
+    weights: list[LayerWeights] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One token per row through the decoder, over a `DecodeState`'s tensors.
 
     tok, pos, code_run (R,): the new token, its RoPE position, the image codes in a row
-    before it; step (1,): which generated token this is. Group g's rows are the next
-    `group_k[g][0].size(0)` rows; its keys/values go to slot prompt_lens[g] + step of
-    group_k[g][layer], written in place, and its mask must already include that slot.
+    before it; step (1,): which generated token this is (static shapes only). Group g's
+    rows are the next `group_k[g][0].size(0)` rows; its keys/values go to slot
+    prompt_lens[g] + step of group_k[g][layer], written in place, and its mask must
+    already include that slot.
     `widths` (eager only: they change every step) limits attention to the slots written,
     the last of which is this step's; a group whose mask is None there attends to all
-    of them. Returns the next-token logits (R, V) and the new code runs.
+    of them. `weights`: `layer_weights(model)`, looked up here when None (as a compiled
+    step does: it makes no Python calls). Returns the next-token logits (R, V) and the
+    new code runs.
 
     The same arithmetic as `CM3Decoder.forward` on one token, so the same tokens; the
     functional calls skip the modules' call overhead, a fifth of an eager step here.
@@ -139,10 +171,9 @@ def static_step(
         slots = [slice(w - 1, w) for w in widths]
         masks = [None if m is None else m[:, None, None, :w]
                  for m, w in zip(group_masks, widths, strict=True)]
-    for i, block in enumerate(model.blocks):
-        attn, mlp, ln_1, ln_2 = block.attn, block.mlp, block.ln_1, block.ln_2
-        h = F.layer_norm(x, (C,), ln_1.weight, ln_1.bias, eps)
-        qkv = F.linear(h, attn.c_attn.weight, attn.c_attn.bias).view(R, 3, nh, 1, hs)
+    for i, w8 in enumerate(weights if weights is not None else layer_weights(model)):
+        h = F.layer_norm(x, (C,), w8.ln_1, w8.ln_1_b, eps)
+        qkv = F.linear(h, w8.attn, w8.attn_b).view(R, 3, nh, 1, hs)
         qk = apply_rope(qkv[:, :2], cos, sin)  # (R, 2, nh, 1, hs)
         q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]  # (R, nh, 1, hs)
         ys, start = [], 0
@@ -160,10 +191,10 @@ def static_step(
             ys.append(F.scaled_dot_product_attention(gq, ks, vs, attn_mask=mask))
             start += n
         y = torch.cat(ys) if len(ys) > 1 else ys[0]  # (R, nh, 1, hs)
-        x = x + F.linear(y.view(R, C), attn.c_proj.weight, attn.c_proj.bias)
-        h = F.layer_norm(x, (C,), ln_2.weight, ln_2.bias, eps)
-        gate, up = F.linear(h, mlp.c_fc.weight, mlp.c_fc.bias).chunk(2, dim=-1)
-        x = x + F.linear(F.silu(gate) * up, mlp.c_proj.weight, mlp.c_proj.bias)
+        x = x + F.linear(y.view(R, C), w8.attn_proj, w8.attn_proj_b)
+        h = F.layer_norm(x, (C,), w8.ln_2, w8.ln_2_b, eps)
+        gate, up = F.linear(h, w8.fc, w8.fc_b).chunk(2, dim=-1)
+        x = x + F.linear(F.silu(gate) * up, w8.fc_proj, w8.fc_proj_b)
     ln_f = model.ln_f
     x = F.layer_norm(x, (C,), ln_f.weight, ln_f.bias, eps)
     return F.linear(x, model.lm_head.weight), code_run
@@ -185,24 +216,30 @@ def allocate_buffers(config: DecoderConfig, shapes: Sequence[tuple[int, int]],
     return out
 
 
-def run_step(fn: StepFn, model: CM3Decoder, tok: Tensor, state: DecodeState) -> Tensor:
-    """Append tok (R,) to `state` through `fn`; the (R, V) logits after it."""
+def run_step(fn: StepFn, model: CM3Decoder, tok: Tensor, state: DecodeState,
+             weights: list[LayerWeights] | None = None) -> Tensor:
+    """Append tok (R,) to `state` through `fn`; the (R, V) logits after it, which the
+    caller may keep (a CUDA graph's own outputs are copied)."""
     t = state.length
     if t >= state.max_new:
         raise ValueError(f"decode state full: {state.max_new} tokens generated")
     for g in state.groups:
         g.mask[:, g.prompt_len + t] = True
-    if fn is not static_step and tok.device.type == "cuda":
-        torch.compiler.cudagraph_mark_step_begin()  # last step's outputs are consumed
-    args = (model, tok, state.next_pos, state.code_run, torch.tensor([t], device=tok.device),
-            [g.k for g in state.groups], [g.v for g in state.groups],
-            [g.mask for g in state.groups], [g.prompt_len for g in state.groups])
+    ks, vs = [g.k for g in state.groups], [g.v for g in state.groups]
+    prompt_lens = [g.prompt_len for g in state.groups]
     if fn is static_step:  # eager: attend to the slots written so far only
-        logits, code_run = fn(*args[:7], [None if g.dense else g.mask for g in state.groups],
-                              args[8], [g.prompt_len + t + 1 for g in state.groups])
+        logits, code_run = fn(model, tok, state.next_pos, state.code_run, None, ks, vs,
+                              [None if g.dense else g.mask for g in state.groups],
+                              prompt_lens, [n + t + 1 for n in prompt_lens], weights)
     else:
-        logits, code_run = fn(*args)
-    state.code_run = code_run.clone()  # a CUDA graph's outputs are overwritten next replay
+        if tok.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # last step's outputs are consumed
+        logits, code_run = fn(model, tok, state.next_pos, state.code_run,
+                              torch.tensor([t], device=tok.device), ks, vs,
+                              [g.mask for g in state.groups], prompt_lens)
+        # a CUDA graph's outputs are overwritten by its next replay
+        logits, code_run = logits.clone(), code_run.clone()
+    state.code_run = code_run
     state.next_pos += 1
     state.length = t + 1
     return logits
@@ -227,6 +264,10 @@ class StepRunner:
     # and writes the addresses it was captured with.
     pool: dict[tuple, list[GroupBuffers]] = field(default_factory=dict)
     _compiled_fn: StepFn | None = None
+    weights: list[LayerWeights] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.weights = layer_weights(self.model)
 
     def buffers(self, key: tuple, shapes: Sequence[tuple[int, int]], dtype: torch.dtype,
                 device: torch.device | str) -> list[GroupBuffers]:
@@ -313,7 +354,7 @@ class StepRunner:
             for g in state.groups:
                 g.mask[:, g.prompt_len] = False
             t0 = time.perf_counter()
-            run_step(fn, self.model, tok, state)
+            run_step(fn, self.model, tok, state, self.weights)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             best = min(best, time.perf_counter() - t0)

@@ -68,10 +68,10 @@ class RowStep:
         tok = idx[:, 0]
         if self.real_rows is not None:
             tok = tok.new_zeros(state.rows).index_copy_(0, self.real_rows, tok)
-        logits = run_step(self.runner.step_fn(state), model, tok, state)
+        logits = run_step(self.runner.step_fn(state), model, tok, state, self.runner.weights)
         if self.real_rows is not None:
             return logits.index_select(0, self.real_rows)[:, None]
-        return logits.clone()[:, None]  # a CUDA graph overwrites its output next step
+        return logits[:, None]
 
 
 def _fill_group(buffers: GroupBuffers, prompts: Sequence[Sequence[SegmentKV]],
