@@ -111,6 +111,8 @@ def run(
     if total > config.block_size:
         config.block_size = total  # the benchmark may ask for more than the preset's context
     ours = CM3Decoder(config).to(dev, torch_dtype).eval()
+    if dev.type == "cpu":
+        ours.use_decode_layout()  # GPT-2's (in, out) weights, as the HF twin has them
     hf = _hf_twin(config, total).to(dev, torch_dtype).eval() if compare_hf else None
     params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
     # no prefix cache: every timed run prefills its prompts, as the other arms do

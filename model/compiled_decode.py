@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +63,9 @@ class RowGroup:
     v: list[Tensor]
     mask: Tensor
     prompt_len: int
+    # every row reads a prompt exactly prompt_len long: no slot is masked out, so the
+    # eager step, which attends only to the slots written so far, needs no mask
+    dense: bool = False
 
     @property
     def rows(self) -> int:
@@ -93,62 +96,111 @@ class DecodeState:
         return (self.max_new, tuple((g.rows, g.prompt_len) for g in self.groups))
 
 
+class LayerWeights(NamedTuple):
+    """One block's parameters, looked up once: a module attribute costs a Python call,
+    and an eager step would make ~150 of them."""
+
+    ln_1: Tensor
+    ln_1_b: Tensor | None
+    attn: Tensor
+    attn_b: Tensor | None
+    attn_proj: Tensor
+    attn_proj_b: Tensor | None
+    ln_2: Tensor
+    ln_2_b: Tensor | None
+    fc: Tensor
+    fc_b: Tensor | None
+    fc_proj: Tensor
+    fc_proj_b: Tensor | None
+
+
+def layer_weights(model: CM3Decoder) -> list[LayerWeights]:
+    """The blocks' parameters (the Parameter objects, so loads and layout changes, which
+    write into them, show through)."""
+    return [LayerWeights(b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias,
+                         b.attn.c_proj.weight, b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias,
+                         b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.c_proj.weight,
+                         b.mlp.c_proj.bias)
+            for b in model.blocks]
+
+
 def static_step(
     model: CM3Decoder,
     tok: Tensor,
     pos: Tensor,
     code_run: Tensor,
-    step: Tensor,
+    step: Tensor | None,
     group_k: list[list[Tensor]],
     group_v: list[list[Tensor]],
-    group_masks: list[Tensor],
+    group_masks: list[Tensor | None],
     prompt_lens: list[int],
     widths: list[int] | None = None,
+    weights: list[LayerWeights] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One token per row through the decoder, over a `DecodeState`'s tensors.
 
     tok, pos, code_run (R,): the new token, its RoPE position, the image codes in a row
-    before it; step (1,): which generated token this is. Group g's rows are the next
-    `group_masks[g].size(0)` rows; its keys/values go to slot prompt_lens[g] + step of
-    group_k[g][layer], written in place, and its mask must already include that slot.
-    `widths` (eager only: it changes every step) limits attention to the slots written.
-    Returns the next-token logits (R, V) and the new code runs.
+    before it; step (1,): which generated token this is (static shapes only). Group g's
+    rows are the next `group_k[g][0].size(0)` rows; its keys/values go to slot
+    prompt_lens[g] + step of group_k[g][layer], written in place, and its mask must
+    already include that slot.
+    `widths` (eager only: they change every step) limits attention to the slots written,
+    the last of which is this step's; a group whose mask is None there attends to all
+    of them. `weights`: `layer_weights(model)`, looked up here when None (as a compiled
+    step does: it makes no Python calls). Returns the next-token logits (R, V) and the
+    new code runs.
+
+    The same arithmetic as `CM3Decoder.forward` on one token, so the same tokens; the
+    functional calls skip the modules' call overhead, a fifth of an eager step here.
     """
     c = model.config
-    R = tok.size(0)
-    nh, hs = c.n_head, c.head_dim
-    x = model.wte(tok)  # (R, C)
+    R, C = tok.size(0), c.n_embd
+    nh, hs, eps = c.n_head, c.head_dim, c.norm_eps
+    x = F.embedding(tok, model.wte.weight)  # (R, C)
     if model.wge is not None:
         is_code = (tok >= c.image_offset) & (tok < c.image_offset + c.codebook_size)
         code_run = torch.where(is_code, code_run + 1, 0)
         x = x + model.wge(torch.where(is_code, (code_run - 1) % c.image_len + 1, 0))
     else:
         code_run = torch.zeros_like(code_run)
-    cos = model.rope_cos[pos].view(R, 1, 1, hs)
-    sin = model.rope_sin[pos].view(R, 1, 1, hs)
-    slots = [step + n for n in prompt_lens]
-    widths = widths or [m.size(1) for m in group_masks]
-    masks = [m[:, None, None, :w] for m, w in zip(group_masks, widths, strict=True)]
-    for i, block in enumerate(model.blocks):
-        attn = block.attn
-        qkv = attn.c_attn(block.ln_1(x)).view(R, 3, nh, hs)
-        qk = apply_rope(qkv[:, :2], cos, sin)  # (R, 2, nh, hs)
-        q = qk[:, 0].unsqueeze(2)  # (R, nh, 1, hs)
-        k = qk[:, 1].unsqueeze(2)
-        v = qkv[:, 2].unsqueeze(2)
+    cos = model.rope_cos[pos].view(R, 1, 1, 1, hs)
+    sin = model.rope_sin[pos].view(R, 1, 1, 1, hs)
+    sizes = [gk[0].size(0) for gk in group_k]
+    if widths is None:  # static shapes: a tensor slot, the whole cache under its mask
+        slots: list = [step + n for n in prompt_lens]
+        widths = [gk[0].size(2) for gk in group_k]
+        masks = [m[:, None, None, :] for m in group_masks]
+    else:
+        slots = [slice(w - 1, w) for w in widths]
+        masks = [None if m is None else m[:, None, None, :w]
+                 for m, w in zip(group_masks, widths, strict=True)]
+    for i, w8 in enumerate(weights if weights is not None else layer_weights(model)):
+        h = F.layer_norm(x, (C,), w8.ln_1, w8.ln_1_b, eps)
+        qkv = F.linear(h, w8.attn, w8.attn_b).view(R, 3, nh, 1, hs)
+        qk = apply_rope(qkv[:, :2], cos, sin)  # (R, 2, nh, 1, hs)
+        q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]  # (R, nh, 1, hs)
         ys, start = [], 0
-        for gk, gv, mask, slot, w in zip(group_k, group_v, masks, slots, widths,
-                                         strict=True):
-            end = start + mask.size(0)
-            gk[i].index_copy_(2, slot, k[start:end])
-            gv[i].index_copy_(2, slot, v[start:end])
-            ys.append(F.scaled_dot_product_attention(
-                q[start:end], gk[i][:, :, :w], gv[i][:, :, :w], attn_mask=mask))
-            start = end
+        for gk, gv, mask, slot, w, n in zip(group_k, group_v, masks, slots, widths, sizes,
+                                            strict=True):
+            gq, gkey, gval = ((q, k, v) if n == R else
+                              (q[start:start + n], k[start:start + n], v[start:start + n]))
+            if isinstance(slot, slice):
+                gk[i][:, :, slot] = gkey
+                gv[i][:, :, slot] = gval
+            else:
+                gk[i].index_copy_(2, slot, gkey)
+                gv[i].index_copy_(2, slot, gval)
+            ks, vs = (gk[i], gv[i]) if w == gk[i].size(2) else (gk[i][:, :, :w], gv[i][:, :, :w])
+            ys.append(F.scaled_dot_product_attention(gq, ks, vs, attn_mask=mask))
+            start += n
         y = torch.cat(ys) if len(ys) > 1 else ys[0]  # (R, nh, 1, hs)
-        x = x + attn.c_proj(y.view(R, c.n_embd))
-        x = x + block.mlp(block.ln_2(x))
-    return model.lm_head(model.ln_f(x)), code_run
+        x = x + F.linear(y.view(R, C), w8.attn_proj, w8.attn_proj_b)
+        h = F.layer_norm(x, (C,), w8.ln_2, w8.ln_2_b, eps)
+        gate, up = F.linear(h, w8.fc, w8.fc_b).chunk(2, dim=-1)
+        x = x + F.linear(F.silu(gate) * up, w8.fc_proj, w8.fc_proj_b)
+    ln_f = model.ln_f
+    x = F.layer_norm(x, (C,), ln_f.weight, ln_f.bias, eps)
+    return F.linear(x, model.lm_head.weight), code_run
 
 
 StepFn = Callable[..., tuple[Tensor, Tensor]]
@@ -167,23 +219,30 @@ def allocate_buffers(config: DecoderConfig, shapes: Sequence[tuple[int, int]],
     return out
 
 
-def run_step(fn: StepFn, model: CM3Decoder, tok: Tensor, state: DecodeState) -> Tensor:
-    """Append tok (R,) to `state` through `fn`; the (R, V) logits after it."""
+def run_step(fn: StepFn, model: CM3Decoder, tok: Tensor, state: DecodeState,
+             weights: list[LayerWeights] | None = None) -> Tensor:
+    """Append tok (R,) to `state` through `fn`; the (R, V) logits after it, which the
+    caller may keep (a CUDA graph's own outputs are copied)."""
     t = state.length
     if t >= state.max_new:
         raise ValueError(f"decode state full: {state.max_new} tokens generated")
     for g in state.groups:
         g.mask[:, g.prompt_len + t] = True
-    if fn is not static_step and tok.device.type == "cuda":
-        torch.compiler.cudagraph_mark_step_begin()  # last step's outputs are consumed
-    args = (model, tok, state.next_pos, state.code_run, torch.tensor([t], device=tok.device),
-            [g.k for g in state.groups], [g.v for g in state.groups],
-            [g.mask for g in state.groups], [g.prompt_len for g in state.groups])
+    ks, vs = [g.k for g in state.groups], [g.v for g in state.groups]
+    prompt_lens = [g.prompt_len for g in state.groups]
     if fn is static_step:  # eager: attend to the slots written so far only
-        logits, code_run = fn(*args, [g.prompt_len + t + 1 for g in state.groups])
+        logits, code_run = fn(model, tok, state.next_pos, state.code_run, None, ks, vs,
+                              [None if g.dense else g.mask for g in state.groups],
+                              prompt_lens, [n + t + 1 for n in prompt_lens], weights)
     else:
-        logits, code_run = fn(*args)
-    state.code_run = code_run.clone()  # a CUDA graph's outputs are overwritten next replay
+        if tok.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # last step's outputs are consumed
+        logits, code_run = fn(model, tok, state.next_pos, state.code_run,
+                              torch.tensor([t], device=tok.device), ks, vs,
+                              [g.mask for g in state.groups], prompt_lens)
+        # a CUDA graph's outputs are overwritten by its next replay
+        logits, code_run = logits.clone(), code_run.clone()
+    state.code_run = code_run
     state.next_pos += 1
     state.length = t + 1
     return logits
@@ -196,8 +255,10 @@ class StepRunner:
     On CUDA, "auto" and "on" compile every warmed-up shape (with CUDA graphs: launching
     one graph is what a step then costs). On the CPU, "on" compiles each warmed-up shape
     and keeps it where warm-up measured it faster than eager, while "auto" stays eager:
-    for the demo decoder compiling bought 1.2-1.3x per step at the price of minutes of
-    warm-up per shape (BENCHMARKS.md). "off" never compiles.
+    the eager step attends only to the slots written so far, the compiled one to the
+    whole static cache, and for the demo decoder over 256 new tokens eager measured
+    faster, while a compile costs seconds to minutes per shape (BENCHMARKS.md). "off"
+    never compiles.
     """
 
     model: CM3Decoder
@@ -208,6 +269,10 @@ class StepRunner:
     # and writes the addresses it was captured with.
     pool: dict[tuple, list[GroupBuffers]] = field(default_factory=dict)
     _compiled_fn: StepFn | None = None
+    weights: list[LayerWeights] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.weights = layer_weights(self.model)
 
     def buffers(self, key: tuple, shapes: Sequence[tuple[int, int]], dtype: torch.dtype,
                 device: torch.device | str) -> list[GroupBuffers]:
@@ -271,13 +336,12 @@ class StepRunner:
                         torch._dynamo.mark_static_address(t)
             fn = self._compile()
             t0 = time.perf_counter()
-            self._time(fn, state, 3)  # the first call compiles, the next ones capture
+            self._time([fn], state, 3)  # the first call compiles, the next ones capture
             log.info("decode step %s compiled in %.1f s", key, time.perf_counter() - t0)
             if device.type == "cuda":
                 self._adopt(key, state)
                 continue
-            compiled_ms = self._time(fn, state, measure_steps)
-            eager_ms = self._time(static_step, state, measure_steps)
+            eager_ms, compiled_ms = self._time([static_step, fn], state, measure_steps)
             self.timings_ms[key] = (eager_ms, compiled_ms)
             if compiled_ms < eager_ms:
                 self._adopt(key, state)
@@ -285,20 +349,29 @@ class StepRunner:
                      compiled_ms, "compiled" if key in self.compiled else "eager")
 
     @torch.inference_mode()
-    def _time(self, fn: StepFn, state: DecodeState, steps: int) -> float:
-        """Best ms per step of `fn` on `state` (rewinding it after each step)."""
+    def _time(self, fns: Sequence[StepFn], state: DecodeState, steps: int) -> list[float]:
+        """Best ms per step of each of `fns` on `state`, taking turns, each step taken
+        halfway through the generation and rewound: the eager step attends only to the
+        slots written so far, the compiled one to all of them under its mask, so a step
+        at the start would flatter eager. On the CPU the time is the process's CPU time,
+        which other processes' load leaves out."""
         dev = state.next_pos.device
+        clock = time.perf_counter if dev.type == "cuda" else time.process_time
         tok = torch.zeros(state.rows, dtype=torch.long, device=dev)
-        best = float("inf")
+        mid = state.max_new // 2
+        state.next_pos += mid
+        best = [float("inf")] * len(fns)
         for _ in range(steps):
-            state.length = 0
-            for g in state.groups:
-                g.mask[:, g.prompt_len] = False
-            t0 = time.perf_counter()
-            run_step(fn, self.model, tok, state)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            best = min(best, time.perf_counter() - t0)
-            state.next_pos -= 1
+            for i, fn in enumerate(fns):
+                state.length = mid
+                t0 = clock()
+                run_step(fn, self.model, tok, state, self.weights)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                best[i] = min(best[i], clock() - t0)
+                state.next_pos -= 1
+        state.next_pos -= mid
         state.length = 0
-        return 1e3 * best
+        for g in state.groups:  # the scratch slots are free again
+            g.mask[:, g.prompt_len:] = False
+        return [1e3 * b for b in best]

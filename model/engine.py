@@ -94,6 +94,8 @@ class Engine:
         fast: FastDecodeOptions | None = None,
     ) -> None:
         self.decoder = decoder.eval()
+        if device == "cpu":
+            self.decoder.use_decode_layout()  # same values; faster decoding products
         self.space = space
         self.tokenizer = tokenizer
         self.vq = vq

@@ -87,10 +87,10 @@ class RowStep:
         tok = idx[:, 0]
         if self.real_rows is not None:
             tok = tok.new_zeros(state.rows).index_copy_(0, self.real_rows, tok)
-        logits = run_step(self.runner.step_fn(state), model, tok, state)
+        logits = run_step(self.runner.step_fn(state), model, tok, state, self.runner.weights)
         if self.real_rows is not None:
             return logits.index_select(0, self.real_rows)[:, None]
-        return logits.clone()[:, None]  # a CUDA graph overwrites its output next step
+        return logits[:, None]
 
 
 def _fill_group(buffers: GroupBuffers, prompts: Sequence[Sequence[SegmentKV]],
@@ -104,7 +104,9 @@ def _fill_group(buffers: GroupBuffers, prompts: Sequence[Sequence[SegmentKV]],
         mask[rows, prompt_len - n : prompt_len] = True
     # padding rows see one zero slot, so their attention stays finite
     mask[len(row_prompt):, prompt_len - 1] = True
-    return RowGroup(k, v, mask, prompt_len)
+    dense = len(row_prompt) == mask.size(0) and all(
+        prompts[p][-1].end == prompt_len for p in row_prompt)
+    return RowGroup(k, v, mask, prompt_len, dense)
 
 
 def _runs(row_prompt: Sequence[int]) -> list[tuple[int, slice]]:

@@ -3,9 +3,13 @@ static step. Every fast path must give exactly the tokens of the slow one."""
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 import pytest
 import torch
 
+from model.checkpoint import load_module, save_checkpoint
 from model.compiled_decode import StepRunner, static_step
 from model.decoder import CM3Decoder, DecoderConfig, left_pad
 from model.fast_decode import FastDecode, FastDecodeOptions, SharedPrefill
@@ -82,6 +86,34 @@ def test_shared_prefill_gives_the_tokens_of_the_padded_batch(model: CM3Decoder,
     assert torch.equal(_generate(model, prompts, 3, seeds, guided, cached), plain)
     assert torch.equal(_generate(model, prompts, 3, seeds, guided, cached), plain)
     assert cached.cache.stats().hits > 0
+
+
+def test_the_decode_layout_keeps_the_values_and_the_paths_agree(model: CM3Decoder,
+                                                                tmp_path: Path) -> None:
+    m = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    assert m.use_decode_layout() is m
+    w = m.blocks[0].attn.c_attn.weight
+    assert w.t().is_contiguous() and not w.is_contiguous()
+    assert m.lm_head.weight is m.wte.weight  # still tied
+    after = m.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    # the checkpoint stores the same tensors, and loads into the usual layout
+    save_checkpoint(m, m.config, tmp_path, "d")
+    loaded = load_module(CM3Decoder, DecoderConfig, tmp_path, "d")
+    assert loaded.blocks[0].attn.c_attn.weight.is_contiguous()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in before.items())
+    # sampled, padded, guided rows; and one greedy row, whose cache has no masked slot
+    prompts = [_doc(1) + _tail(10, 6), _tail(11, 3)]
+    plain = _generate(m, prompts, 2, [4, 5], True)
+    assert torch.equal(_generate(m, prompts, 2, [4, 5], True,
+                                 SharedPrefill(m, StepRunner(m, "off"))), plain)
+    params = SamplingParams(temperature=0.0, max_new_tokens=12)
+    idx, _ = left_pad([_doc(3) + _tail(12, 4)])
+    prefilled = SharedPrefill(m, StepRunner(m, "off"))(idx.tolist(), None, 1, 12)
+    assert prefilled.cache.groups[0].dense
+    assert torch.equal(m.generate(None, params, eos_id=None, prefilled=prefilled),
+                       m.generate(idx, params, eos_id=None))
 
 
 def test_a_cache_hit_gives_exactly_the_logits_of_a_miss(model: CM3Decoder) -> None:
