@@ -198,8 +198,9 @@ def static_step(
         h = F.layer_norm(x, (C,), w8.ln_2, w8.ln_2_b, eps)
         gate, up = F.linear(h, w8.fc, w8.fc_b).chunk(2, dim=-1)
         x = x + F.linear(F.silu(gate) * up, w8.fc_proj, w8.fc_proj_b)
-    ln_f = model.ln_f
-    x = F.layer_norm(x, (C,), ln_f.weight, ln_f.bias, eps)
+    # the final norm as a module call (one a step): its hooks see every step's rows, as
+    # they do on the plain path
+    x = model.ln_f(x)
     return F.linear(x, model.lm_head.weight), code_run
 
 
