@@ -710,7 +710,7 @@ def api_default_job(prompt: str, neighbours: list[NeighbourDoc], seed: int) -> T
 
 def api_default_caption_job(image: np.ndarray, neighbours: list[NeighbourDoc],
                             seed: int) -> CaptionJob:
-    """The job `/v1/captions` submits for a request that sets only the image (and the
+    """The job `/v1/images/captions` submits for a request that sets only the image (and the
     seed): every other setting is the API's default."""
     from app.schemas import CaptionRequest
 
@@ -758,7 +758,7 @@ def novel_flags_check(bundle: Any, memory_dir: str | Path, n_flags: int = 12,
     decoder.
 
     Captions go the other way: each flag's image, and a re-photographed copy of it
-    (`rephotographed`), is captioned through the engine call `/v1/captions` makes, with
+    (`rephotographed`), is captioned through the engine call `/v1/images/captions` makes, with
     its defaults, the neighbours retrieved by the image as the service retrieves them
     (`caption_retrieved`: the flag's document is among them); `caption_named`: the
     caption has the flag's name.
