@@ -25,6 +25,7 @@ METRIC_COLUMNS: tuple[tuple[str, str, bool], ...] = (
     ("t2i_fid", "t2i FID", False),
     ("i2t_attr_acc", "i2t attr acc", True),
     ("i2t_bleu4", "i2t BLEU-4", True),
+    ("i2t_entity_named", "caption names entity", True),
     ("entity_acc", "entity acc", True),
     ("infill_acc", "infill acc", True),
 )
@@ -86,9 +87,10 @@ def write_markdown(result: Mapping[str, Any], path: str | Path,
         "candidate kept is the one CLIP scores best against the prompt alone, without the "
         "retrieved images' vote in the ranking. RA-CM3 (served default) decodes with "
         "retrieval guidance at the served weight; the paper's decoding is the same decoder "
-        "and neighbours with guidance 0. `i2t_entity_named`: flag images whose caption has "
-        "the entity's name (`_retrieved`: the share whose neighbours hold the name, and "
-        "named among those).",
+        "and neighbours with guidance 0. `i2t_entity_named` (caption names entity): flag "
+        "images whose caption has the entity's name (`_retrieved`: the share whose "
+        "neighbours hold the name, and named among those); `i2t_*_scenes`: object and "
+        "pair images alone.",
         "",
         "## How it was measured",
         "",
@@ -159,6 +161,25 @@ def _novel_flags_section(novel: Mapping[str, Any]) -> list[str]:
             parts.append(f"| {title} | {_fmt(drawn[way])} |")
     parts += [f"| new flag retrieved first | {_fmt(novel.get('retrieved_first'))} |",
               f"| the VQ alone reproduces the flag | {_fmt(novel.get('vq_drawable'))} |"]
+    named = novel.get("caption_named")
+    if named:
+        by_image = novel.get("caption_named_by_image", {})
+        retrieved = novel.get("caption_retrieved", {})
+        parts += ["", f"Captions of the same flags' images, each flag's own image and a "
+                  f"re-photographed copy (a colour cast and pixel noise), with "
+                  f"{novel.get('caption_settings')}: the share whose caption names the flag, "
+                  "and whose neighbours (retrieved by the image) hold its document.", "",
+                  "| | named | own image | re-photographed | flag retrieved |",
+                  "|---|---|---|---|---|"]
+        for way, title in (("ra_cm3", "retrieval as served, API defaults"),
+                           ("ra_cm3_paper", "the paper's (dense retrieval, guidance 0)"),
+                           ("retrieval_off", "retrieval off")):
+            if way in named:
+                parts.append(
+                    f"| {title} | {_fmt(named[way])} | "
+                    f"{_fmt(by_image.get('exact', {}).get(way))} | "
+                    f"{_fmt(by_image.get('rephotographed', {}).get(way))} | "
+                    f"{_fmt(retrieved.get(way))} |")
     rows = novel.get("rows") or []
     if rows:
         parts += ["", "| name | layout | prompt | retrieved first | drawn (on / paper / off) "
