@@ -408,9 +408,10 @@ class Evaluator:
                                                         [references[i] for i in scenes])
             if flags.any():
                 out[system]["i2t_entity_named"] = float(named[flags].mean())
-                out[system]["i2t_entity_retrieved"] = float(found[flags].mean())
-                if found.any():
-                    out[system]["i2t_entity_named_retrieved"] = float(named[found].mean())
+                if system != "cm3":  # CM3 has no neighbours
+                    out[system]["i2t_entity_retrieved"] = float(found[flags].mean())
+                    if found.any():
+                        out[system]["i2t_entity_named_retrieved"] = float(named[found].mean())
         return out
 
     def eval_entity(self) -> dict[str, dict[str, float]]:
@@ -432,10 +433,11 @@ class Evaluator:
             names = [a["entity"].lower() for _, a in prompts]
             out[system] = {"entity_acc": float((predicted == target).mean()),
                            "entity_acc_prompt_rerank": float((by_prompt_predicted == target)
-                                                             .mean()),
-                           "entity_retrieved": float(np.mean([
-                               any(n in self.neighbour_caption(d).lower() for d in nbs)
-                               for n, nbs in zip(names, neighbours[system], strict=True)]))}
+                                                             .mean())}
+            if system != "cm3":  # CM3 has no neighbours
+                out[system]["entity_retrieved"] = float(np.mean([
+                    any(n in self.neighbour_caption(d).lower() for d in nbs)
+                    for n, nbs in zip(names, neighbours[system], strict=True)]))
         rows = self.config.grid_rows - self.config.grid_rows // 2
         self._add_rows(captions, neighbours["ra_cm3"], images_by_system, rows)
         return out
