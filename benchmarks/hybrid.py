@@ -10,10 +10,15 @@ Quality, with the retrieval the service runs (K=2, the bundle's diversity thresh
   of the train split;
 - new_names: flags in patterns the world never draws, each appended as one "the flag of
   NAME" document through `racm3 build-index --source folder --append` (a subprocess, as
-  a user runs it) to a copy of the memory, then asked for in several phrasings.
+  a user runs it) to a copy of the memory, then asked for in several phrasings;
+- image queries (captioning's retrieval): `i2t_entity` the eval's i2t flag images, the
+  right entity first and among the K; `i2t_scenes` its object and pair images, the
+  attribute accuracy of the first neighbour's caption; `new_images` each appended flag's
+  own image and a re-photographed copy (`evaluation.evaluate.rephotographed`).
 
-Cost: per-query search latency (CLIP encoding excluded, the same encoded queries for both
-modes), the lexical index's build time from the store, its load time and its size.
+Cost: per-query search latency (CLIP and VQ encoding excluded, the same encoded queries
+for both modes), the lexical index's build time from the store, its load time and its
+size, and the time to read the stored codes for image queries.
 Ratios are hybrid / dense, measured in the same run.
 """
 
@@ -106,6 +111,14 @@ def _t2i_quality(neighbours: list[list[Any]], targets: list[dict], judge: Any,
     }
 
 
+def _caption_quality(neighbours: list[list[Any]], targets: list[dict]) -> dict[str, float]:
+    from evaluation.metrics import caption_attribute_accuracy
+
+    return {"caption_top1": caption_attribute_accuracy(
+        [r[0].caption or "" if r else "" for r in neighbours], targets)["attribute"],
+        "n": len(targets)}
+
+
 def _append_flags(bundle_dir: Path, memory_dir: Path, names: list[str], size: int,
                   workdir: Path) -> float:
     from PIL import Image
@@ -120,6 +133,15 @@ def _append_flags(bundle_dir: Path, memory_dir: Path, names: list[str], size: in
                     "--input", str(folder), "--out", str(memory_dir), "--bundle",
                     str(bundle_dir), "--append"], check=True, capture_output=True)
     return time.perf_counter() - t0
+
+
+def _image_codes(bundle: Any, images: np.ndarray) -> list[np.ndarray]:
+    """The images' VQ codes, as the retriever encodes an image query."""
+    import torch
+
+    batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        return list(bundle.vq.encode(batch.float().div(255.0)).cpu().numpy())
 
 
 def _latency_ms(calls: list[Any], repeats: int) -> dict[str, float]:
@@ -138,8 +160,9 @@ def run(bundle_dir: Path, memory_dir: Path, n: int = 200, new_names: int = 10,
         threads: int = 1, workdir: Path | None = None) -> dict[str, Any]:
     import torch
 
-    from evaluation.evaluate import EvalConfig, Evaluator
+    from evaluation.evaluate import EvalConfig, Evaluator, rephotographed
     from model.bundle import Bundle, bundle_diversity_threshold
+    from retrieval.code_index import CodeIndex
     from retrieval.lexical_index import LEXICAL_FILES, LexicalIndex
     from retrieval.memory import Memory
     from retrieval.search import SearchStrategy, search
@@ -167,11 +190,23 @@ def run(bundle_dir: Path, memory_dir: Path, n: int = 200, new_names: int = 10,
     def retrieve(memory: Memory, texts: list[str], mode: str) -> list[list[Any]]:
         return search(memory, clip.encode_text(texts), 2, strategies[mode], texts=texts)
 
+    def retrieve_images(memory: Memory, images: np.ndarray, mode: str) -> list[list[Any]]:
+        codes = _image_codes(bundle, images) if mode == "hybrid" else None
+        return search(memory, clip.encode_image(images), 2, strategies[mode], codes=codes)
+
+    items = Evaluator.eval_items(prompts)  # the eval's i2t items
+    flag_items = [it for it in items if it.attributes["kind"] == "entity"]
+    scene_items = [it for it in items if it.attributes["kind"] != "entity"]
+
     memory = Memory.load(memory_dir)
     out: dict[str, Any] = {"memory_version": memory.version, "documents": len(memory)}
     t0 = time.perf_counter()
     LexicalIndex.from_store(memory.store)
     out["lexical_build_from_store_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    h, w = memory.image_grid
+    CodeIndex.from_store(memory.store, h * w)
+    out["codes_read_from_store_s"] = time.perf_counter() - t0
 
     quality: dict[str, dict[str, Any]] = {}
     for mode in MODES:
@@ -184,6 +219,12 @@ def run(bundle_dir: Path, memory_dir: Path, n: int = 200, new_names: int = 10,
                                 [a for _, a in t2i], judge, world),
             "dev_t2i": _t2i_quality(retrieve(memory, [p for p, _ in dev_t2i], mode),
                                     [a for _, a in dev_t2i], judge, world),
+            "i2t_entity": _first_and_among(
+                retrieve_images(memory, np.stack([it.image for it in flag_items]), mode),
+                [it.attributes["entity"] for it in flag_items]),
+            "i2t_scenes": _caption_quality(
+                retrieve_images(memory, np.stack([it.image for it in scene_items]), mode),
+                [it.attributes for it in scene_items]),
         }
 
     # latency: the same encoded queries for both modes, one at a time
@@ -196,6 +237,14 @@ def run(bundle_dir: Path, memory_dir: Path, n: int = 200, new_names: int = 10,
             for i, text in enumerate(texts)]
         _latency_ms(calls, 1)  # warm the page cache
         cost[mode] = _latency_ms(calls, 3)
+    images = np.stack([it.image for it in items[:100]])
+    image_vectors, image_codes = clip.encode_image(images), _image_codes(bundle, images)
+    for mode in MODES:
+        calls = [lambda i=i, mode=mode: search(
+            memory, image_vectors[i : i + 1], 2, strategies[mode],
+            codes=[image_codes[i]] if mode == "hybrid" else None) for i in range(len(images))]
+        _latency_ms(calls, 1)
+        cost[f"{mode}_image"] = _latency_ms(calls, 3)
 
     with tempfile.TemporaryDirectory(dir=workdir) as scratch:
         work = Path(scratch)
@@ -218,6 +267,14 @@ def run(bundle_dir: Path, memory_dir: Path, n: int = 200, new_names: int = 10,
             hits = _first_and_among(retrieve(appended, [p for p, _ in asked], mode),
                                     [name for _, name in asked])
             quality[mode]["new_names"] = hits
+        flags = novel_flags(len(names), bundle.image_size)
+        photo_rng = np.random.default_rng([0, 17])
+        own = np.stack(flags + [rephotographed(f, photo_rng) for f in flags])
+        for mode in MODES:
+            found = retrieve_images(appended, own, mode)
+            quality[mode]["new_images"] = _first_and_among(found[: len(flags)], names)
+            quality[mode]["new_images_rephotographed"] = _first_and_among(
+                found[len(flags) :], names)
         appended.store.close()
 
     out.update(quality=quality, latency=cost, ratios={
@@ -226,6 +283,10 @@ def run(bundle_dir: Path, memory_dir: Path, n: int = 200, new_names: int = 10,
         / max(quality["dense"]["entity"]["among_k"], 1e-9),
         "t2i_judge_hybrid_over_dense": quality["hybrid"]["t2i"]["judge_top1"]
         / max(quality["dense"]["t2i"]["judge_top1"], 1e-9),
+        "i2t_entity_among_k_hybrid_over_dense": quality["hybrid"]["i2t_entity"]["among_k"]
+        / max(quality["dense"]["i2t_entity"]["among_k"], 1e-9),
+        "image_search_p50_hybrid_over_dense": cost["hybrid_image"]["p50_ms"]
+        / cost["dense_image"]["p50_ms"],
     })
     out["config"] = {"bundle": Path(bundle_dir).name, "memory": Path(memory_dir).name, "n": n,
                      "new_names": new_names, "k": 2, "threads": threads}
@@ -246,6 +307,11 @@ def format_table(r: dict[str, Any]) -> str:
         ("t2i: top-1 caption attrs", "t2i", "caption_top1"),
         ("t2i: top-2 caption attrs", "t2i", "caption_top2"),
         ("dev t2i: judge on top-1", "dev_t2i", "judge_top1"),
+        ("i2t flag images: right first", "i2t_entity", "first"),
+        ("i2t flag images: among K=2", "i2t_entity", "among_k"),
+        ("i2t scenes: top-1 caption attrs", "i2t_scenes", "caption_top1"),
+        ("new flags' own images: first", "new_images", "first"),
+        ("re-photographed: among K=2", "new_images_rephotographed", "among_k"),
     ]
     lines = [f"memory {r['memory_version']} ({r['documents']} documents)",
              f"{'metric':30s} {'dense':>8s} {'hybrid':>8s}"]
@@ -256,6 +322,10 @@ def format_table(r: dict[str, Any]) -> str:
               f"{lat['hybrid']['p50_ms']:8.2f}",
               f"{'search p99 ms / query':30s} {lat['dense']['p99_ms']:8.2f} "
               f"{lat['hybrid']['p99_ms']:8.2f}",
+              f"{'image search p50 / p99 ms':30s} {lat['dense_image']['p50_ms']:8.2f} "
+              f"{lat['hybrid_image']['p50_ms']:8.2f} / {lat['dense_image']['p99_ms']:.2f} "
+              f"{lat['hybrid_image']['p99_ms']:.2f}",
+              f"stored codes read for image queries in {r['codes_read_from_store_s']:.3f} s",
               f"lexical index: build from store {r['lexical_build_from_store_s']:.2f} s, "
               f"load {r['lexical_load_ms']:.1f} ms, {r['lexical_mb']:.2f} MB; "
               f"append of {r['config']['new_names']} docs {r['append_s']:.1f} s",

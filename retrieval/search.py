@@ -318,11 +318,15 @@ def _rank(memory: Memory, q: np.ndarray, s: SearchStrategy, n: int,
     scores, ids = knn_search(memory, q, n)
     order = scores  # the relevance the rules sort by
     if s.mode == "hybrid":
-        texts = [t if getattr(memory, "lexical", None) is not None else None for t in texts]
-        codes = [c if t is None and s.image_codes and getattr(memory, "codes", None)
-                 is not None else None for t, c in zip(texts, codes, strict=True)]
-        if any(t is not None for t in texts) or any(c is not None for c in codes):
-            ids, order, scores = _fused(memory, q, ids, texts, codes, n, s)
+        # words where the memory has a lexical index; codes for queries with no words,
+        # where the memory has images (the codes matrix is read on the first such query)
+        words = [t if getattr(memory, "lexical", None) is not None else None for t in texts]
+        images = [c if t is None else None for t, c in zip(texts, codes, strict=True)]
+        if not (s.image_codes and any(c is not None for c in images)
+                and getattr(memory, "codes", None) is not None):
+            images = [None] * len(q)
+        if any(t is not None for t in words) or any(c is not None for c in images):
+            ids, order, scores = _fused(memory, q, ids, words, images, n, s)
     safe = np.where(ids >= 0, ids, 0)  # -1 padding: its lookups are never used
     vectors = memory.vectors(safe) if s.diversity_threshold is not None else None
     has_image, has_text = memory.has_image(safe), memory.has_text(safe)
