@@ -161,6 +161,7 @@ def run(bundle_dir: Path, memory_dir: Path, n: int = 200, new_names: int = 10,
     import torch
 
     from evaluation.evaluate import EvalConfig, Evaluator, rephotographed
+    from evaluation.judge import load_judge
     from model.bundle import Bundle, bundle_diversity_threshold
     from retrieval.code_index import CodeIndex
     from retrieval.lexical_index import LEXICAL_FILES, LexicalIndex
@@ -174,7 +175,7 @@ def run(bundle_dir: Path, memory_dir: Path, n: int = 200, new_names: int = 10,
     torch.set_num_threads(threads)
     bundle = Bundle(bundle_dir)
     world = World(WorldConfig.from_dict(bundle.manifest["world"]))
-    clip, judge = bundle.clip, bundle.judge
+    clip, judge = bundle.clip, load_judge(bundle)
     dense = SearchStrategy(k=2, diversity_threshold=bundle_diversity_threshold(bundle.manifest))
     strategies = {"dense": dense, "hybrid": replace(dense, mode="hybrid")}
     # The eval's own prompt lists (Evaluator's, without loading its decoders).

@@ -19,8 +19,11 @@
   best-agreeing ones; their relevance is the CLIP score plus `code_weight` times the
   agreement (the share of grid cells with the query's code): agreement separates a
   variant of the same image (0.6-0.95) from another image (under 0.3) by a margin CLIP's
-  cosines, which differ in the second decimal, never overturn, and CLIP still orders
-  images that agree alike. The rules below apply to this order.
+  cosines rarely overturn, and CLIP still orders images that agree alike. Stored copies
+  of the query image (agreement at least `DUPLICATE_AGREEMENT`) move first, best
+  agreement first: a document's vector mixes its caption in, and an appended image
+  whose caption names something CLIP never learned scores 0.6-0.8 against its own
+  image, below a look-alike CLIP knows (0.9). The rules below apply to this order.
 - **Modality**: documents with both an image and text come first, stable by score.
 - **Diversity**: a candidate is skipped if its similarity to the query, or to a document
   already kept, exceeds the threshold (0.9 in the paper): a near-copy of the query (the
@@ -42,6 +45,12 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+
+# Hybrid image queries: a stored image whose codes agree with the query's on this share of
+# grid cells is taken for a copy of it. Two variants of one world flag (another tint,
+# another jitter) mostly agree on 0.6-0.95, two different flags on under 0.3; the
+# nearest look-alike of an appended flag in the demo memory on 0.91.
+DUPLICATE_AGREEMENT = 0.95
 
 RetrievalMode = Literal["dense", "hybrid"]
 RETRIEVAL_MODES: tuple[str, ...] = ("dense", "hybrid")
@@ -65,6 +74,7 @@ class SearchStrategy:
     names_first: bool = True  # hybrid: captions holding the query's rare words (names) first
     image_codes: bool = True  # hybrid: an image query is also matched by its VQ codes
     code_weight: float = 1.0  # hybrid image queries: relevance = CLIP + this * agreement
+    duplicates_first: bool = True  # hybrid image queries: stored copies of the image first
 
     def __post_init__(self) -> None:
         if self.mode not in RETRIEVAL_MODES:
@@ -180,9 +190,12 @@ def fuse(query: np.ndarray, dense_ids: np.ndarray, lexical_ids: np.ndarray,
 def fuse_codes(query: np.ndarray, dense_ids: np.ndarray, code_ids: np.ndarray,
                vectors_of: Callable[[np.ndarray], np.ndarray],
                agreement_of: Callable[[np.ndarray], np.ndarray], code_weight: float,
+               duplicate_agreement: float | None = DUPLICATE_AGREEMENT,
                ) -> tuple[np.ndarray, np.ndarray]:
-    """One image query's dense and code candidates (-1 = padding), by CLIP score plus
-    `code_weight` times the agreement of their codes with the query's; ties by id.
+    """One image query's dense and code candidates (-1 = padding): copies of the query
+    image (agreement >= `duplicate_agreement`; None: none) first, by agreement; then by
+    CLIP score plus `code_weight` times the agreement of their codes with the query's;
+    ties by id.
 
     Returns (ids, dense) in that order, `dense` being each candidate's CLIP score.
     """
@@ -190,8 +203,11 @@ def fuse_codes(query: np.ndarray, dense_ids: np.ndarray, code_ids: np.ndarray,
     if not len(ids):
         return ids.astype(np.int64), np.zeros(0, np.float32)
     dense = (vectors_of(ids) @ query.astype(np.float32)).astype(np.float32)
-    relevance = dense + np.float32(code_weight) * agreement_of(ids)
-    order = np.lexsort((ids, -relevance))
+    agreement = np.asarray(agreement_of(ids), dtype=np.float32)
+    relevance = dense + np.float32(code_weight) * agreement
+    copy = agreement >= duplicate_agreement if duplicate_agreement is not None \
+        else np.zeros(len(ids), bool)
+    order = np.lexsort((ids, -relevance, -np.where(copy, agreement, 0), ~copy))
     return ids[order].astype(np.int64), dense[order]
 
 
@@ -360,7 +376,8 @@ def _fused(memory: Memory, q: np.ndarray, dense_ids: np.ndarray,
     def row(r: int) -> tuple[np.ndarray, np.ndarray]:
         if texts[r] is None and codes[r] is not None:
             return fuse_codes(q[r], dense_ids[r], code_ids[r], memory.vectors,
-                              lambda ids: memory.codes.agreement(codes[r], ids), s.code_weight)
+                              lambda ids: memory.codes.agreement(codes[r], ids), s.code_weight,
+                              DUPLICATE_AGREEMENT if s.duplicates_first else None)
         return fuse(q[r], dense_ids[r], lexical_ids[r] if texts[r] is not None else
                     lexical_ids[r][:0], memory.vectors, s.rrf_k, named(texts[r]))
 

@@ -21,7 +21,7 @@ import pytest
 from model.bundle import DEFAULT_BUNDLE
 from retrieval.code_index import NO_IMAGE, CodeIndex
 from retrieval.memory import Memory, Retriever
-from retrieval.search import SearchStrategy, search
+from retrieval.search import DUPLICATE_AGREEMENT, SearchStrategy, fuse_codes, search
 from tests.live import RealModels, live_app, png_bytes
 from tests.test_memory import GRID, build_demo_memory, doc_image, doc_vector, vq_encode
 
@@ -82,6 +82,26 @@ def test_a_hybrid_image_query_finds_its_image_where_clip_looks_elsewhere(memory_
     off = replace(strategy, image_codes=False)
     assert [n.id for n in search(memory, doc_vector(5)[None], 2, off, codes=[codes_of(77)])[0]] \
         == [n.id for n in dense]
+
+
+def test_a_stored_copy_of_the_query_image_outranks_a_look_alike_clip_prefers() -> None:
+    # an appended flag under a name CLIP never learned scores low against its own image;
+    # a world flag that looks much like it (91% of codes) scores high
+    query = np.array([1.0, 0.0], np.float32)
+    vectors = {1: [0.7, 0.714], 2: [0.9, 0.436], 3: [0.95, 0.312]}
+    agreement = {1: 1.0, 2: 0.91, 3: 0.1}
+
+    def ranked(duplicates: float | None) -> list[int]:
+        ids, dense = fuse_codes(
+            query, np.array([3, 2, -1]), np.array([1, 2, 3]),
+            lambda ids: np.array([vectors[int(i)] for i in ids], np.float32),
+            lambda ids: np.array([agreement[int(i)] for i in ids], np.float32), 1.0,
+            duplicates)
+        np.testing.assert_allclose(dense, [vectors[int(i)][0] for i in ids], rtol=1e-6)
+        return ids.tolist()
+
+    assert ranked(DUPLICATE_AGREEMENT) == [1, 2, 3]
+    assert ranked(None) == [2, 1, 3]  # CLIP + agreement alone: 1.81 against 1.70
 
 
 def test_an_appended_image_is_retrieved_first_for_itself_after_reload(tmp_path: Path) -> None:
