@@ -13,7 +13,8 @@ side: nothing new is written to a memory version. The matrix is read from the st
 codes column on the first image query (tens of milliseconds per 100k documents) and
 lives as long as the loaded version, so it can never disagree with the store; it costs
 `codes_per_image` * 2 bytes per document (128 MB for a million 8x8 images). A query
-scans it in chunks: about 3 ms per 20k documents on one core.
+scans it in chunks: about 1 ms per 20k documents and 67 ms per million on one core
+(BENCHMARKS.md), small beside the decoding an image query is retrieved for.
 """
 
 from __future__ import annotations
