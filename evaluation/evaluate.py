@@ -541,7 +541,7 @@ class Evaluator:
             **({"copy_probe": probe} if probe else {}),
             "meta": {
                 "bundle": self.bundle.manifest.get("name", Path(self.bundle.path).name),
-                "bundle_path": str(self.bundle.path),
+                "bundle_path": _shown_path(self.bundle.path),
                 "recipe": self.bundle.manifest.get("recipe", {}).get("name"),
                 "memory_version": str(getattr(self.memory, "version", "unknown")),
                 "memory_documents": _size(self.memory),
@@ -929,6 +929,16 @@ def _n_variants(world: World, attrs: Attributes) -> int:
     # World has no public variant count yet; its renderer owns the jitter radices.
     public = getattr(world, "n_variants", None)
     return int(public(attrs)) if public is not None else world._renderer.n_variants(attrs)
+
+
+def _shown_path(path: str | Path) -> str:
+    """A path as the report shows it: relative to the working directory when under it,
+    so a report does not carry the machine's layout."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _size(memory: Any) -> int | None:
