@@ -75,8 +75,10 @@ class _Lenient(BaseModel):
 RetrievalModeName = Literal["dense", "hybrid"]
 _MODE_DESCRIPTION = (
     "dense: CLIP similarity alone (the paper's retrieval); hybrid: CLIP fused with word "
-    "matches against the captions (BM25), which finds names CLIP never learned; "
-    "None: the server's default (GET /v1/info: memory.default_retrieval_mode)"
+    "matches against the captions (BM25) for a text query, which finds names CLIP never "
+    "learned, and with the stored images' VQ codes for an image query, which finds images "
+    "CLIP never learned; None: the server's default (GET /v1/info: "
+    "memory.default_retrieval_mode)"
 )
 
 

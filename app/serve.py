@@ -151,8 +151,9 @@ def default_backend_factory(settings: RetrieverSettings) -> Any:
     from app.retriever.service import CoreRetrieverBackend
 
     with _LOAD_LOCK:
-        clip = _bundle(str(settings.bundle_dir), settings.device).clip
-    return CoreRetrieverBackend.load(settings, clip)
+        bundle = _bundle(str(settings.bundle_dir), settings.device)
+        clip, vq = bundle.clip, bundle.vq if bundle.has("vq") else None
+    return CoreRetrieverBackend.load(settings, clip, vq)
 
 
 def _has_component(bundle: Path, name: str) -> bool:

@@ -10,10 +10,15 @@ Quality, with the retrieval the service runs (K=2, the bundle's diversity thresh
   of the train split;
 - new_names: flags in patterns the world never draws, each appended as one "the flag of
   NAME" document through `racm3 build-index --source folder --append` (a subprocess, as
-  a user runs it) to a copy of the memory, then asked for in several phrasings.
+  a user runs it) to a copy of the memory, then asked for in several phrasings;
+- image queries (captioning's retrieval): `i2t_entity` the eval's i2t flag images, the
+  right entity first and among the K; `i2t_scenes` its object and pair images, the
+  attribute accuracy of the first neighbour's caption; `new_images` each appended flag's
+  own image and a re-photographed copy (`evaluation.evaluate.rephotographed`).
 
-Cost: per-query search latency (CLIP encoding excluded, the same encoded queries for both
-modes), the lexical index's build time from the store, its load time and its size.
+Cost: per-query search latency (CLIP and VQ encoding excluded, the same encoded queries
+for both modes), the lexical index's build time from the store, its load time and its
+size, and the time to read the stored codes for image queries.
 Ratios are hybrid / dense, measured in the same run.
 """
 
@@ -106,6 +111,14 @@ def _t2i_quality(neighbours: list[list[Any]], targets: list[dict], judge: Any,
     }
 
 
+def _caption_quality(neighbours: list[list[Any]], targets: list[dict]) -> dict[str, float]:
+    from evaluation.metrics import caption_attribute_accuracy
+
+    return {"caption_top1": caption_attribute_accuracy(
+        [r[0].caption or "" if r else "" for r in neighbours], targets)["attribute"],
+        "n": len(targets)}
+
+
 def _append_flags(bundle_dir: Path, memory_dir: Path, names: list[str], size: int,
                   workdir: Path) -> float:
     from PIL import Image
@@ -120,6 +133,15 @@ def _append_flags(bundle_dir: Path, memory_dir: Path, names: list[str], size: in
                     "--input", str(folder), "--out", str(memory_dir), "--bundle",
                     str(bundle_dir), "--append"], check=True, capture_output=True)
     return time.perf_counter() - t0
+
+
+def _image_codes(bundle: Any, images: np.ndarray) -> list[np.ndarray]:
+    """The images' VQ codes, as the retriever encodes an image query."""
+    import torch
+
+    batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        return list(bundle.vq.encode(batch.float().div(255.0)).cpu().numpy())
 
 
 def _latency_ms(calls: list[Any], repeats: int) -> dict[str, float]:
@@ -138,8 +160,10 @@ def run(bundle_dir: Path, memory_dir: Path, n: int = 200, new_names: int = 10,
         threads: int = 1, workdir: Path | None = None) -> dict[str, Any]:
     import torch
 
+    from evaluation.evaluate import EvalConfig, Evaluator
     from evaluation.judge import load_judge
     from model.bundle import Bundle, bundle_diversity_threshold
+    from retrieval.code_index import CodeIndex
     from retrieval.lexical_index import LexicalIndex
     from retrieval.memory import Memory
     from retrieval.search import SearchStrategy
@@ -152,19 +176,30 @@ def run(bundle_dir: Path, memory_dir: Path, n: int = 200, new_names: int = 10,
     strategies = {"dense": dense, "hybrid": replace(dense, mode="hybrid")}
     sets = _prompt_sets(world, n)
     retrieve = _retriever(bundle.clip, strategies)
+    retrieve_images = _image_retriever(bundle, strategies)
+    # the eval's i2t items (Evaluator's, without loading its decoders)
+    items = Evaluator.eval_items(types.SimpleNamespace(world=world, config=EvalConfig(n=n)))
 
     memory = Memory.load(memory_dir)
     out: dict[str, Any] = {"memory_version": memory.version, "documents": len(memory)}
     t0 = time.perf_counter()
     LexicalIndex.from_store(memory.store)
     out["lexical_build_from_store_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    h, w = memory.image_grid
+    CodeIndex.from_store(memory.store, h * w)
+    out["codes_read_from_store_s"] = time.perf_counter() - t0
     judge = load_judge(bundle)
-    quality = {mode: _quality(lambda texts, m=mode: retrieve(memory, texts, m), sets, judge,
-                              world) for mode in MODES}
+    quality = {mode: {**_quality(lambda texts, m=mode: retrieve(memory, texts, m), sets, judge,
+                                 world),
+                      **_image_quality(lambda images, m=mode: retrieve_images(memory, images, m),
+                                       items)}
+               for mode in MODES}
     cost = _search_latency(memory, bundle.clip, strategies, sets)
+    cost.update(_image_search_latency(memory, bundle, strategies, items[:100]))
     with tempfile.TemporaryDirectory(dir=workdir) as scratch:
         out.update(_new_names(bundle, world, memory_dir, Path(scratch), new_names, retrieve,
-                              quality))
+                              quality, retrieve_images))
 
     out.update(quality=quality, latency=cost, ratios={
         "search_p50_hybrid_over_dense": cost["hybrid"]["p50_ms"] / cost["dense"]["p50_ms"],
@@ -172,6 +207,10 @@ def run(bundle_dir: Path, memory_dir: Path, n: int = 200, new_names: int = 10,
         / max(quality["dense"]["entity"]["among_k"], 1e-9),
         "t2i_judge_hybrid_over_dense": quality["hybrid"]["t2i"]["judge_top1"]
         / max(quality["dense"]["t2i"]["judge_top1"], 1e-9),
+        "i2t_entity_among_k_hybrid_over_dense": quality["hybrid"]["i2t_entity"]["among_k"]
+        / max(quality["dense"]["i2t_entity"]["among_k"], 1e-9),
+        "image_search_p50_hybrid_over_dense": cost["hybrid_image"]["p50_ms"]
+        / cost["dense_image"]["p50_ms"],
     })
     out["config"] = {"bundle": Path(bundle_dir).name, "memory": Path(memory_dir).name, "n": n,
                      "new_names": new_names, "k": 2, "threads": threads}
@@ -244,10 +283,56 @@ def _search_latency(memory: Any, clip: Any, strategies: dict[str, Any],
     return cost
 
 
+def _image_retriever(bundle: Any, strategies: dict[str, Any]) -> Any:
+    """retrieve_images(memory, images, mode): each image's K=2 neighbours, as the retriever
+    searches for an image query (CLIP's embedding, and in hybrid mode the VQ codes)."""
+    from retrieval.search import neighbours, search
+
+    def retrieve_images(memory: Any, images: np.ndarray, mode: str) -> list[list[Any]]:
+        codes = _image_codes(bundle, images) if mode == "hybrid" else None
+        found = search(memory, bundle.clip.encode_image(images), 2, strategies[mode],
+                       codes=codes)
+        return [neighbours(memory, hits, None) for hits in found]
+
+    return retrieve_images
+
+
+def _image_quality(retrieve_images: Any, items: list[Any]) -> dict[str, Any]:
+    """One mode's retrieval quality for image queries: the eval's flag images and scenes."""
+    flags = [it for it in items if it.attributes["kind"] == "entity"]
+    scenes = [it for it in items if it.attributes["kind"] != "entity"]
+    return {
+        "i2t_entity": _first_and_among(retrieve_images(np.stack([it.image for it in flags])),
+                                       [it.attributes["entity"] for it in flags]),
+        "i2t_scenes": _caption_quality(retrieve_images(np.stack([it.image for it in scenes])),
+                                       [it.attributes for it in scenes]),
+    }
+
+
+def _image_search_latency(memory: Any, bundle: Any, strategies: dict[str, Any],
+                          items: list[Any]) -> dict[str, Any]:
+    """Per mode: the same encoded image queries, one at a time (search only)."""
+    from retrieval.search import search
+
+    images = np.stack([it.image for it in items])
+    vectors, codes = bundle.clip.encode_image(images), _image_codes(bundle, images)
+    cost: dict[str, Any] = {}
+    for mode in MODES:
+        calls = [lambda i=i, mode=mode: search(
+            memory, vectors[i : i + 1], 2, strategies[mode],
+            codes=[codes[i]] if mode == "hybrid" else None) for i in range(len(images))]
+        _latency_ms(calls, 1)  # warm the page cache
+        cost[f"{mode}_image"] = _latency_ms(calls, 3)
+    return cost
+
+
 def _new_names(bundle: Any, world: Any, memory_dir: Path, work: Path, count: int,
-               retrieve: Any, quality: dict[str, dict[str, Any]]) -> dict[str, Any]:
+               retrieve: Any, quality: dict[str, dict[str, Any]], retrieve_images: Any,
+               ) -> dict[str, Any]:
     """Append flags under names nobody has seen to a copy of the memory: what the append
-    and the lexical index cost, and (into `quality`) whether each mode finds the names."""
+    and the lexical index cost, and (into `quality`) whether each mode finds the names,
+    and the flags by their own image and by a re-photographed copy."""
+    from evaluation.evaluate import rephotographed
     from retrieval.lexical_index import LEXICAL_FILES, LexicalIndex
     from retrieval.memory import Memory
     from world.entities import entity_names
@@ -272,6 +357,13 @@ def _new_names(bundle: Any, world: Any, memory_dir: Path, work: Path, count: int
     for mode in MODES:
         quality[mode]["new_names"] = _first_and_among(
             retrieve(appended, [p for p, _ in asked], mode), [name for _, name in asked])
+    flags = novel_flags(len(names), bundle.image_size)
+    photo_rng = np.random.default_rng([0, 17])
+    own = np.stack(flags + [rephotographed(f, photo_rng) for f in flags])
+    for mode in MODES:
+        found = retrieve_images(appended, own, mode)
+        quality[mode]["new_images"] = _first_and_among(found[: len(flags)], names)
+        quality[mode]["new_images_rephotographed"] = _first_and_among(found[len(flags):], names)
     appended.store.close()
     return out
 
@@ -288,6 +380,11 @@ def format_table(r: dict[str, Any]) -> str:
         ("t2i: top-1 caption attrs", "t2i", "caption_top1"),
         ("t2i: top-2 caption attrs", "t2i", "caption_top2"),
         ("dev t2i: judge on top-1", "dev_t2i", "judge_top1"),
+        ("i2t flag images: right first", "i2t_entity", "first"),
+        ("i2t flag images: among K=2", "i2t_entity", "among_k"),
+        ("i2t scenes: top-1 caption attrs", "i2t_scenes", "caption_top1"),
+        ("new flags' own images: first", "new_images", "first"),
+        ("re-photographed: among K=2", "new_images_rephotographed", "among_k"),
     ]
     lines = [f"memory {r['memory_version']} ({r['documents']} documents)",
              f"{'metric':30s} {'dense':>8s} {'hybrid':>8s}"]
@@ -298,6 +395,10 @@ def format_table(r: dict[str, Any]) -> str:
               f"{lat['hybrid']['p50_ms']:8.2f}",
               f"{'search p99 ms / query':30s} {lat['dense']['p99_ms']:8.2f} "
               f"{lat['hybrid']['p99_ms']:8.2f}",
+              f"{'image search p50 / p99 ms':30s} {lat['dense_image']['p50_ms']:8.2f} "
+              f"{lat['hybrid_image']['p50_ms']:8.2f} / {lat['dense_image']['p99_ms']:.2f} "
+              f"{lat['hybrid_image']['p99_ms']:.2f}",
+              f"stored codes read for image queries in {r['codes_read_from_store_s']:.3f} s",
               f"lexical index: build from store {r['lexical_build_from_store_s']:.2f} s, "
               f"load {r['lexical_load_ms']:.1f} ms, {r['lexical_mb']:.2f} MB; "
               f"append of {r['config']['new_names']} docs {r['append_s']:.1f} s",

@@ -4,11 +4,13 @@ Four systems answer the same prompts with the same seeds:
 
 - `ra_cm3`: the retrieval-augmented decoder as served by default: K neighbours in
   context, retrieved from the memory exactly as the service retrieves them (CLIP text
-  embedding of the prompt, or CLIP image embedding for captioning; the paper's rules:
+  embedding of the prompt, or CLIP image embedding for captioning, fused in hybrid mode
+  with BM25 over the captions or with the image's VQ codes; the paper's rules:
   relevance, modality, diversity), and retrieval-guided decoding at the served weight
   (model/retrieval_guidance.py);
-- `ra_cm3_paper`: the same decoder and neighbours, decoded as the paper does (retrieval
-  guidance 0): every gain of `ra_cm3` over it comes from decoding;
+- `ra_cm3_paper`: the paper's method with the same decoder: neighbours retrieved by
+  CLIP alone (dense) and decoded as the paper does (retrieval guidance 0): every gain of
+  `ra_cm3` over it comes from hybrid retrieval and guided decoding;
 - `cm3`: the same decoder architecture trained without retrieval, with no neighbours;
 - `retrieval_only`: no decoder at all: the top neighbour's image (VQ-decoded from its
   codes, so it passes through the same image tokenizer as the generated images) or
@@ -27,7 +29,8 @@ Tasks and metrics (the shape of the paper's tables on the demo world; docs/archi
   entity head names X. Without retrieval the model cannot know these.
 - `i2t_entity_named`: of the i2t items that are flags, the share whose caption has the
   entity's name; `i2t_entity_retrieved`: the share whose neighbours hold it;
-  `i2t_entity_named_retrieved`: named, among those.
+  `i2t_entity_named_retrieved`: named, among those. `i2t_*_scenes`: attribute accuracy
+  and BLEU-4 of the object and pair items alone.
 - `*_prompt_rerank` (t2i accuracy, entity): the same samples, but the candidate kept is
   the one CLIP scores best against the prompt alone, without the retrieved images' vote
   in the ranking: how much of RA-CM3's score the reranking adds.
@@ -188,15 +191,26 @@ class Evaluator:
                  for m in {self.retrieval_mode(s) for s in SYSTEMS}}
         return {s: found[self.retrieval_mode(s)] for s in SYSTEMS}
 
-    def retrieve_for_images(self, images: np.ndarray) -> list[list[NeighbourDoc]]:
-        return self._search(self.clip.encode_image(images), None, "dense")
+    def retrieve_for_images(self, images: np.ndarray, mode: str | None = None,
+                            ) -> list[list[NeighbourDoc]]:
+        """As the service retrieves for an image query: CLIP's image embedding, and in
+        hybrid mode the image's VQ codes matched against the stored ones."""
+        mode = mode or self.served_mode
+        codes = list(self.engine.encode_images(list(images))) if mode == "hybrid" else None
+        return self._search(self.clip.encode_image(images), None, mode, codes)
+
+    def retrieve_images_by_mode(self, images: np.ndarray) -> dict[str, list[list[NeighbourDoc]]]:
+        """Each system's neighbours for image queries, searched once per retrieval mode."""
+        found = {m: self.retrieve_for_images(images, m)
+                 for m in {self.retrieval_mode(s) for s in SYSTEMS}}
+        return {s: found[self.retrieval_mode(s)] for s in SYSTEMS}
 
     def _search(self, vectors: np.ndarray, texts: list[str] | None,
-                mode: str) -> list[list[NeighbourDoc]]:
+                mode: str, codes: list[np.ndarray] | None = None) -> list[list[NeighbourDoc]]:
         from retrieval.search import neighbours, search
 
         found = search(self.memory, vectors, self.config.k, replace(self.strategy, mode=mode),
-                       texts=texts)
+                       texts=texts, codes=codes)
         texts_or_none = texts or [None] * len(found)
         return [neighbours(self.memory, hits[: self.config.k], text)
                 for hits, text in zip(found, texts_or_none, strict=True)]
@@ -370,26 +384,33 @@ class Evaluator:
         targets = [it.attributes for it in items]
         references = [[render_caption(a, t) for t in range(n_templates(a["kind"]))]
                       for a in targets]
-        neighbours = self.retrieve_for_images(images)
+        neighbours = self.retrieve_images_by_mode(images)
         seed = self._seed("i2t")
         names = [a.get("entity") for a in targets]
-        found = np.array([bool(n) and any(n.lower() in self.neighbour_caption(d).lower()
-                                          for d in nbs)
-                          for n, nbs in zip(names, neighbours, strict=True)])
         flags = np.array([bool(n) for n in names])
         out = {}
         for system in SYSTEMS:
-            captions = self.caption(system, images, neighbours, seed)
+            found = np.array([bool(n) and any(n.lower() in self.neighbour_caption(d).lower()
+                                              for d in nbs)
+                              for n, nbs in zip(names, neighbours[system], strict=True)])
+            captions = self.caption(system, images, neighbours[system], seed)
             match = caption_attribute_accuracy(captions, targets)
             named = np.array([bool(n) and n.lower() in c.lower()
                               for n, c in zip(names, captions, strict=True)])
             out[system] = {"i2t_attr_acc": match["attribute"], "i2t_exact": match["exact"],
                            "i2t_bleu4": bleu4(captions, references)}
+            if (~flags).any():  # object and pair scenes alone: no names to copy
+                scenes = [i for i, f in enumerate(flags) if not f]
+                out[system]["i2t_attr_acc_scenes"] = caption_attribute_accuracy(
+                    [captions[i] for i in scenes], [targets[i] for i in scenes])["attribute"]
+                out[system]["i2t_bleu4_scenes"] = bleu4([captions[i] for i in scenes],
+                                                        [references[i] for i in scenes])
             if flags.any():
                 out[system]["i2t_entity_named"] = float(named[flags].mean())
-                out[system]["i2t_entity_retrieved"] = float(found[flags].mean())
-                if found.any():
-                    out[system]["i2t_entity_named_retrieved"] = float(named[found].mean())
+                if system != "cm3":  # CM3 has no neighbours
+                    out[system]["i2t_entity_retrieved"] = float(found[flags].mean())
+                    if found.any():
+                        out[system]["i2t_entity_named_retrieved"] = float(named[found].mean())
         return out
 
     def eval_entity(self) -> dict[str, dict[str, float]]:
@@ -411,10 +432,11 @@ class Evaluator:
             names = [a["entity"].lower() for _, a in prompts]
             out[system] = {"entity_acc": float((predicted == target).mean()),
                            "entity_acc_prompt_rerank": float((by_prompt_predicted == target)
-                                                             .mean()),
-                           "entity_retrieved": float(np.mean([
-                               any(n in self.neighbour_caption(d).lower() for d in nbs)
-                               for n, nbs in zip(names, neighbours[system], strict=True)]))}
+                                                             .mean())}
+            if system != "cm3":  # CM3 has no neighbours
+                out[system]["entity_retrieved"] = float(np.mean([
+                    any(n in self.neighbour_caption(d).lower() for d in nbs)
+                    for n, nbs in zip(names, neighbours[system], strict=True)]))
         rows = self.config.grid_rows - self.config.grid_rows // 2
         self._add_rows(captions, neighbours["ra_cm3"], images_by_system, rows)
         return out
@@ -516,7 +538,7 @@ class Evaluator:
             **({"copy_probe": probe} if probe else {}),
             "meta": {
                 "bundle": self.bundle.manifest.get("name", Path(self.bundle.path).name),
-                "bundle_path": str(self.bundle.path),
+                "bundle_path": _shown_path(self.bundle.path),
                 "recipe": self.bundle.manifest.get("recipe", {}).get("name"),
                 "memory_version": str(getattr(self.memory, "version", "unknown")),
                 "memory_documents": _size(self.memory),
@@ -685,6 +707,27 @@ def api_default_job(prompt: str, neighbours: list[NeighbourDoc], seed: int) -> T
                   retrieval_guidance=body.retrieval_guidance)
 
 
+def api_default_caption_job(image: np.ndarray, neighbours: list[NeighbourDoc],
+                            seed: int) -> CaptionJob:
+    """The job `/v1/images/captions` submits for a request that sets only the image (and the
+    seed): every other setting is the API's default."""
+    from app.schemas import CaptionRequest
+
+    body = CaptionRequest(image="", seed=seed)
+    sampling = SamplingParams(seed=seed, temperature=body.temperature, top_k=body.top_k,
+                              top_p=body.top_p)
+    return CaptionJob(image, neighbours, body.n, body.num_candidates or body.n, sampling,
+                      retrieval_guidance=body.retrieval_guidance)
+
+
+def rephotographed(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The image as a user's own copy of it might come back: a colour cast of up to ±16
+    per channel and pixel noise (σ 6), on the 0..255 scale."""
+    cast = rng.integers(-16, 17, size=3)
+    noise = rng.normal(0.0, 6.0, size=image.shape)
+    return np.clip(image.astype(np.float64) + cast + noise, 0, 255).round().astype(np.uint8)
+
+
 def served_retrieval_mode() -> str:
     from app.settings import RetrieverSettings
 
@@ -712,6 +755,12 @@ def novel_flags_check(bundle: Any, memory_dir: str | Path, n_flags: int = 12,
     `retrieval_off` (the API's `retrieval.enabled: false`). `vq_drawable`: the share of
     flags the image tokenizer itself reproduces under the threshold, the ceiling of any
     decoder.
+
+    Captions go the other way: each flag's image, and a re-photographed copy of it
+    (`rephotographed`), is captioned through the engine call `/v1/images/captions` makes, with
+    its defaults, the neighbours retrieved by the image as the service retrieves them
+    (`caption_retrieved`: the flag's document is among them); `caption_named`: the
+    caption has the flag's name.
 
     This publishes a new version of `memory_dir`: run it on a copy.
     """
@@ -750,6 +799,7 @@ def novel_flags_check(bundle: Any, memory_dir: str | Path, n_flags: int = 12,
         out = np.stack([r[0].image for r in results]).astype(np.float32)
         distance[way] = np.abs(out - targets).mean(axis=(1, 2, 3))
     drawn = {w: d < DRAWN_MAX_DIFFERENCE for w, d in distance.items()}
+    captions = _novel_flag_captions(evaluator, flags, seed)
     rows = []
     for a, (f, i, p) in enumerate(asks):
         part = slice(a * samples, (a + 1) * samples)
@@ -767,6 +817,44 @@ def novel_flags_check(bundle: Any, memory_dir: str | Path, n_flags: int = 12,
         "samples": samples, "threshold": DRAWN_MAX_DIFFERENCE,
         "settings": "API defaults (ImageGenerationRequest with only prompt and seed)",
         "rows": rows,
+        **captions,
+    }
+
+
+def _novel_flag_captions(evaluator: Evaluator, flags: Sequence[Any], seed: int
+                         ) -> dict[str, Any]:
+    """Caption each appended flag's image and a re-photographed copy with the API's
+    defaults: retrieval as served, the paper's (dense retrieval, guidance 0), and off."""
+    rng = np.random.default_rng([seed, 17])
+    images = np.stack([f.image for f in flags] + [rephotographed(f.image, rng) for f in flags])
+    names = [f.name.lower() for f in flags] * 2
+    kinds = ["exact"] * len(flags) + ["rephotographed"] * len(flags)
+    served = evaluator.retrieve_for_images(images)
+    ways = {"ra_cm3": (served, None),
+            "ra_cm3_paper": (evaluator.retrieve_for_images(images, "dense"), 0.0),
+            "retrieval_off": ([[] for _ in images], None)}
+    base = 8_000_000 + seed * 10_000
+    named: dict[str, np.ndarray] = {}
+    retrieved: dict[str, np.ndarray] = {}
+    for way, (context, weight) in ways.items():
+        jobs = []
+        for j, (image, nbs) in enumerate(zip(images, context, strict=True)):
+            job = api_default_caption_job(image, nbs, base + j)
+            if weight is not None:
+                job.retrieval_guidance = weight
+            jobs.append(job)
+        texts = [r[0].text for r in evaluator._batched(evaluator.engine.caption, jobs)]
+        named[way] = np.array([n in t.lower() for n, t in zip(names, texts, strict=True)])
+        retrieved[way] = np.array([any(n in evaluator.neighbour_caption(d).lower() for d in nbs)
+                                   for n, nbs in zip(names, context, strict=True)])
+    by_kind = {k: np.array([x == k for x in kinds]) for k in ("exact", "rephotographed")}
+    return {
+        "caption_named": {w: float(v.mean()) for w, v in named.items()},
+        "caption_named_by_image": {k: {w: float(v[m].mean()) for w, v in named.items()}
+                                   for k, m in by_kind.items()},
+        "caption_retrieved": {w: float(v.mean()) for w, v in retrieved.items()
+                              if w != "retrieval_off"},
+        "caption_settings": "API defaults (CaptionRequest with only image and seed)",
     }
 
 
@@ -830,6 +918,16 @@ def _n_variants(world: World, attrs: Attributes) -> int:
     # World has no public variant count yet; its renderer owns the jitter radices.
     public = getattr(world, "n_variants", None)
     return int(public(attrs)) if public is not None else world._renderer.n_variants(attrs)
+
+
+def _shown_path(path: str | Path) -> str:
+    """A path as the report shows it: relative to the working directory when under it,
+    so a report does not carry the machine's layout."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _size(memory: Any) -> int | None:

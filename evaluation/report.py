@@ -3,7 +3,7 @@
 `racm3 eval` hands this module finished numbers and images; nothing here runs a model.
 
 The grid has one row per example prompt: the prompt as text, the two retrieved
-neighbours, then RA-CM3 as served, RA-CM3 with the paper's decoding and CM3 for that
+neighbours, then RA-CM3 as served, RA-CM3 by the paper's method and CM3 for that
 prompt, so a reader sees what retrieval put in context and what each made of it.
 """
 
@@ -25,11 +25,12 @@ METRIC_COLUMNS: tuple[tuple[str, str, bool], ...] = (
     ("t2i_fid", "t2i FID", False),
     ("i2t_attr_acc", "i2t attr acc", True),
     ("i2t_bleu4", "i2t BLEU-4", True),
+    ("i2t_entity_named", "caption names entity", True),
     ("entity_acc", "entity acc", True),
     ("infill_acc", "infill acc", True),
 )
 SYSTEM_TITLES = {"ra_cm3": "RA-CM3 (served default)",
-                 "ra_cm3_paper": "RA-CM3, paper's decoding",
+                 "ra_cm3_paper": "RA-CM3, the paper's method",
                  "cm3": "CM3 (no retrieval)", "retrieval_only": "retrieval only"}
 
 SCALE = 3  # 32 px images are unreadable at 1:1
@@ -85,10 +86,11 @@ def write_markdown(result: Mapping[str, Any], path: str | Path,
         "by parsing the caption (text). `*_prompt_rerank`: the same samples, but the "
         "candidate kept is the one CLIP scores best against the prompt alone, without the "
         "retrieved images' vote in the ranking. RA-CM3 (served default) decodes with "
-        "retrieval guidance at the served weight; the paper's decoding is the same decoder "
-        "and neighbours with guidance 0. `i2t_entity_named`: flag images whose caption has "
-        "the entity's name (`_retrieved`: the share whose neighbours hold the name, and "
-        "named among those).",
+        "retrieval guidance at the served weight; the paper's method is the same decoder "
+        "with dense (CLIP-only) retrieval and guidance 0. `i2t_entity_named` (caption "
+        "names entity): flag images whose caption has the entity's name (`_retrieved`: "
+        "the share whose neighbours hold the name, and named among those); "
+        "`i2t_*_scenes`: object and pair images alone.",
         "",
         "## How it was measured",
         "",
@@ -132,7 +134,8 @@ def write_markdown(result: Mapping[str, Any], path: str | Path,
     if grid_name and grid_rows:
         parts += ["", "## Examples", "", f"![examples]({grid_name})", "",
                   "Columns: prompt, neighbour 1, neighbour 2, RA-CM3 (served default), "
-                  "RA-CM3 with the paper's decoding, CM3. Rows:", ""]
+                  "RA-CM3 by the paper's method, CM3 (the neighbours shown are the served "
+                  "default's). Rows:", ""]
         for i, row in enumerate(grid_rows, 1):
             nbs = "; ".join(f"“{c}”" for c in row.neighbour_captions) or "none"
             parts.append(f"{i}. “{row.prompt}” (neighbours: {nbs})")
@@ -153,12 +156,31 @@ def _novel_flags_section(novel: Mapping[str, Any]) -> list[str]:
              f"to the flag below {novel.get('threshold')}.", "",
              "| | drawn |", "|---|---|"]
     for way, title in (("ra_cm3", "retrieval on, API defaults"),
-                       ("ra_cm3_paper", "retrieval on, paper's decoding (guidance 0)"),
+                       ("ra_cm3_paper", "the paper's method (dense retrieval, guidance 0)"),
                        ("retrieval_off", "retrieval off")):
         if way in drawn:
             parts.append(f"| {title} | {_fmt(drawn[way])} |")
     parts += [f"| new flag retrieved first | {_fmt(novel.get('retrieved_first'))} |",
               f"| the VQ alone reproduces the flag | {_fmt(novel.get('vq_drawable'))} |"]
+    named = novel.get("caption_named")
+    if named:
+        by_image = novel.get("caption_named_by_image", {})
+        retrieved = novel.get("caption_retrieved", {})
+        parts += ["", f"Captions of the same flags' images, each flag's own image and a "
+                  f"re-photographed copy (a colour cast and pixel noise), with "
+                  f"{novel.get('caption_settings')}: the share whose caption names the flag, "
+                  "and whose neighbours (retrieved by the image) hold its document.", "",
+                  "| | named | own image | re-photographed | flag retrieved |",
+                  "|---|---|---|---|---|"]
+        for way, title in (("ra_cm3", "retrieval as served, API defaults"),
+                           ("ra_cm3_paper", "the paper's (dense retrieval, guidance 0)"),
+                           ("retrieval_off", "retrieval off")):
+            if way in named:
+                parts.append(
+                    f"| {title} | {_fmt(named[way])} | "
+                    f"{_fmt(by_image.get('exact', {}).get(way))} | "
+                    f"{_fmt(by_image.get('rephotographed', {}).get(way))} | "
+                    f"{_fmt(retrieved.get(way))} |")
     rows = novel.get("rows") or []
     if rows:
         parts += ["", "| name | layout | prompt | retrieved first | drawn (on / paper / off) "

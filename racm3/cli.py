@@ -402,7 +402,8 @@ def eval_command(
         if novel_flags:
             output.result["novel_flags"] = _novel_flags(b, memory, novel_flags,
                                                         novel_flag_samples, seed)
-            typer.echo(f"novel flags drawn: {output.result['novel_flags']['drawn']}")
+            typer.echo(f"novel flags drawn: {output.result['novel_flags']['drawn']}; "
+                       f"captions named: {output.result['novel_flags']['caption_named']}")
     paths = write_reports(output, report_dir, json_path)
     if record:
         paths["manifest"] = record_in_manifest(output, b.path)

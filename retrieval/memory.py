@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from retrieval import publish as pub
+from retrieval.code_index import CodeIndex
 from retrieval.faiss_index import IndexInfo, VectorIndex
 from retrieval.lexical_index import LEXICAL_DIR, LexicalIndex, lexical_files
 from retrieval.manifest import (
@@ -71,6 +72,8 @@ class Memory:
         self.embeddings = embeddings  # (N, D) float32 memmap: diversity rule, re-scoring
         self.lexical = lexical  # BM25 over captions: hybrid retrieval, name matches
         self.has_image_flags, self.has_text_flags = store.modality_flags()
+        self._codes: CodeIndex | None = None
+        self._codes_lock = threading.Lock()
 
     @property
     def version(self) -> str:
@@ -133,6 +136,17 @@ class Memory:
         memory = cls(vdir, manifest, index, store, embeddings, lexical)
         log.info("loaded %r", memory)
         return memory
+
+    @property
+    def codes(self) -> CodeIndex | None:
+        """The stored images' VQ codes (hybrid retrieval of image queries), read from the
+        store on first use; None for a memory without an image grid."""
+        if self._codes is None and self.image_grid is not None:
+            with self._codes_lock:
+                if self._codes is None:
+                    h, w = self.image_grid
+                    self._codes = CodeIndex.from_store(self.store, h * w)
+        return self._codes
 
     def document(self, i: int, with_image: bool = True) -> StoredDoc:
         return self.store.get([i], with_image=with_image)[0]
@@ -278,5 +292,7 @@ class Retriever:
     def search(self, queries: np.ndarray, k: int | None = None,
                strategy: SearchStrategy | None = None,
                exclude: Sequence[Iterable[int]] | None = None,
-               texts: Sequence[str | None] | None = None) -> list[list[Hit]]:
-        return search(self._memory, queries, k, strategy, exclude=exclude, texts=texts)
+               texts: Sequence[str | None] | None = None,
+               codes: Sequence[np.ndarray | None] | None = None) -> list[list[Hit]]:
+        return search(self._memory, queries, k, strategy, exclude=exclude, texts=texts,
+                      codes=codes)

@@ -1,6 +1,7 @@
 """The paper's retrieval rules over a loaded memory, as three named steps:
 
-    knn_search (+ lexical_search, fuse in hybrid mode) -> apply_rules -> neighbours
+    knn_search (+ lexical_search / code_search, fuse in hybrid mode) -> apply_rules
+    -> neighbours
 
 `search` runs the first two and returns ids and scores (`Hit`), which is what a cache
 keeps; `neighbours` reads the hits' documents from the store, once, as the engine takes
@@ -16,6 +17,17 @@ them (`model.jobs.NeighbourDoc`).
   `retrieval.lexical_index`) move first, stable: a name is what the user asked for,
   and fusion alone still lets CLIP's favourite outrank a name it cannot read. The rules
   below apply to this order.
+- **Hybrid mode, image queries**: CLIP never learned most images either (a flag, a
+  logo), so an image query without text is also matched code for code against the
+  stored images' VQ codes (`retrieval.code_index`). The candidates are CLIP's and the
+  best-agreeing ones; their relevance is the CLIP score plus `code_weight` times the
+  agreement (the share of grid cells with the query's code): agreement separates a
+  variant of the same image (0.6-0.95) from another image (under 0.3) by a margin CLIP's
+  cosines rarely overturn, and CLIP still orders images that agree alike. Stored copies
+  of the query image (agreement at least `DUPLICATE_AGREEMENT`) move first, best
+  agreement first: a document's vector mixes its caption in, and an appended image
+  whose caption names something CLIP never learned scores 0.6-0.8 against its own
+  image, below a look-alike CLIP knows (0.9). The rules below apply to this order.
 - **Modality**: documents with both an image and text come first, stable by score.
 - **Diversity**: a candidate is skipped if its similarity to the query, or to a document
   already kept, exceeds the threshold (0.9 in the paper): a near-copy of the query (the
@@ -39,6 +51,12 @@ import numpy as np
 
 from model.jobs import NeighbourDoc
 
+# Hybrid image queries: a stored image whose codes agree with the query's on this share of
+# grid cells is taken for a copy of it. Two variants of one world flag (another tint,
+# another jitter) mostly agree on 0.6-0.95, two different flags on under 0.3; the
+# nearest look-alike of an appended flag in the demo memory on 0.91.
+DUPLICATE_AGREEMENT = 0.95
+
 RetrievalMode = Literal["dense", "hybrid"]
 RETRIEVAL_MODES: tuple[str, ...] = ("dense", "hybrid")
 
@@ -58,6 +76,9 @@ class SearchStrategy:
     mode: RetrievalMode = "dense"  # "hybrid": fuse with the lexical index (needs query text)
     rrf_k: int = 60  # reciprocal rank fusion's constant (Cormack et al. 2009)
     names_first: bool = True  # hybrid: captions holding the query's rare words (names) first
+    image_codes: bool = True  # hybrid: an image query is also matched by its VQ codes
+    code_weight: float = 1.0  # hybrid image queries: relevance = CLIP + this * agreement
+    duplicates_first: bool = True  # hybrid image queries: stored copies of the image first
 
     def __post_init__(self) -> None:
         if self.mode not in RETRIEVAL_MODES:
@@ -94,6 +115,7 @@ class SearchStrategy:
             exclude_ids=frozenset(getattr(strategy, "exclude_ids", ()) or ()),
             candidates=getattr(strategy, "candidates", None),
             mode=mode,
+            image_codes=bool(getattr(strategy, "image_codes", True)),
         )
 
 
@@ -123,6 +145,13 @@ def lexical_search(memory: Memory, texts: Sequence[str | None], n: int
     return memory.lexical.search(texts, max(1, min(n, len(memory))))
 
 
+def code_search(memory: Memory, codes: Sequence[np.ndarray | None], n: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Top n (agreement, ids) per query image's VQ codes (None: no image), best first;
+    id -1 marks padding."""
+    return memory.codes.search(codes, max(1, min(n, len(memory))))
+
+
 def fuse(query: np.ndarray, dense_ids: np.ndarray, lexical_ids: np.ndarray,
          vectors_of: Callable[[np.ndarray], np.ndarray], rrf_k: int,
          named: Callable[[np.ndarray], np.ndarray] | None = None,
@@ -146,6 +175,30 @@ def fuse(query: np.ndarray, dense_ids: np.ndarray, lexical_ids: np.ndarray,
     first = np.zeros(len(ids), bool) if named is None else np.asarray(named(ids), bool)
     order = np.lexsort((ids, -dense, -relevance, ~first))
     return ids[order], dense[order]
+
+
+def fuse_codes(query: np.ndarray, dense_ids: np.ndarray, code_ids: np.ndarray,
+               vectors_of: Callable[[np.ndarray], np.ndarray],
+               agreement_of: Callable[[np.ndarray], np.ndarray], code_weight: float,
+               duplicate_agreement: float | None = DUPLICATE_AGREEMENT,
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """One image query's dense and code candidates (-1 = padding): copies of the query
+    image (agreement >= `duplicate_agreement`; None: none) first, by agreement; then by
+    CLIP score plus `code_weight` times the agreement of their codes with the query's;
+    ties by id.
+
+    Returns (ids, dense) in that order, `dense` being each candidate's CLIP score.
+    """
+    ids = np.unique(np.concatenate([dense_ids[dense_ids >= 0], code_ids[code_ids >= 0]]))
+    if not len(ids):
+        return ids.astype(np.int64), np.zeros(0, np.float32)
+    dense = (vectors_of(ids) @ query.astype(np.float32)).astype(np.float32)
+    agreement = np.asarray(agreement_of(ids), dtype=np.float32)
+    relevance = dense + np.float32(code_weight) * agreement
+    copy = agreement >= duplicate_agreement if duplicate_agreement is not None \
+        else np.zeros(len(ids), bool)
+    order = np.lexsort((ids, -relevance, -np.where(copy, agreement, 0), ~copy))
+    return ids[order].astype(np.int64), dense[order]
 
 
 # --- step 2: the rules -------------------------------------------------------------------
@@ -242,12 +295,15 @@ def search(
     *,
     exclude: Sequence[Iterable[int]] | None = None,
     texts: Sequence[str | None] | None = None,
+    codes: Sequence[np.ndarray | None] | None = None,
 ) -> list[list[Hit]]:
     """Up to k hits per query row (Q, D), best first, by the paper's rules; `neighbours`
     reads their documents.
 
     `texts[q]` is query q's text, if it has one: hybrid mode matches it against the
-    captions. A hybrid search without text (an image query) is a dense one.
+    captions. `codes[q]` is the VQ codes of query q's image, if it has one: hybrid mode
+    matches a query with an image and no text against the stored images' codes. A hybrid
+    search with neither is a dense one.
     `exclude[q]` lists ids excluded for query q only (training: the document the query
     was cut from), on top of `strategy.exclude_ids`. When the rules skip so many
     candidates that fewer than k remain (a memory holding many near-copies of the
@@ -261,16 +317,19 @@ def search(
         raise ValueError(f"exclude has {len(exclude)} entries for {len(q)} queries")
     if texts is not None and len(texts) != len(q):
         raise ValueError(f"texts has {len(texts)} entries for {len(q)} queries")
+    if codes is not None and len(codes) != len(q):
+        raise ValueError(f"codes has {len(codes)} entries for {len(q)} queries")
     texts = list(texts) if texts is not None else [None] * len(q)
+    codes = list(codes) if codes is not None else [None] * len(q)
     n = s.n_candidates
-    kept = _rank(memory, q, s, n, exclude, texts)
+    kept = _rank(memory, q, s, n, exclude, texts, codes)
     limit = min(max(s.max_candidates, n), len(memory))
     short = [r for r, row in enumerate(kept) if len(row) < s.k]
     while short and n < limit:
         n = min(4 * n, limit)
         wider = _rank(memory, q[short], s, n,
                       None if exclude is None else [exclude[r] for r in short],
-                      [texts[r] for r in short])
+                      [texts[r] for r in short], [codes[r] for r in short])
         for r, row in zip(short, wider, strict=True):
             kept[r] = row
         short = [r for r in short if len(kept[r]) < s.k]
@@ -278,15 +337,22 @@ def search(
 
 
 def _rank(memory: Memory, q: np.ndarray, s: SearchStrategy, n: int,
-          exclude: Sequence[Iterable[int]] | None,
-          texts: Sequence[str | None]) -> list[list[tuple[int, float]]]:
-    """knn_search (+ lexical_search, fuse) + apply_rules for every query row: the kept
-    (id, CLIP score) pairs."""
+          exclude: Sequence[Iterable[int]] | None, texts: Sequence[str | None],
+          codes: Sequence[np.ndarray | None]) -> list[list[tuple[int, float]]]:
+    """knn_search (+ lexical_search / code_search, fuse) + apply_rules for every query
+    row: the kept (id, CLIP score) pairs."""
     scores, ids = knn_search(memory, q, n)
     order = scores  # the relevance the rules sort by
-    if s.mode == "hybrid" and getattr(memory, "lexical", None) is not None \
-            and any(t is not None for t in texts):
-        ids, order, scores = _fused(memory, q, ids, texts, n, s)
+    if s.mode == "hybrid":
+        # words where the memory has a lexical index; codes for queries with no words,
+        # where the memory has images (the codes matrix is read on the first such query)
+        words = [t if getattr(memory, "lexical", None) is not None else None for t in texts]
+        images = [c if t is None else None for t, c in zip(texts, codes, strict=True)]
+        if not (s.image_codes and any(c is not None for c in images)
+                and getattr(memory, "codes", None) is not None):
+            images = [None] * len(q)
+        if any(t is not None for t in words) or any(c is not None for c in images):
+            ids, order, scores = _fused(memory, q, ids, words, images, n, s)
     safe = np.where(ids >= 0, ids, 0)  # -1 padding: its lookups are never used
     vectors = memory.vectors(safe) if s.diversity_threshold is not None else None
     has_image, has_text = memory.has_image(safe), memory.has_text(safe)
@@ -302,20 +368,30 @@ def _rank(memory: Memory, q: np.ndarray, s: SearchStrategy, n: int,
 
 
 def _fused(memory: Memory, q: np.ndarray, dense_ids: np.ndarray,
-           texts: Sequence[str | None], n: int, s: SearchStrategy
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+           texts: Sequence[str | None], codes: Sequence[np.ndarray | None], n: int,
+           s: SearchStrategy) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, relevance, CLIP scores), each (Q, width) and -1-padded: every query row's
-    dense and lexical candidates in fused order, relevance descending with position."""
-    _, lexical_ids = lexical_search(memory, texts, n)
+    dense and lexical (text) or code (image) candidates in fused order, relevance
+    descending with position."""
+    none = np.full((len(q), 1), -1, dtype=np.int64)
+    lexical_ids = lexical_search(memory, texts, n)[1] \
+        if any(t is not None for t in texts) else none
+    code_ids = code_search(memory, codes, n)[1] if any(c is not None for c in codes) else none
 
     def named(text: str | None) -> Callable[[np.ndarray], np.ndarray] | None:
         if not s.names_first or text is None:
             return None
         return lambda ids: np.array([m.name_match for m in memory.lexical.match(text, ids)])
 
-    rows = [fuse(q[r], dense_ids[r], lexical_ids[r] if texts[r] is not None else
-                 lexical_ids[r][:0], memory.vectors, s.rrf_k, named(texts[r]))
-            for r in range(len(q))]
+    def row(r: int) -> tuple[np.ndarray, np.ndarray]:
+        if texts[r] is None and codes[r] is not None:
+            return fuse_codes(q[r], dense_ids[r], code_ids[r], memory.vectors,
+                              lambda ids: memory.codes.agreement(codes[r], ids), s.code_weight,
+                              DUPLICATE_AGREEMENT if s.duplicates_first else None)
+        return fuse(q[r], dense_ids[r], lexical_ids[r] if texts[r] is not None else
+                    lexical_ids[r][:0], memory.vectors, s.rrf_k, named(texts[r]))
+
+    rows = [row(r) for r in range(len(q))]
     width = max(1, max(len(ids) for ids, _ in rows))
     ids = np.full((len(q), width), -1, dtype=np.int64)
     scores = np.full((len(q), width), -np.inf, dtype=np.float32)

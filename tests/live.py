@@ -86,7 +86,7 @@ class RealModels:
 
     def backend(self, settings: RetrieverSettings) -> CoreRetrieverBackend:
         # The bundle's CLIP, shared with the engine's reranker (both only run inference).
-        return CoreRetrieverBackend(settings, self.bundle.clip)
+        return CoreRetrieverBackend(settings, self.bundle.clip, self.bundle.vq)
 
     def retriever_settings(self, memory_dir: Path | None = None, **kw: Any) -> RetrieverSettings:
         return RetrieverSettings(

@@ -199,10 +199,12 @@ def test_retrieve_by_image(http, real_models, memory):  # noqa: F811
     stored = memory.document(11)
     image = np.array(Image.open(io.BytesIO(stored.image_bytes)).convert("RGB"))
     body = {"image": png_b64(image), "k": 2, "strategy": "knn", "return_thumbnails": False}
-    by_image = http.post("/v1/retrieve", json=body).json()
+    by_image = http.post("/v1/retrieve", json={**body, "mode": "dense"}).json()
     query = real_models.bundle.clip.encode_image(image[None])
     assert [d["id"] for d in by_image["data"]] == brute_force_top(memory, query, 2)
     assert "thumbnail" not in by_image["data"][0]
+    # the served default (hybrid) also matches the image's VQ codes: the stored image first
+    assert http.post("/v1/retrieve", json=body).json()["data"][0]["id"] == 11
 
 
 def test_knn_service_accepts_a_clip_client_request(server, real_models, memory):  # noqa: F811

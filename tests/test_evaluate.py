@@ -207,7 +207,8 @@ def test_eval_runs_only_the_tasks_asked_for(smoke_bundle, tmp_path: Path) -> Non
     data = json.loads(json_path.read_text())
     assert data["meta"]["n"] == {"entity": 2}
     assert all(set(values) == {"entity_acc", "entity_acc_prompt_rerank", "entity_retrieved"}
-               for values in data["systems"].values())
+               for system, values in data["systems"].items() if system != "cm3")
+    assert set(data["systems"]["cm3"]) == {"entity_acc", "entity_acc_prompt_rerank"}
     # without neighbours the retrieved images have no vote: both rankings keep one image
     for system in ("cm3", "retrieval_only"):
         values = data["systems"][system]
@@ -230,6 +231,11 @@ def test_eval_runs_only_the_tasks_asked_for(smoke_bundle, tmp_path: Path) -> Non
     assert all(0.0 <= v <= 1.0 for v in novel["drawn"].values())
     assert len(novel["rows"]) == 4 and novel["threshold"] == 40.0
     assert "Flags the world never makes" in (tmp_path / "eval.md").read_text()
+    # and each flag's image (and a re-photographed copy) captioned with the API's defaults
+    assert set(novel["caption_named"]) == {"ra_cm3", "ra_cm3_paper", "retrieval_off"}
+    assert set(novel["caption_named_by_image"]) == {"exact", "rephotographed"}
+    assert novel["caption_named"]["retrieval_off"] == 0.0  # no decoder knows these names
+    assert "re-photographed" in (tmp_path / "eval.md").read_text()
 
     # --record writes the numbers into the bundle's own manifest
     bundle_copy = tmp_path / "bundle"

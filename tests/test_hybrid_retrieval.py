@@ -229,6 +229,27 @@ def test_hybrid_keeps_common_word_queries_away_from_names(real_models, appended)
         assert all(n.id < len(memory) - len(names) for n in found)
 
 
+def test_an_appended_flag_is_found_first_for_its_own_image(real_models, appended) -> None:  # noqa: F811
+    """An image query: hybrid mode matches its VQ codes against the stored ones."""
+    import io
+
+    _, memory, names = appended
+    bundle = real_models.bundle
+    first_new = len(memory) - len(names)
+    ids = list(range(first_new, len(memory)))
+    images = np.stack([np.asarray(Image.open(io.BytesIO(memory.document(i).image_bytes)))
+                       for i in ids])
+    vectors = bundle.clip.encode_image(images)
+    codes = [memory.document(i).image_codes for i in ids]
+    found = {mode: search(memory, vectors, 2, SearchStrategy(k=2, mode=mode), codes=codes)
+             for mode in ("dense", "hybrid")}
+    assert [row[0].id for row in found["hybrid"]] == ids
+    # dense retrieval of the same images is the paper's: the codes play no part in it
+    plain = search(memory, vectors, 2, SearchStrategy(k=2, mode="dense"))
+    assert [[(n.id, n.score) for n in row] for row in found["dense"]] == \
+        [[(n.id, n.score) for n in row] for row in plain]
+
+
 # --- the service: request option, cache keys, info --------------------------------------------
 
 

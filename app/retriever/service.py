@@ -57,13 +57,15 @@ StrategyName = Literal["rag", "knn"]
 class RetrievalStrategy:
     """The paper's retrieval rules (docs/architecture.md, "The method"); `knn` is plain
     top-k by score. `mode`: "dense" ranks by CLIP alone (the paper), "hybrid" fuses CLIP
-    with BM25 over the captions (retrieval/search.py). It is part of the cache key."""
+    with BM25 over the captions for text queries, and with the stored images' VQ codes
+    for image queries (retrieval/search.py). It is part of the cache key."""
 
     name: StrategyName
     prefer_multimodal: bool
     diversity_threshold: float | None
     candidates: int
     mode: str = "dense"
+    image_codes: bool = True  # hybrid image queries also match VQ codes
 
     def cache_hash(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True).encode()
@@ -79,10 +81,11 @@ class MemorySnapshot(Protocol):
 
     def search(
         self, vectors: np.ndarray, k: int, strategy: RetrievalStrategy,
-        texts: Sequence[str | None],
+        texts: Sequence[str | None], codes: Sequence[np.ndarray | None] | None = None,
     ) -> list[list[tuple[int, float]]]:
-        """(B, D) L2-normalised queries and their texts (hybrid mode matches them against
-        the captions) -> per query up to k (doc id, CLIP score), best first."""
+        """(B, D) L2-normalised queries, their texts and their images' VQ codes (hybrid
+        mode matches them against the captions and the stored codes) -> per query up to
+        k (doc id, CLIP score), best first."""
         ...
 
     def neighbours(self, hits: Sequence[tuple[int, float]], text: str | None, tokens: bool,
@@ -113,6 +116,11 @@ class RetrieverBackend(Protocol):
     def encode_text(self, texts: list[str]) -> np.ndarray: ...
 
     def encode_image(self, images: list[np.ndarray]) -> np.ndarray: ...
+
+    def encode_codes(self, images: list[np.ndarray]) -> list[np.ndarray | None] | None:
+        """The images' VQ codes (hybrid retrieval of image queries), or None when the
+        backend has no image tokenizer."""
+        ...
 
 
 BackendFactory = Callable[[RetrieverSettings], RetrieverBackend]
@@ -367,8 +375,25 @@ class RetrieverService:
         snap, k, strategy = jobs[0].snapshot, jobs[0].k, jobs[0].strategy
         with self.metrics.stage("compute_query"):
             vectors = self._compute_query([j.query for j in jobs])
+            codes = self._compute_codes([j.query for j in jobs], strategy)
         with self.metrics.stage("knn_search"):
-            return snap.search(vectors, k, strategy, [j.query.text for j in jobs])
+            return snap.search(vectors, k, strategy, [j.query.text for j in jobs], codes)
+
+    def _compute_codes(self, queries: list[RetrievalQuery], strategy: RetrievalStrategy
+                       ) -> list[np.ndarray | None] | None:
+        """VQ codes of the image queries without text, where hybrid mode matches them."""
+        assert self.backend is not None
+        rows = [i for i, q in enumerate(queries) if q.image is not None and q.text is None]
+        if strategy.mode != "hybrid" or not strategy.image_codes or not rows:
+            return None
+        encode = getattr(self.backend, "encode_codes", None)
+        found = encode([queries[i].image for i in rows]) if encode is not None else None
+        if found is None:
+            return None
+        codes: list[np.ndarray | None] = [None] * len(queries)
+        for i, c in zip(rows, found, strict=True):
+            codes[i] = c
+        return codes
 
     def _compute_query(self, queries: list[RetrievalQuery]) -> np.ndarray:
         assert self.backend is not None
@@ -524,18 +549,21 @@ class CoreRetrieverBackend:
     `retrieval.memory.Retriever` holds the verified, memory-mapped memory (and swaps
     versions atomically), `retrieval.search.search` applies the paper's rules."""
 
-    def __init__(self, settings: RetrieverSettings, clip: Any) -> None:
+    def __init__(self, settings: RetrieverSettings, clip: Any, vq: Any = None) -> None:
         self.settings = settings
         self.clip = clip
+        self.vq = vq  # the bundle's image tokenizer: image queries' codes (None: no codes)
         self.memories = MemorySet(settings.named_memories, "auto", _CoreSnapshot)
 
     @classmethod
-    def load(cls, settings: RetrieverSettings, clip: Any = None) -> CoreRetrieverBackend:
+    def load(cls, settings: RetrieverSettings, clip: Any = None, vq: Any = None
+             ) -> CoreRetrieverBackend:
         if clip is None:
             from model.bundle import Bundle
 
-            clip = Bundle(settings.bundle_dir, device=settings.device).clip
-        return cls(settings, clip)
+            bundle = Bundle(settings.bundle_dir, device=settings.device)
+            clip, vq = bundle.clip, bundle.vq if bundle.has("vq") else None
+        return cls(settings, clip, vq)
 
     def memory_names(self) -> list[str]:
         return list(self.memories.names)
@@ -557,6 +585,23 @@ class CoreRetrieverBackend:
     def encode_image(self, images: list[np.ndarray]) -> np.ndarray:
         return self.clip.encode_image(images)  # a list: sizes may differ
 
+    def encode_codes(self, images: list[np.ndarray]) -> list[np.ndarray | None] | None:
+        if self.vq is None:
+            return None
+        import torch
+
+        size = self.vq.config.image_size
+        out: list[np.ndarray | None] = [None] * len(images)
+        # the stored codes are of images at the bundle's size (the API's decoding size)
+        rows = [i for i, im in enumerate(images) if im.shape[:2] == (size, size)]
+        if rows:
+            batch = torch.from_numpy(np.stack([images[i] for i in rows])).permute(0, 3, 1, 2)
+            with torch.no_grad():
+                codes = self.vq.encode(batch.float().div(255.0).to(self.vq.device)).cpu()
+            for i, c in zip(rows, codes.numpy(), strict=True):
+                out[i] = c
+        return out
+
 
 class _CoreSnapshot:
     def __init__(self, memory: Any) -> None:
@@ -567,9 +612,9 @@ class _CoreSnapshot:
 
     def search(
         self, vectors: np.ndarray, k: int, strategy: RetrievalStrategy,
-        texts: Sequence[str | None],
+        texts: Sequence[str | None], codes: Sequence[np.ndarray | None] | None = None,
     ) -> list[list[tuple[int, float]]]:
-        rows = search(self.memory, vectors, k, strategy, texts=texts)
+        rows = search(self.memory, vectors, k, strategy, texts=texts, codes=codes)
         return [[(int(hit.id), float(hit.score)) for hit in row] for row in rows]
 
     def neighbours(self, hits: Sequence[tuple[int, float]], text: str | None, tokens: bool,
