@@ -589,71 +589,104 @@ class CM3Decoder(nn.Module):
         if generator is None and params.seed is not None:
             generator = make_generator(params.seed, device)
         out = torch.full((rows, params.max_new_tokens), PAD_ID, dtype=torch.long, device=device)
-        done = torch.zeros(rows, dtype=torch.bool, device=device)
-        # The output row of each row still decoding; None while that is every row, in order.
-        live: Tensor | None = None
-        can_shrink = select is not None and (
-            logits_processor is None or hasattr(logits_processor, "select"))
+        s = _LiveRows(cache, logits, forward_step, select, guided, rows,
+                      torch.zeros(rows, dtype=torch.bool, device=device),
+                      None if constraints is None else list(constraints), generator,
+                      logits_processor)
         for t in range(params.max_new_tokens):
             gone = None if stopped is None else stopped()
-            if gone is not None:
-                gone = gone.to(device)
-                drop = gone if live is None else gone[live]
-                if bool(drop.any()):
-                    if not can_shrink:
-                        done |= drop
-                        if bool(done.all()):
-                            return out[:, :t]
-                    else:
-                        keep = (~drop).nonzero().squeeze(1)
-                        if keep.numel() == 0:
-                            return out[:, :t]
-                        live = keep if live is None else live[keep]
-                        both = torch.cat([keep, keep + rows]) if guided else keep
-                        cache, forward_step = select(cache, both)
-                        logits = logits.index_select(0, both)
-                        rows = keep.numel()
-                        done = done[keep]
-                        if constraints is not None:
-                            constraints = [constraints[i] for i in keep.tolist()]
-                        if generator is not None and not isinstance(generator, torch.Generator):
-                            generator = [generator[i] for i in keep.tolist()]
-                        if logits_processor is not None:
-                            logits_processor.select(keep)
-            step = logits[:, -1].float()
-            if guided:
-                step = cfg_combine(step[:rows], step[rows:], params.guidance_scale)
-            if constraints is not None:
-                allowed = batch_allowed_mask(constraints, step.size(-1), step.device)
-                step = step.masked_fill(~allowed, float("-inf"))
-            if logits_processor is not None:
-                step = logits_processor(step)
-            tok = sample(step, params, generator).masked_fill_(done, PAD_ID)
-            if live is None:
+            if gone is not None and s.leave(gone.to(device)):
+                return out[:, :t]
+            tok = sample(s.scores(params), params, s.generator).masked_fill_(s.done, PAD_ID)
+            if s.live is None:
                 out[:, t] = tok
             else:
-                out[live, t] = tok
-            if logits_processor is not None:
-                logits_processor.advance(tok)
-            if constraints is not None:
-                for c, token in zip(constraints, tok.tolist(), strict=True):
-                    if c is not None:
-                        c.advance(token)
+                out[s.live, t] = tok
+            s.advance(tok)
             if step_hook is not None:
                 stop = step_hook(t, out[:, : t + 1])
                 if stop is not None:
-                    stop = stop.to(done.device)
-                    done |= stop if live is None else stop[live]
-                    if bool(done.all()):
+                    stop = stop.to(s.done.device)
+                    s.done |= stop if s.live is None else stop[s.live]
+                    if bool(s.done.all()):
                         return out[:, : t + 1]
             if eos_id is not None:
-                done |= tok == eos_id
-                if bool(done.all()):
+                s.done |= tok == eos_id
+                if bool(s.done.all()):
                     return out[:, : t + 1]
             if t + 1 < params.max_new_tokens:
-                step_idx = torch.cat([tok, tok]) if guided else tok
-                logits = forward_step(self, step_idx[:, None], cache)
+                step_idx = torch.cat([tok, tok]) if s.guided else tok
+                s.logits = s.forward_step(self, step_idx[:, None], s.cache)
         return out
+
+
+@dataclass
+class _LiveRows:
+    """`CM3Decoder.generate`'s rows still decoding and everything indexed by them, so that
+    rows nobody wants can leave the batch between steps."""
+
+    cache: Any
+    logits: Tensor  # (rows, 1, V), twice the rows when guided
+    forward_step: Callable[..., Tensor]
+    select: Callable[..., Any] | None  # (cache, rows) -> (cache, step); None: cannot shrink
+    guided: bool
+    rows: int
+    done: Tensor  # (rows,) bool
+    constraints: list[Constraint | None] | None
+    generator: Generators
+    logits_processor: LogitsProcessor | None
+    live: Tensor | None = None  # each row's output row; None while every row, in order
+
+    @property
+    def can_shrink(self) -> bool:
+        return self.select is not None and (
+            self.logits_processor is None or hasattr(self.logits_processor, "select"))
+
+    def leave(self, gone: Tensor) -> bool:
+        """Rows of `gone` (one per output row) stop; True when no row is left."""
+        drop = gone if self.live is None else gone[self.live]
+        if not bool(drop.any()):
+            return False
+        if not self.can_shrink:  # they stop but still take their place in each step
+            self.done |= drop
+            return bool(self.done.all())
+        keep = (~drop).nonzero().squeeze(1)
+        if keep.numel() == 0:
+            return True
+        self.live = keep if self.live is None else self.live[keep]
+        both = torch.cat([keep, keep + self.rows]) if self.guided else keep
+        self.cache, self.forward_step = self.select(self.cache, both)
+        self.logits = self.logits.index_select(0, both)
+        self.rows = keep.numel()
+        self.done = self.done[keep]
+        kept = keep.tolist()
+        if self.constraints is not None:
+            self.constraints = [self.constraints[i] for i in kept]
+        if self.generator is not None and not isinstance(self.generator, torch.Generator):
+            self.generator = [self.generator[i] for i in kept]
+        if self.logits_processor is not None:
+            self.logits_processor.select(keep)
+        return False
+
+    def scores(self, params: SamplingParams) -> Tensor:
+        """The next token's logits: guided, constrained and processed."""
+        step = self.logits[:, -1].float()
+        if self.guided:
+            step = cfg_combine(step[: self.rows], step[self.rows :], params.guidance_scale)
+        if self.constraints is not None:
+            allowed = batch_allowed_mask(self.constraints, step.size(-1), step.device)
+            step = step.masked_fill(~allowed, float("-inf"))
+        if self.logits_processor is not None:
+            step = self.logits_processor(step)
+        return step
+
+    def advance(self, tok: Tensor) -> None:
+        if self.logits_processor is not None:
+            self.logits_processor.advance(tok)
+        if self.constraints is not None:
+            for c, token in zip(self.constraints, tok.tolist(), strict=True):
+                if c is not None:
+                    c.advance(token)
 
 
 def left_pad(
