@@ -743,6 +743,19 @@ def api_default_k() -> int:
 DRAWN_MAX_DIFFERENCE = 40.0  # mean |pixel - flag| (0..255) under which a sample is the flag
 
 
+def _way_jobs(make_job: Callable[[Any, list, int], Any], inputs: Sequence[Any],
+              context: Sequence[list], base: int, weight: float | None) -> list[Any]:
+    """One API-default job per input with its neighbours and seed `base + j`; `weight`
+    (None: the served default) sets the retrieval guidance of one way of asking."""
+    jobs = []
+    for j, (x, nbs) in enumerate(zip(inputs, context, strict=True)):
+        job = make_job(x, nbs, base + j)
+        if weight is not None:
+            job.retrieval_guidance = weight
+        jobs.append(job)
+    return jobs
+
+
 def novel_flags_check(bundle: Any, memory_dir: str | Path, n_flags: int = 12,
                       samples: int = 4, seed: int = 0) -> dict[str, Any]:
     """Flags of kinds the world never makes (world/novel_flags.py), appended to
@@ -789,12 +802,7 @@ def novel_flags_check(bundle: Any, memory_dir: str | Path, n_flags: int = 12,
             "retrieval_off": ([[] for _ in prompts], None)}
     distance: dict[str, np.ndarray] = {}
     for way, (context, weight) in ways.items():
-        jobs = []
-        for j, (p, nbs) in enumerate(zip(prompts, context, strict=True)):
-            job = api_default_job(p, nbs, base + j)
-            if weight is not None:
-                job.retrieval_guidance = weight
-            jobs.append(job)
+        jobs = _way_jobs(api_default_job, prompts, context, base, weight)
         results = evaluator._batched(engine.text_to_image, jobs)
         out = np.stack([r[0].image for r in results]).astype(np.float32)
         distance[way] = np.abs(out - targets).mean(axis=(1, 2, 3))
@@ -837,12 +845,7 @@ def _novel_flag_captions(evaluator: Evaluator, flags: Sequence[Any], seed: int
     named: dict[str, np.ndarray] = {}
     retrieved: dict[str, np.ndarray] = {}
     for way, (context, weight) in ways.items():
-        jobs = []
-        for j, (image, nbs) in enumerate(zip(images, context, strict=True)):
-            job = api_default_caption_job(image, nbs, base + j)
-            if weight is not None:
-                job.retrieval_guidance = weight
-            jobs.append(job)
+        jobs = _way_jobs(api_default_caption_job, images, context, base, weight)
         texts = [r[0].text for r in evaluator._batched(evaluator.engine.caption, jobs)]
         named[way] = np.array([n in t.lower() for n, t in zip(names, texts, strict=True)])
         retrieved[way] = np.array([any(n in evaluator.neighbour_caption(d).lower() for d in nbs)

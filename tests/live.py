@@ -205,3 +205,22 @@ def live_app(app: Any) -> Iterator[LiveServer]:
     with LiveServer(app) as server:
         wait_ready(server.url)
         yield server
+
+
+@contextmanager
+def role_cluster(models: RealModels, engine: Any, **generator: Any) -> Iterator[dict[str, str]]:
+    """Retriever, a generator worker on `engine` (`generator`: its settings) and a gateway,
+    each its own app on its own port, as multi-service mode runs them."""
+    retriever = create_role_app(
+        "retriever", retriever_settings=models.retriever_settings(),
+        backend_factory=models.backend)
+    worker = create_role_app(
+        "generator", generator_settings=models.generator_settings(**generator),
+        engine_factory=lambda settings: engine)
+    with LiveServer(retriever) as r, LiveServer(worker) as g:
+        wait_ready(r.url)
+        wait_ready(g.url)
+        gateway = create_role_app("gateway", gateway_settings=GatewaySettings(
+            retriever_url=r.url, generator_urls=[g.url]))
+        with live_app(gateway) as gw:
+            yield {"gateway": gw.url, "retriever": r.url, "generator": g.url}

@@ -27,15 +27,13 @@ import numpy as np
 import pytest
 import torch
 
-from app.serve import create_role_app
-from app.settings import GatewaySettings
 from model.decoder import left_pad
 from model.jobs import NeighbourDoc, T2IJob
 from model.jobs import SamplingParams as RequestSampling
 from model.sampling import SamplingParams, make_generator
 from model.tokens import PAD_ID
 from tests.fakes import SlowEngine, slow_step_engine
-from tests.live import LiveServer, live_app, real_models, wait_ready  # noqa: F401
+from tests.live import live_app, real_models, role_cluster  # noqa: F401
 
 GEN = "/v1/images/generations"
 STEP_S = 0.02  # per decoding step: 64 steps, an image of >= 1.3 s
@@ -203,20 +201,9 @@ def test_a_batch_whose_clients_all_left_stops_and_the_next_request_is_served(rea
 def cluster(real_models):  # noqa: F811 - fixture
     """Retriever, a slowed generator worker (batches of 8, 8 more queued) and a gateway."""
     engine = slow_step_engine(real_models.engine(), STEP_S)
-    retriever = create_role_app(
-        "retriever", retriever_settings=real_models.retriever_settings(),
-        backend_factory=real_models.backend)
-    generator = create_role_app(
-        "generator", generator_settings=real_models.generator_settings(
-            max_batch_size=8, queue_size=8, max_wait_ms=0),
-        engine_factory=lambda settings: engine)
-    with LiveServer(retriever) as r, LiveServer(generator) as g:
-        wait_ready(r.url)
-        wait_ready(g.url)
-        gateway = create_role_app("gateway", gateway_settings=GatewaySettings(
-            retriever_url=r.url, generator_urls=[g.url]))
-        with live_app(gateway) as gw:
-            yield {"gateway": gw.url, "retriever": r.url, "generator": g.url}
+    with role_cluster(real_models, engine, max_batch_size=8, queue_size=8,
+                      max_wait_ms=0) as urls:
+        yield urls
 
 
 def test_through_the_gateway_a_batch_whose_clients_left_stops_on_the_worker(cluster):

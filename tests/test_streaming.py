@@ -23,10 +23,8 @@ import pytest
 from openai import OpenAI
 from PIL import Image
 
-from app.serve import create_role_app
-from app.settings import GatewaySettings
 from tests.fakes import SlowEngine, slow_step_engine
-from tests.live import LiveServer, live_app, png_bytes, real_models, solid_image, wait_ready  # noqa: F401
+from tests.live import live_app, png_bytes, real_models, role_cluster, solid_image  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -224,19 +222,8 @@ def test_client_leaving_stops_its_decoding_and_frees_the_batcher(real_models):  
 def cluster(real_models):  # noqa: F811 - fixture
     """Retriever, a slowed generator worker and a gateway, each its own app and port."""
     engine = slow_step_engine(real_models.engine(), 0.03)
-    retriever = create_role_app(
-        "retriever", retriever_settings=real_models.retriever_settings(),
-        backend_factory=real_models.backend)
-    generator = create_role_app(
-        "generator", generator_settings=real_models.generator_settings(max_wait_ms=0),
-        engine_factory=lambda settings: engine)
-    with LiveServer(retriever) as r, LiveServer(generator) as g:
-        wait_ready(r.url)
-        wait_ready(g.url)
-        gateway = create_role_app("gateway", gateway_settings=GatewaySettings(
-            retriever_url=r.url, generator_urls=[g.url]))
-        with live_app(gateway) as gw:
-            yield {"gateway": gw.url, "generator": g.url}
+    with role_cluster(real_models, engine, max_wait_ms=0) as urls:
+        yield urls
 
 
 def test_multi_service_streams_through_the_gateway_as_it_decodes(cluster):
