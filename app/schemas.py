@@ -499,6 +499,16 @@ class NeighbourWire(BaseModel):
     thumbnail: str | None = None
     lexical_score: float | None = None
     name_match: bool | None = None
+    # base64 of the little-endian float32 CLIP vector of the image's VQ reconstruction
+    # (NeighbourDoc.image_vector): a third of a JSON list's size
+    image_vector: str | None = None
+
+    @field_validator("image_vector")
+    @classmethod
+    def _vector(cls, v: str | None) -> str | None:
+        if v is not None:
+            _vector_from_wire(v)
+        return v
 
     @classmethod
     def from_doc(cls, doc: NeighbourDoc) -> NeighbourWire:
@@ -511,6 +521,8 @@ class NeighbourWire(BaseModel):
             thumbnail=None if doc.thumbnail_png is None else b64(doc.thumbnail_png),
             lexical_score=doc.lexical_score,
             name_match=doc.name_match,
+            image_vector=None if doc.image_vector is None else b64(
+                np.ascontiguousarray(doc.image_vector, dtype="<f4").tobytes()),
         )
 
     def to_doc(self) -> NeighbourDoc:
@@ -525,7 +537,20 @@ class NeighbourWire(BaseModel):
             ),
             lexical_score=self.lexical_score,
             name_match=self.name_match,
+            image_vector=None if self.image_vector is None else _vector_from_wire(
+                self.image_vector),
         )
+
+
+def _vector_from_wire(text: str) -> np.ndarray:
+    """A wire image vector as float32 (D,); ValueError unless finite float32 values."""
+    raw = decode_base64(text, "image_vector", 1 << 20)
+    if not raw or len(raw) % 4:
+        raise ValueError("image_vector must be base64 of float32 values")
+    vector = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    if not np.isfinite(vector).all():
+        raise ValueError("image_vector holds non-finite values")
+    return vector
 
 
 class SearchResponse(BaseModel):

@@ -497,7 +497,9 @@ class Engine:
         that entity's image, so neither its prompt score nor its image embedding tells
         the right flag from a wrong one; the retrieved images are the memory's statement
         of what the prompt looks like, and their codes say it exactly. Jobs without
-        retrieved images (CM3, K=0) rank by the prompt score alone.
+        retrieved images (CM3, K=0) rank by the prompt score alone. A neighbour's image
+        vector is the one it carries from the memory (`NeighbourDoc.image_vector`, the
+        same CLIP vector of the same reconstruction), or is computed here.
         """
         image = self.clip.encode_image(images)
         prompts = self.clip.encode_text([j.prompt for j in jobs for _ in range(per_job)])
@@ -505,17 +507,27 @@ class Engine:
         ranks = scores.copy()
         if per_job == 1:  # a lone candidate needs no ranking: skip decoding the neighbours
             return scores, ranks
-        # every job's retrieved images in one VQ decode and one CLIP call
-        owners, memory_codes = [], []
+        # every job's retrieved images: the vectors the memory stored with them, and the
+        # others (examples, a memory built without them) in one VQ decode and CLIP call
+        owners, memory_codes, carried = [], [], []
         for g, job in enumerate(jobs):
             for d in job.neighbours:
                 if d.image_codes is not None:
                     owners.append(g)
                     memory_codes.append(np.asarray(d.image_codes).reshape(self.space.image_grid))
+                    v = d.image_vector
+                    carried.append(v if v is not None and np.shape(v) == image.shape[1:]
+                                   else None)
         if not memory_codes:
             return scores, ranks
         stacked = np.stack(memory_codes)
-        memory = self.clip.encode_image(self.decode_codes(stacked))
+        missing = [i for i, v in enumerate(carried) if v is None]
+        memory = np.zeros((len(carried), image.shape[1]), dtype=np.float32)
+        if missing:
+            memory[missing] = self.clip.encode_image(self.decode_codes(stacked[missing]))
+        for i, v in enumerate(carried):
+            if v is not None:
+                memory[i] = v
         owners_arr = np.asarray(owners)
         codes = None if codes is None else np.asarray(codes)
         for g in set(owners):

@@ -60,6 +60,9 @@ class NeighbourDoc:
     caption: str | None = None
     text_ids: list[int] | None = None
     image_codes: np.ndarray | None = None  # (h, w) int VQ codes, raster order
+    # (D,) float32: the CLIP image vector of the codes' VQ reconstruction, as the memory
+    # stores it; None: the reranker computes it (`Engine.rerank_scores`)
+    image_vector: np.ndarray | None = None
     thumbnail_png: bytes | None = None  # the stored image, only when asked for
     # How the caption matches the query's words (text queries; None when unknown).
     # `score` stays the CLIP score in either retrieval mode.

@@ -12,6 +12,12 @@ atomically (retrieval/publish.py).
 (nothing old is re-embedded), adds the new documents after them (ids continue), and
 rebuilds both indexes (FAISS from the vectors, the lexical one from the captions), as a
 new version whose manifest names its parent.
+
+With `image_vectors`, each document with an image also gets the CLIP vector of its
+VQ-reconstructed image (`rerank_vectors.npy`): what the t2i reranker compares its
+candidates with, stored so that serving does not decode and encode every neighbour
+again. An append copies the parent's (or computes them from the parent's stored codes,
+for a parent built without them).
 The parent is verified first: every file against its full checksum, the parts' sizes
 against each other, and every copied row against the models' ranges (image codes inside
 the VQ codebook and the grid, text ids inside the vocabulary). The new version's own
@@ -42,6 +48,7 @@ from retrieval.manifest import (
     DATA_FILES,
     EMBEDDINGS_FILE,
     INDEX_FILE,
+    RERANK_FILE,
     STORE_FILE,
     Manifest,
     ManifestError,
@@ -66,6 +73,8 @@ log = logging.getLogger(__name__)
 Embed = Callable[[list[str | None], list[np.ndarray | None]], np.ndarray]
 TokenizeText = Callable[[str], list[int]]  # TextTokenizer.encode
 EncodeImages = Callable[[np.ndarray], np.ndarray]  # uint8 (B, H, W, 3) -> codes (B, h, w)
+# codes (B, h, w) -> (B, D) normalised CLIP image vectors of their VQ reconstructions
+ImageVectors = Callable[[np.ndarray], np.ndarray]
 
 
 class BuildError(ValueError):
@@ -110,6 +119,7 @@ def build_memory(
     code_type: str = "int16",
     codebook_size: int | None = None,
     text_vocab_size: int | None = None,
+    image_vectors: ImageVectors | None = None,
 ) -> BuildReport:
     """Build a new version of the memory at `out_dir` from `items` and publish it.
 
@@ -117,6 +127,8 @@ def build_memory(
     with different ids is refused, since old and new vectors would not be comparable.
     `codebook_size` and `text_vocab_size` (the VQ's and the BPE's) bound the rows an
     append copies from its parent; a damaged parent raises AppendRefused.
+    `image_vectors` (codes -> CLIP vectors of their reconstructions) adds the reranker's
+    vectors of the documents' images (`RERANK_FILE`); without it the version has none.
     On any error the staging directory is removed and CURRENT is untouched.
     """
     t0 = time.perf_counter()
@@ -129,7 +141,8 @@ def build_memory(
         return _build(items, memory, staging, parent, embed=embed, tokenize_text=tokenize_text,
                       encode_images=encode_images, index_type=index_type,
                       chunk_size=chunk_size, ids=dict(ids or {}), progress=progress,
-                      skip_report=skip_report, code_type=code_type, bounds=bounds, t0=t0)
+                      skip_report=skip_report, code_type=code_type, bounds=bounds, t0=t0,
+                      image_vectors=image_vectors)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -164,6 +177,12 @@ def _verify_parent(memory: Path, version: str, vdir: Path, manifest: Manifest) -
             if entry is None:
                 raise ManifestError(f"the manifest does not list {name}")
             verify_file(vdir / name, entry, full=True)
+        if RERANK_FILE in manifest.files:
+            verify_file(vdir / RERANK_FILE, manifest.files[RERANK_FILE], full=True)
+            rerank = open_embeddings(vdir / RERANK_FILE)
+            if rerank.shape != (manifest.counts.get("documents", -1), manifest.embedding_dim):
+                raise ManifestError(f"{RERANK_FILE} holds {rerank.shape}, not one "
+                                    f"{manifest.embedding_dim}-vector per document")
         store = DocumentStore.open(vdir / STORE_FILE)
         stored = len(store)
         store.close()
@@ -190,6 +209,8 @@ class _Staged:
 
     store: StoreWriter
     vectors: EmbeddingsWriter | None = None
+    image_vectors: ImageVectors | None = None  # None: this version stores no rerank vectors
+    rerank: EmbeddingsWriter | None = None  # RERANK_FILE, opened with `vectors`
     counts: _Counts = field(default_factory=_Counts)
     grid: tuple[int, int] | None = None
     embed_calls: int = 0
@@ -200,9 +221,10 @@ def _build(items: Iterable[SourceItem], memory: Path, staging: Path,
            parent: tuple[str, Manifest] | None, *, embed: Embed, tokenize_text: TokenizeText,
            encode_images: EncodeImages, index_type: str, chunk_size: int, ids: dict[str, str],
            progress: bool, skip_report: SkipReport | None, code_type: str,
-           bounds: RowBounds, t0: float) -> BuildReport:
+           bounds: RowBounds, t0: float, image_vectors: ImageVectors | None) -> BuildReport:
     skipped: Counter[str] = Counter()  # by this pipeline; the source's are merged at the end
-    staged = _Staged(StoreWriter(staging / STORE_FILE, code_type=code_type))
+    staged = _Staged(StoreWriter(staging / STORE_FILE, code_type=code_type),
+                     image_vectors=image_vectors)
     if parent:
         _copy_parent(memory, staging, parent, staged, bounds)
     staged.first_new = staged.store.count
@@ -217,6 +239,8 @@ def _build(items: Iterable[SourceItem], memory: Path, staging: Path,
         raise BuildError("no documents to build a memory from: every item was skipped "
                          f"({dict(skipped) or 'the source was empty'})")
     staged.vectors.close()
+    if staged.rerank is not None:
+        staged.rerank.close()
     if skip_report:  # a streaming source counts its skips while it is read
         skipped.update(skip_report.skipped)
     if index_type == "auto" and parent:  # an appended memory keeps the family asked for
@@ -253,6 +277,47 @@ def _copy_parent(memory: Path, staging: Path, parent: tuple[str, Manifest], stag
         staged.vectors.copy_from(open_embeddings(pdir / EMBEDDINGS_FILE))
     except StoreError as e:
         raise _refused(memory, parent[0], f"{EMBEDDINGS_FILE} {e}") from e
+    if staged.image_vectors is not None:
+        _copy_rerank(memory, pdir, parent, staged)
+
+
+def _copy_rerank(memory: Path, pdir: Path, parent: tuple[str, Manifest],
+                 staged: _Staged) -> None:
+    """The parent's rerank vectors, copied; or, for a parent built without them,
+    computed from its stored image codes."""
+    old = parent[1]
+    staged.rerank = EmbeddingsWriter(staged.store.path.with_name(RERANK_FILE),
+                                     old.embedding_dim)
+    if RERANK_FILE in old.files:
+        try:
+            staged.rerank.copy_from(open_embeddings(pdir / RERANK_FILE))
+        except StoreError as e:
+            raise _refused(memory, parent[0], f"{RERANK_FILE} {e}") from e
+        return
+    log.info("%s has no rerank vectors: computing them from its stored image codes",
+             parent[0])
+    store = DocumentStore.open(pdir / STORE_FILE)
+    try:
+        for batch in store.batches():
+            codes = [None if c is None else np.asarray(c).reshape(staged.grid)
+                     for c in batch.column(4).to_pylist()]
+            staged.rerank.append(_rerank_rows(staged.image_vectors, codes, staged.rerank.dim))
+    finally:
+        store.close()
+
+
+def _rerank_rows(image_vectors: ImageVectors, codes: list[np.ndarray | None],
+                 dim: int) -> np.ndarray:
+    """(len(codes), dim) float32: each image's vector, zeros for a document without one."""
+    out = np.zeros((len(codes), dim), dtype=np.float32)
+    rows = [i for i, c in enumerate(codes) if c is not None]
+    if rows:
+        vecs = np.asarray(image_vectors(np.stack([codes[i] for i in rows])), dtype=np.float32)
+        if vecs.shape != (len(rows), dim) or not np.isfinite(vecs).all():
+            raise ValueError(f"image_vectors returned {vecs.shape} (or non-finite values), "
+                             f"expected ({len(rows)}, {dim}) like the document vectors")
+        out[rows] = vecs
+    return out
 
 
 def _add_chunk(chunk: list[SourceItem], staged: _Staged, staging: Path, skipped: Counter[str],
@@ -266,6 +331,8 @@ def _add_chunk(chunk: list[SourceItem], staged: _Staged, staging: Path, skipped:
     staged.embed_calls += 1
     if staged.vectors is None:
         staged.vectors = EmbeddingsWriter(staging / EMBEDDINGS_FILE, vecs.shape[1])
+        if staged.image_vectors is not None:
+            staged.rerank = EmbeddingsWriter(staging / RERANK_FILE, vecs.shape[1])
     codes = _encode(encode_images, [d.image for d in docs])
     for c in codes:
         if c is not None and staged.grid is not None and tuple(c.shape) != staged.grid:
@@ -279,6 +346,8 @@ def _add_chunk(chunk: list[SourceItem], staged: _Staged, staging: Path, skipped:
         "source": d.source,
     } for d, c in zip(docs, codes, strict=True))
     staged.vectors.append(vecs)
+    if staged.rerank is not None:
+        staged.rerank.append(_rerank_rows(staged.image_vectors, codes, staged.rerank.dim))
     staged.counts.with_image += sum(d.image is not None for d in docs)
     staged.counts.with_text += sum(d.caption is not None for d in docs)
 
@@ -305,7 +374,8 @@ def _index_and_publish(memory: Path, staging: Path, parent: tuple[str, Manifest]
                 "skipped": skipped, "noted": dict(skip_report.noted) if skip_report else {}},
         index=info.to_dict(),
         embedding_dim=int(emb.shape[1]),
-        files={name: file_entry(staging / name) for name in (*DATA_FILES, *lexical_files)},
+        files={name: file_entry(staging / name) for name in
+               (*DATA_FILES, *([RERANK_FILE] if staged.rerank else []), *lexical_files)},
         image_grid=list(staged.grid) if staged.grid else None,
         parent=parent[0] if parent else None,
         lexical=lexical,
@@ -405,8 +475,12 @@ def build_from_source(
 ) -> BuildReport:
     """`build_memory` with model objects: a ClipEncoder (`embed_documents`), a
     TextTokenizer (`encode`) and a VQModel (`encode_images` on uint8 (B, H, W, 3)).
-    `options` are build_memory's (index_type, chunk_size, append, progress, skip_report)."""
+    `options` are build_memory's (index_type, chunk_size, append, progress, skip_report).
+    The rerank vectors are the CLIP image vectors of the VQ's reconstructions, exactly
+    as the engine's reranker computes them (`Engine.rerank_scores`)."""
     return build_memory(items, out_dir, embed=clip.embed_documents,
                         tokenize_text=tokenizer.encode, encode_images=vq.encode_images,
                         ids=ids, codebook_size=vq.config.codebook_size,
-                        text_vocab_size=tokenizer.vocab_size, **options)
+                        text_vocab_size=tokenizer.vocab_size,
+                        image_vectors=lambda codes: clip.encode_image(vq.decode_codes(codes)),
+                        **options)

@@ -23,6 +23,10 @@ INDEX_FILE = "index.faiss"
 STORE_FILE = "store.arrow"
 EMBEDDINGS_FILE = "embeddings.npy"
 DATA_FILES = (INDEX_FILE, STORE_FILE, EMBEDDINGS_FILE)
+# The CLIP image vector of each document's VQ-reconstructed image (what the t2i reranker
+# compares candidates with), float32 (N, D), zero rows for documents without an image.
+# Optional: a version built without it serves, and the reranker computes the vectors.
+RERANK_FILE = "rerank_vectors.npy"
 EDGE_BYTES = 1 << 20
 _READ_CHUNK = 8 << 20
 

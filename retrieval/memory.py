@@ -6,7 +6,9 @@ or not `complete`, or whose files are missing, resized or fail their checksums, 
 the Arrow store, the embeddings and the lexical (BM25) index's postings: replicas share
 the page cache, and only the pages a search touches become resident. A version built
 before the lexical index existed still loads: its lexical index is built in memory from
-the store's captions (a few seconds per 100k documents), and the log says so.
+the store's captions (a few seconds per 100k documents), and the log says so. A version
+built without rerank vectors (`RERANK_FILE`) loads too: its neighbours carry none, and
+the engine's reranker computes them.
 
 Checksums (`verify`): "full" hashes every byte; "fast" checks sizes and the sha256 of
 each file's first and last MiB (catches truncation, swapped files and torn writes at the
@@ -39,6 +41,7 @@ from retrieval.lexical_index import LEXICAL_DIR, LexicalIndex, lexical_files
 from retrieval.manifest import (
     EMBEDDINGS_FILE,
     INDEX_FILE,
+    RERANK_FILE,
     STORE_FILE,
     Manifest,
     ManifestError,
@@ -63,7 +66,8 @@ class Memory:
 
     def __init__(self, path: Path, manifest: Manifest, index: VectorIndex,
                  store: DocumentStore, embeddings: np.ndarray,
-                 lexical: LexicalIndex | None = None) -> None:
+                 lexical: LexicalIndex | None = None,
+                 rerank_vectors: np.ndarray | None = None) -> None:
         self.path = path
         self.spec = manifest
         self.manifest: dict[str, Any] = manifest.to_dict()  # as JSON, for /v1/info
@@ -71,6 +75,9 @@ class Memory:
         self.store = store
         self.embeddings = embeddings  # (N, D) float32 memmap: diversity rule, re-scoring
         self.lexical = lexical  # BM25 over captions: hybrid retrieval, name matches
+        # (N, D) float32 memmap: CLIP vectors of the VQ-reconstructed images, which
+        # neighbours carry to the t2i reranker; None for a version built without them
+        self.rerank_vectors = rerank_vectors
         self.has_image_flags, self.has_text_flags = store.modality_flags()
         self._codes: CodeIndex | None = None
         self._codes_lock = threading.Lock()
@@ -124,16 +131,21 @@ class Memory:
         index = _open(vdir / INDEX_FILE, lambda p: VectorIndex.load(
             p, manifest.index.get("params", {}), embeddings))
         store = _open(vdir / STORE_FILE, DocumentStore.open)
+        rerank = _open(vdir / RERANK_FILE, open_embeddings) \
+            if RERANK_FILE in manifest.files else None
         sizes = {"index": index.ntotal, "store": len(store), "embeddings": len(embeddings),
                  "manifest": int(manifest.counts.get("documents", -1))}
-        if len(set(sizes.values())) != 1 or embeddings.shape[1] != manifest.embedding_dim:
+        if rerank is not None:
+            sizes["rerank_vectors"] = len(rerank)
+        if len(set(sizes.values())) != 1 or embeddings.shape[1] != manifest.embedding_dim \
+                or (rerank is not None and rerank.shape[1] != manifest.embedding_dim):
             raise MemoryLoadError(f"refusing memory {version}: its parts disagree: {sizes}, "
                                   f"dim {embeddings.shape[1]} vs {manifest.embedding_dim}")
         if index.dim != manifest.embedding_dim:
             raise MemoryLoadError(f"refusing memory {version}: index dim {index.dim}, "
                                   f"manifest {manifest.embedding_dim}")
         lexical = _load_lexical(vdir, manifest, store)
-        memory = cls(vdir, manifest, index, store, embeddings, lexical)
+        memory = cls(vdir, manifest, index, store, embeddings, lexical, rerank)
         log.info("loaded %r", memory)
         return memory
 
@@ -170,7 +182,9 @@ class Memory:
 
 
 def _verify_files(vdir: Path, manifest: Manifest, verify: str) -> None:
-    for name in (INDEX_FILE, STORE_FILE, EMBEDDINGS_FILE, *lexical_files(manifest.files)):
+    optional = [RERANK_FILE] if RERANK_FILE in manifest.files else []
+    for name in (INDEX_FILE, STORE_FILE, EMBEDDINGS_FILE, *optional,
+                 *lexical_files(manifest.files)):
         entry = manifest.files.get(name)
         if entry is None:
             raise ManifestError(f"the manifest does not list {name}")

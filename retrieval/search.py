@@ -249,16 +249,22 @@ def apply_rules(
 def neighbours(memory: Memory, hits: Sequence[tuple[int, float]], text: str | None = None, *,
                tokens: bool = True, thumbnails: bool = False) -> list[NeighbourDoc]:
     """The documents of `hits` (best first), read from the store in one pass, as the engine
-    takes them: image codes as the memory's (h, w) grid. `tokens=False` leaves out the
-    text ids and codes, `thumbnails=True` adds the stored image bytes; with `text`, each
-    says how its caption matches it (see LexicalMatch; a memory without a lexical index
-    says nothing)."""
+    takes them: image codes as the memory's (h, w) grid, with the stored CLIP vector of
+    their reconstruction (what the reranker compares with; none from a memory built
+    without them). `tokens=False` leaves out the text ids, codes and vectors,
+    `thumbnails=True` adds the stored image bytes; with `text`, each says how its caption
+    matches it (see LexicalMatch; a memory without a lexical index says nothing)."""
     ids = [int(i) for i, _ in hits]
     if not ids:
         return []
     docs = memory.store.get(ids, with_image=thumbnails)
     matches = lexical_matches(memory, text, ids)
     grid = memory.image_grid
+    stored = getattr(memory, "rerank_vectors", None)
+    uniq = np.unique(ids)  # sorted: each row read once, in file order
+    vectors = np.asarray(stored[uniq], dtype=np.float32) \
+        if tokens and stored is not None else None
+    row = {i: r for r, i in enumerate(uniq.tolist())}
     return [
         NeighbourDoc(
             id=i,
@@ -266,6 +272,8 @@ def neighbours(memory: Memory, hits: Sequence[tuple[int, float]], text: str | No
             caption=doc.caption,
             text_ids=list(doc.text_ids) if tokens and doc.text_ids is not None else None,
             image_codes=_as_grid(doc.image_codes, grid) if tokens else None,
+            image_vector=None if vectors is None or doc.image_codes is None
+            else vectors[row[i]],
             thumbnail_png=doc.image_bytes if thumbnails else None,
             lexical_score=None if match is None else match.score,
             name_match=None if match is None else match.name_match,
