@@ -49,10 +49,10 @@ from model.tokens import TokenSpace
 
 # The served default of `retrieval_guidance` (the copy weight λ for a relevant neighbour).
 # Chosen on prompts and seeds outside the eval's (`racm3 bench guidance`, BENCHMARKS.md):
-# weights 0.5 / 0.9 / 1.0 scored alike on object and pair prompts and on memory-only
-# entities, but appended flags asked for with the API's defaults (temperature 1, one
-# sample) came out closer at 1.0 (the neighbour's codes exactly, where relevant) than at
-# 0.9, and were drawn less often at 0.5.
+# weights 0.5 and 1.0 scored alike on object and pair prompts, memory-only entities and
+# entity captions, but appended flags asked for with the API's defaults (temperature 1,
+# one sample) were drawn far more often at 1.0, where a relevant neighbour's codes are
+# copied exactly.
 DEFAULT_WEIGHT = 1.0
 MAX_WEIGHT = 1.0
 
