@@ -137,11 +137,7 @@ def _append_flags(bundle_dir: Path, memory_dir: Path, names: list[str], size: in
 
 def _image_codes(bundle: Any, images: np.ndarray) -> list[np.ndarray]:
     """The images' VQ codes, as the retriever encodes an image query."""
-    import torch
-
-    batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    with torch.no_grad():
-        return list(bundle.vq.encode(batch.float().div(255.0)).cpu().numpy())
+    return list(bundle.vq.encode_images(images))
 
 
 def _latency_ms(calls: list[Any], repeats: int) -> dict[str, float]:

@@ -744,18 +744,12 @@ def _new_tokens(ip: Any) -> int:
 
 
 def _fit_sampling(job: Any) -> None:
-    """Sampling values the engine can represent (the gateway's bounds, again: a worker
-    behind HTTP may be called by something else)."""
+    """Sampling values the engine can represent. `SamplingParams` refuses values out of
+    its ranges when it is made; what a range check lets through is NaN and infinity."""
     s = job.sampling
-    values = {"temperature": s.temperature, "guidance_scale": s.guidance_scale,
-              "top_p": s.top_p}
-    for name, value in values.items():
-        if not math.isfinite(value) or value < 0:
+    for name in ("temperature", "guidance_scale"):
+        if not math.isfinite(getattr(s, name)):
             raise Unfit(f"{name} must be a finite number >= 0", param=name)
-    if not 0 < s.top_p <= 1:
-        raise Unfit("top_p must be in (0, 1]", param="top_p")
-    if s.top_k < 0:  # 0: no top-k filter
-        raise Unfit("top_k must be >= 1", param="top_k")
     if s.seed is not None and not 0 <= s.seed < 2**63:
         raise Unfit("seed must be in [0, 2**63)", param="seed")
     if job.n < 1 or job.num_candidates < job.n:

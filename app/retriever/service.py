@@ -588,17 +588,13 @@ class CoreRetrieverBackend:
     def encode_codes(self, images: list[np.ndarray]) -> list[np.ndarray | None] | None:
         if self.vq is None:
             return None
-        import torch
-
         size = self.vq.config.image_size
         out: list[np.ndarray | None] = [None] * len(images)
         # the stored codes are of images at the bundle's size (the API's decoding size)
         rows = [i for i, im in enumerate(images) if im.shape[:2] == (size, size)]
         if rows:
-            batch = torch.from_numpy(np.stack([images[i] for i in rows])).permute(0, 3, 1, 2)
-            with torch.no_grad():
-                codes = self.vq.encode(batch.float().div(255.0).to(self.vq.device)).cpu()
-            for i, c in zip(rows, codes.numpy(), strict=True):
+            codes = self.vq.encode_images([images[i] for i in rows])
+            for i, c in zip(rows, codes, strict=True):
                 out[i] = c
         return out
 
